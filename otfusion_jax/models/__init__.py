@@ -26,6 +26,7 @@ __all__ = [
     "build",
     "init",
     "capture_activations",
+    "recompute_batch_stats",
     "available",
     "register",
     "ACT_COLLECTIONS",
@@ -133,3 +134,26 @@ def capture_activations(
 
     walk(state.get(coll, {}))
     return out
+
+
+def recompute_batch_stats(module: nn.Module, variables: Mapping[str, Any], x: jnp.ndarray) -> dict[str, Any]:
+    """Replaces BatchNorm running statistics by those of ``x`` under the given weights.
+
+    One train-mode pass over all S samples with momentum 0, so each BatchNorm's
+    statistics are exactly the batch mean and (biased) variance of its input
+    under the preceding (new) layers. Used after fusion, where aligned and
+    averaged statistics no longer describe the averaged weights.
+
+    Args:
+      module: a registered model with a ``bn_momentum`` field.
+      variables: its variables (returned unchanged if there is no batch_stats).
+      x: (S, H, W, C) samples, e.g. a few hundred training images.
+
+    Returns:
+      Variables with new batch_stats.
+    """
+    if "batch_stats" not in variables:
+        return dict(variables)
+    fresh = module.clone(bn_momentum=0.0)
+    _, state = fresh.apply(dict(variables), x, train=True, mutable=["batch_stats"])
+    return {**variables, "batch_stats": state["batch_stats"]}

@@ -1,0 +1,259 @@
+"""Ground costs and transport plans between the neurons of two layers.
+
+Everything here is a pure function of arrays, jit- and vmap-compatible. The one
+exception is labelled: exact transport with unequal widths or non-uniform
+marginals is a linear program solved on the host (``jax.pure_callback``), since
+neither OTT-JAX nor optax has an exact transport solver on device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from optax import assignment
+from ott.geometry import geometry
+from ott.problems.linear import linear_problem
+from ott.solvers.linear import implicit_differentiation, sinkhorn
+
+__all__ = [
+    "PlanInfo",
+    "pairwise_cost",
+    "normalize_cost",
+    "importance_marginal",
+    "exact_assignment",
+    "exact_transport",
+    "sinkhorn_plan",
+    "correct_plan",
+]
+
+METRICS = ("euclidean", "cosine")
+COST_NORMS = ("none", "log", "max", "median", "mean")
+
+
+class PlanInfo(NamedTuple):
+    """What a solver reports about one plan (all arrays, so it can be vmapped).
+
+    Attributes:
+      cost: transport cost <T, C> of the raw plan.
+      converged: Sinkhorn's convergence flag (True for exact solvers).
+      n_iters: Sinkhorn iterations (0 for exact solvers).
+      error: Sinkhorn's last marginal error (0 for exact solvers).
+    """
+
+    cost: jax.Array
+    converged: jax.Array
+    n_iters: jax.Array
+    error: jax.Array
+
+
+def pairwise_cost(x: jax.Array, y: jax.Array, metric: str = "euclidean", squared: bool = False) -> jax.Array:
+    """Ground cost between the rows of ``x`` (n, d) and ``y`` (m, d), as matmuls.
+
+    Args:
+      x: (n, d) features of the first layer's neurons.
+      y: (m, d) features of the second layer's neurons.
+      metric: "euclidean" or "cosine" (1 - cosine similarity).
+      squared: euclidean only: squared distance (True) or distance (False).
+
+    Returns:
+      (n, m) cost matrix.
+    """
+    if metric == "euclidean":
+        # Distances are translation invariant: centring on the joint mean keeps
+        # the float32 expansion |x|^2 + |y|^2 - 2 x.y from cancelling away
+        # small distances between large, offset rows (e.g. activations).
+        center = (jnp.sum(x, 0) + jnp.sum(y, 0)) / (x.shape[0] + y.shape[0])
+        x, y = x - center, y - center
+        sq = jnp.sum(x * x, 1)[:, None] + jnp.sum(y * y, 1)[None, :] - 2.0 * x @ y.T
+        sq = jnp.maximum(sq, 0.0)
+        if squared:
+            return sq
+        # sqrt with a finite gradient at 0 (identical neurons).
+        positive = sq > 0
+        return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    if metric == "cosine":
+        xn = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        yn = y / jnp.maximum(jnp.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        return 1.0 - xn @ yn.T
+    raise ValueError(f"ground_metric must be one of {METRICS}, got {metric!r}")
+
+
+def normalize_cost(cost: jax.Array, how: str = "none") -> jax.Array:
+    """The original's cost normalisations: none, log (log1p), or divide by max/median/mean."""
+    if how == "none":
+        return cost
+    if how == "log":
+        return jnp.log1p(cost)
+    if how == "max":
+        return cost / jnp.max(cost)
+    if how == "median":
+        return cost / jnp.median(cost)
+    if how == "mean":
+        return cost / jnp.mean(cost)
+    raise ValueError(f"normalize_cost must be one of {COST_NORMS}, got {how!r}")
+
+
+def importance_marginal(rows: jax.Array, p: str) -> jax.Array:
+    """Marginal proportional to each neuron's incoming-weight norm ("l1" or "l2")."""
+    ord_ = {"l1": 1, "l2": 2}.get(p)
+    if ord_ is None:
+        raise ValueError(f"importance must be None, 'l1' or 'l2', got {p!r}")
+    w = jnp.linalg.norm(rows, ord=ord_, axis=1)
+    return w / jnp.sum(w)
+
+
+def exact_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanInfo]:
+    """Exact OT for equal widths and uniform marginals: a permutation, on device.
+
+    Uses the Hungarian algorithm of optax (what ``ott.tools.unreg.hungarian``
+    wraps). Both of its outputs are used, so XLA cannot drop the solve.
+
+    Args:
+      cost: (n, n) cost matrix.
+
+    Returns:
+      (plan, perm, info): plan (n, n) with entries 1/n, perm (n,) such that
+      ``plan[perm[j], j] = 1/n`` (the A neuron sent to B neuron j).
+    """
+    n = cost.shape[0]
+    rows, cols = assignment.hungarian_algorithm(jax.lax.stop_gradient(cost))
+    perm = jnp.zeros((n,), jnp.int32).at[cols].set(rows.astype(jnp.int32))
+    plan = jnp.zeros_like(cost).at[rows, cols].set(1.0 / n)
+    info = _exact_info(cost, plan)
+    return plan, perm, info
+
+
+def _exact_info(cost: jax.Array, plan: jax.Array) -> PlanInfo:
+    return PlanInfo(
+        cost=jnp.sum(plan * cost),
+        converged=jnp.array(True),
+        n_iters=jnp.array(0, jnp.int32),
+        error=jnp.array(0.0, cost.dtype),
+    )
+
+
+def _emd_numpy(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Exact transport on the host: POT's network simplex if installed, else scipy's HiGHS LP."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    cost = np.asarray(cost, np.float64)
+    a, b = a / a.sum(), b / b.sum()
+    try:
+        import ot as pot  # optional: much faster than the LP
+
+        return pot.emd(a, b, cost).astype(np.float32)
+    except ImportError:
+        pass
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix, vstack
+
+    n, m = cost.shape
+    idx = np.arange(n * m)
+    rows = coo_matrix((np.ones(n * m), (idx // m, idx)), shape=(n, n * m))
+    cols = coo_matrix((np.ones(n * m), (idx % m, idx)), shape=(m, n * m))
+    res = linprog(
+        cost.ravel(), A_eq=vstack([rows, cols]), b_eq=np.concatenate([a, b]), bounds=(0, None), method="highs"
+    )
+    if not res.success:
+        raise RuntimeError(f"exact transport LP failed: {res.message}")
+    return res.x.reshape(n, m).astype(np.float32)
+
+
+def exact_transport(cost: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, PlanInfo]:
+    """Exact OT for any widths and marginals. HOST CALLBACK (``jax.pure_callback``).
+
+    Works under jit and vmap (sequentially over the batch); gradients do not flow
+    through the plan (it is piecewise constant anyway).
+
+    Args:
+      cost: (n, m) cost.
+      a: (n,) source marginal; b: (m,) target marginal.
+
+    Returns:
+      (plan, info), plan of shape (n, m) with marginals a, b.
+    """
+    cost = jax.lax.stop_gradient(cost)
+    shape = jax.ShapeDtypeStruct(cost.shape, cost.dtype)
+    plan = jax.pure_callback(
+        lambda a_, b_, c_: _emd_numpy(a_, b_, c_).astype(c_.dtype),
+        shape,
+        jax.lax.stop_gradient(a),
+        jax.lax.stop_gradient(b),
+        cost,
+        vmap_method="sequential",
+    )
+    return plan, _exact_info(cost, plan)
+
+
+def sinkhorn_plan(
+    cost: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    epsilon: float,
+    relative_epsilon: str | None,
+    threshold: float,
+    max_iterations: int,
+    implicit_diff: bool,
+    tau: float = 1.0,
+) -> tuple[jax.Array, PlanInfo]:
+    """Entropic OT with OTT-JAX's Sinkhorn (log domain).
+
+    Args:
+      cost: (n, m) cost.
+      a, b: marginals.
+      epsilon: entropic regularisation (absolute, or relative to the cost's
+        mean/std when ``relative_epsilon`` is "mean"/"std").
+      relative_epsilon: None, "mean" or "std".
+      threshold: stop when the marginal error falls below it.
+      max_iterations: at most this many iterations.
+      implicit_diff: differentiate by implicit function theorem (True) or by
+        unrolling the iterations (False; robust in float32).
+      tau: 1.0 balanced; < 1 unbalanced (KL-relaxed marginals).
+
+    Returns:
+      (plan, info).
+    """
+    geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon, relative_epsilon=relative_epsilon)
+    prob = linear_problem.LinearProblem(geom, a=a, b=b, tau_a=tau, tau_b=tau)
+    solver = sinkhorn.Sinkhorn(
+        threshold=threshold,
+        max_iterations=max_iterations,
+        implicit_diff=implicit_differentiation.ImplicitDiff() if implicit_diff else None,
+    )
+    out = solver(prob)
+    plan = out.matrix
+    errors = out.errors
+    valid = errors >= 0
+    last = jnp.max(jnp.where(valid, jnp.arange(errors.shape[0]), 0))
+    info = PlanInfo(
+        cost=jnp.sum(plan * cost),
+        converged=jnp.asarray(out.converged),
+        n_iters=jnp.asarray(out.n_iters, jnp.int32),
+        error=errors[last],
+    )
+    return plan, info
+
+
+def correct_plan(plan: jax.Array, *, proper_marginals: bool, eps: float = 1e-7) -> jax.Array:
+    """The original's correction: make each target neuron a barycentre of source neurons.
+
+    With ``proper_marginals`` each column j is divided by its mass sum_i T_ij;
+    otherwise by the uniform target mass 1/m (the original multiplies by n,
+    which it only supports for n == m, where both agree). For a permutation
+    plan either gives the permutation matrix.
+
+    Args:
+      plan: (n, m) raw plan.
+      proper_marginals: divide by the plan's actual column sums.
+      eps: guards empty columns.
+
+    Returns:
+      (n, m) corrected plan.
+    """
+    if proper_marginals:
+        return plan / (jnp.sum(plan, axis=0, keepdims=True) + eps)
+    return plan * plan.shape[1]

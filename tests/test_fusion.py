@@ -1,0 +1,285 @@
+"""The OT fusion engine: exact recovery, solvers, vmap/jit, gradients, K parents, widths, bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otfusion_jax as otf
+from otfusion_jax import fusion
+from otfusion_jax.models import build, capture_activations, init, recompute_batch_stats
+
+from fusion_helpers import max_abs_diff, permuted_copy
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _mlp(widths, bias, seed=0, shape=(4, 4, 1), classes=5):
+    model, spec = build("mlpnet", input_shape=shape, num_classes=classes, widths=widths, bias=bias)
+    return model, spec, init(model, jax.random.key(seed), shape)
+
+
+def _fuse_pair(model, spec, a, b, config, x=None):
+    acts = None
+    if config.mode == "activations":
+        acts = [capture_activations(model, v, x) for v in (a, b)]
+    return otf.fuse([a, b], spec, config, activations=acts)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 24), min_size=1, max_size=3),
+    bias=st.booleans(),
+    mode=st.sampled_from(["weights", "activations"]),
+    seed=st.integers(0, 2**16),
+)
+def test_permuted_mlp_copy_is_recovered_exactly(widths, bias, mode, seed):
+    """Fusing a model with a randomly permuted copy of itself gives the model back."""
+    model, spec, v = _mlp(tuple(widths), bias, seed=seed)
+    vp = permuted_copy(v, spec, seed + 1)
+    x = jax.random.normal(jax.random.key(seed), (16, 4, 4, 1))
+    np.testing.assert_allclose(model.apply(vp, x), model.apply(v, x), atol=1e-5)
+    fused, aux = _fuse_pair(model, spec, vp, v, otf.FusionConfig(mode=mode), x)
+    assert max_abs_diff(fused, v) == 0.0
+    assert set(aux.plans[0]) == set(spec.plans) and aux.plans[1] is None
+
+
+@pytest.mark.parametrize("mode", ["weights", "activations"])
+@pytest.mark.parametrize(
+    "name,shape,opts",
+    [
+        ("vgg11", (32, 32, 3), dict(width=0.125, bias=True, norm=True)),
+        ("resnet18", (16, 16, 3), dict(width=0.125, bias=True, norm=True)),
+        ("resnet18", (16, 16, 3), dict(width=0.125, bias=False, norm=False)),
+    ],
+)
+def test_permuted_convnet_copy_is_recovered_exactly(name, shape, opts, mode):
+    """Same for VGG11 and ResNet18 (BatchNorm statistics, biases and residual streams included)."""
+    model, spec = build(name, input_shape=shape, **opts)
+    x = jax.random.normal(jax.random.key(1), (24, *shape))
+    v = recompute_batch_stats(model, init(model, jax.random.key(0), shape), x)
+    vp = permuted_copy(v, spec, seed=3)
+    np.testing.assert_allclose(model.apply(vp, x), model.apply(v, x), atol=1e-4)
+    fused, _ = _fuse_pair(model, spec, vp, v, otf.FusionConfig(mode=mode), x)
+    assert max_abs_diff(fused, v) == 0.0
+
+
+def test_three_permuted_copies_fuse_to_the_model():
+    model, spec, v = _mlp((12, 8), bias=True)
+    parents = [permuted_copy(v, spec, s) for s in (1, 2)] + [v]
+    fused, aux = otf.fuse(parents, spec, otf.FusionConfig())
+    assert max_abs_diff(fused, v) < 1e-6
+    np.testing.assert_allclose(aux.weights, np.full(3, 1 / 3), rtol=1e-6)
+
+
+def test_ensemble_step_and_weights():
+    model, spec, a = _mlp((10,), bias=False, seed=0)
+    _, _, b = _mlp((10,), bias=False, seed=1)
+    aligned, _, _ = otf.align(a, b, spec, otf.FusionConfig())
+    for s in (0.0, 0.3, 1.0):
+        fused, _ = otf.fuse([a, b], spec, otf.FusionConfig(ensemble_step=s))
+        expect = jax.tree_util.tree_map(lambda x, y: (1 - s) * x + s * y, aligned, b)
+        assert max_abs_diff(fused, expect) < 1e-6
+    fused_w, aux = otf.fuse([a, b], spec, otf.FusionConfig(), weights=jnp.array([1.0, 3.0]))
+    expect = jax.tree_util.tree_map(lambda x, y: 0.25 * x + 0.75 * y, aligned, b)
+    assert max_abs_diff(fused_w, expect) < 1e-6
+
+
+def _noisy_permuted_pair(widths, seed=0, noise=0.05):
+    """A and a permuted copy of A plus noise: an OT problem with a clear optimum."""
+    model, spec, a = _mlp(widths, bias=False, seed=seed)
+    b = permuted_copy(a, spec, seed + 1)
+    leaves, tree = jax.tree_util.tree_flatten(b)
+    keys = jax.random.split(jax.random.key(seed + 2), len(leaves))
+    b = jax.tree_util.tree_unflatten(tree, [x + noise * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return model, spec, a, b
+
+
+def test_small_epsilon_sinkhorn_agrees_with_exact():
+    model, spec, a, b = _noisy_permuted_pair((16, 12))
+    exact, aux_e = otf.fuse([a, b], spec, otf.FusionConfig(normalize_cost="max"))
+    sk, aux_s = otf.fuse(
+        [a, b], spec, otf.FusionConfig(solver="sinkhorn", normalize_cost="max", epsilon=2e-3, sinkhorn_threshold=1e-4)
+    )
+    for name in spec.plans:
+        assert bool(aux_s.info[0][name].converged), name
+        np.testing.assert_allclose(aux_s.plans[0][name], aux_e.plans[0][name], atol=0.02)
+    assert max_abs_diff(sk, exact) < 0.01
+
+
+def test_large_epsilon_sinkhorn_blurs_the_plan():
+    """The comparison above can fail: a large epsilon gives a diffuse plan far from the permutation."""
+    model, spec, a, b = _noisy_permuted_pair((16,))
+    _, aux = otf.fuse([a, b], spec, otf.FusionConfig(solver="sinkhorn", relative_epsilon="mean", epsilon=10.0))
+    assert float(jnp.max(aux.plans[0]["fc1"])) < 0.5
+
+
+def test_exact_backends_agree():
+    model, spec, a = _mlp((20, 10), bias=True, seed=0)
+    _, _, b = _mlp((20, 10), bias=True, seed=1)
+    dev, _ = otf.fuse([a, b], spec, otf.FusionConfig(exact_backend="device"))
+    host, _ = otf.fuse([a, b], spec, otf.FusionConfig(exact_backend="host"))
+    assert max_abs_diff(dev, host) < 1e-6
+
+
+def test_exact_transport_without_pot_uses_scipy(monkeypatch):
+    """The host LP fallback (no POT installed) gives the same plan as POT's network simplex."""
+    import builtins
+
+    rng = np.random.default_rng(0)
+    cost = rng.random((7, 5)).astype(np.float32)
+    a, b = np.full(7, 1 / 7, np.float32), rng.dirichlet(np.ones(5)).astype(np.float32)
+    with_pot = np.asarray(otf.ot._emd_numpy(a, b, cost))
+    real_import = builtins.__import__
+
+    def no_pot(name, *args, **kw):
+        if name == "ot":
+            raise ImportError("no POT")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_pot)
+    without = np.asarray(otf.ot._emd_numpy(a, b, cost))
+    np.testing.assert_allclose(without, with_pot, atol=1e-6)
+    np.testing.assert_allclose(without.sum(1), a, atol=1e-6)
+    np.testing.assert_allclose(without.sum(0), b, atol=1e-6)
+
+
+def test_hungarian_plans_are_optimal_against_scipy():
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(0)
+    for n in (3, 17, 64):
+        cost = jnp.asarray(rng.normal(size=(n, n)), jnp.float32)
+        plan, perm, _ = jax.jit(otf.ot.exact_assignment)(cost)
+        r, c = linear_sum_assignment(np.asarray(cost))
+        assert np.isclose(float(jnp.sum(plan * cost)) * n, np.asarray(cost)[r, c].sum(), rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(perm), r[np.argsort(c)])
+
+
+def test_different_widths_fuse_into_target_widths():
+    model_a, spec, a = _mlp((24, 16), bias=True, seed=0)
+    _, _, b = _mlp((12, 8), bias=True, seed=1)
+    for cfg in (otf.FusionConfig(proper_marginals=True), otf.FusionConfig(solver="sinkhorn", proper_marginals=True)):
+        fused, aux = otf.fuse([a, b], spec, cfg)
+        assert jax.tree_util.tree_map(jnp.shape, fused) == jax.tree_util.tree_map(jnp.shape, b)
+        assert aux.plans[0]["fc1"].shape == (24, 12)
+        # every target neuron is a barycentre of the source neurons
+        np.testing.assert_allclose(aux.plans[0]["fc1"].sum(0), 1.0, atol=1e-3)
+
+
+def test_vmap_over_pairs_equals_loop():
+    model, spec, _ = _mlp((10, 6), bias=True)
+    pairs = [(init(model, jax.random.key(2 * i), (4, 4, 1)), init(model, jax.random.key(2 * i + 1), (4, 4, 1))) for i in range(3)]
+    stack = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
+    for cfg in (otf.FusionConfig(), otf.FusionConfig(solver="sinkhorn", relative_epsilon="mean", epsilon=0.05)):
+        batched = jax.vmap(lambda a, b: otf.fuse([a, b], spec, cfg)[0])(stack([p[0] for p in pairs]), stack([p[1] for p in pairs]))
+        looped = stack([otf.fuse([a, b], spec, cfg)[0] for a, b in pairs])
+        assert max_abs_diff(batched, looped) < 1e-5
+
+
+def test_jitted_pass_does_not_retrace_for_same_shapes():
+    model, spec, a = _mlp((9, 7), bias=False, seed=0)
+    _, _, b = _mlp((9, 7), bias=False, seed=1)
+    _, _, c = _mlp((9, 7), bias=False, seed=2)
+    cfg = otf.FusionConfig(normalize_cost="mean")
+    otf.fuse([a, b], spec, cfg)
+    before = fusion._fuse_jit._cache_size()
+    otf.fuse([c, b], spec, cfg)
+    otf.fuse([a, c], spec, cfg)
+    assert fusion._fuse_jit._cache_size() == before
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_gradients_through_sinkhorn_are_finite(implicit):
+    """d(loss of the fused model)/d(parent params, ensemble weights) through Sinkhorn, float32.
+
+    Implicit differentiation is known to fail in float32 at small absolute
+    epsilons (lineax: non-finite output); a relative epsilon of 0.05 of the mean
+    cost works for both modes, and unrolling (the default) works throughout.
+    """
+    model, spec, a = _mlp((8, 6), bias=True, seed=0)
+    _, _, b = _mlp((8, 6), bias=True, seed=1)
+    x = jax.random.normal(jax.random.key(0), (32, 4, 4, 1))
+    y = jnp.arange(32) % 5
+    cfg = otf.FusionConfig(solver="sinkhorn", relative_epsilon="mean", epsilon=0.05, implicit_diff=implicit)
+
+    def loss(parent_a, w):
+        fused, _ = otf.fuse([parent_a, b], spec, cfg, weights=w)
+        logits = model.apply(fused, x)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(32), y])
+
+    ga, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, jnp.array([0.5, 0.5]))
+    leaves = jax.tree_util.tree_leaves(ga)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 0
+    assert bool(jnp.all(jnp.isfinite(gw))) and float(jnp.sum(jnp.abs(gw))) > 0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_different_architectures_are_rejected_with_the_leaf_named():
+    _, spec, a = _mlp((8,), bias=False)
+    _, _, b = _mlp((8,), bias=True)
+    with pytest.raises(otf.FusionError, match=r"parent 1.*not in spec.*fc1/bias"):
+        otf.fuse([a, b], spec)
+
+
+def test_widths_that_do_not_fit_are_rejected():
+    _, spec, a = _mlp((8,), bias=False, shape=(4, 4, 1))
+    _, _, b = _mlp((8,), bias=False, shape=(5, 5, 1))
+    with pytest.raises(otf.FusionError, match=r"params/fc1/kernel.*axis 0"):
+        otf.fuse([a, b], spec)
+
+
+def test_nan_parameters_are_rejected():
+    _, spec, a = _mlp((8,), bias=False)
+    b = jax.tree_util.tree_map(lambda x: x, a)
+    b["params"]["fc2"]["kernel"] = b["params"]["fc2"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(otf.FusionError, match=r"parent 1: leaf params/fc2/kernel has 1 NaN/Inf"):
+        otf.fuse([a, b], spec)
+
+
+def test_missing_activations_are_rejected():
+    model, spec, a = _mlp((8,), bias=False)
+    with pytest.raises(otf.FusionError, match="needs one activation dict per parent"):
+        otf.fuse([a, a], spec, otf.FusionConfig(mode="activations"))
+    acts = capture_activations(model, a, jnp.ones((4, 4, 4, 1)))
+    partial = {k: v for k, v in acts.items() if k != "fc2"}
+    with pytest.raises(otf.FusionError, match="no activations for layer 'fc2'"):
+        otf.fuse([a, a], spec, otf.FusionConfig(mode="activations"), activations=[partial, acts])
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(otf.FusionError, match="FusionConfig.solver"):
+        otf.FusionConfig(solver="emd")
+    with pytest.raises(otf.FusionError, match="epsilon"):
+        otf.FusionConfig(epsilon=0)
+
+
+def test_unconverged_sinkhorn_warns_naming_the_layer():
+    _, spec, a = _mlp((8,), bias=False, seed=0)
+    _, _, b = _mlp((8,), bias=False, seed=1)
+    cfg = otf.FusionConfig(solver="sinkhorn", epsilon=1e-4, sinkhorn_max_iterations=20, sinkhorn_threshold=1e-9)
+    _, aux = otf.fuse([a, b], spec, cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        messages = otf.warn_unconverged(aux)
+    assert messages and "layer 'fc1'" in messages[0]
+    assert any("did not converge" in str(w.message) for w in caught)
+
+
+def test_vanilla_average_is_the_plain_mean():
+    _, spec, a = _mlp((8,), bias=True, seed=0)
+    _, _, b = _mlp((8,), bias=True, seed=1)
+    avg = otf.vanilla_average([a, b])
+    assert max_abs_diff(avg, jax.tree_util.tree_map(lambda x, y: (x + y) / 2, a, b)) < 1e-7
+    _, _, c = _mlp((9,), bias=True)
+    with pytest.raises(otf.FusionError, match="identical shapes"):
+        otf.vanilla_average([a, c])
