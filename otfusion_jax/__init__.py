@@ -5,7 +5,7 @@
 >>> fused, aux = otf.fuse([vars_a, vars_b], spec, otf.FusionConfig(mode="weights", solver="exact"))
 """
 
-from otfusion_jax import models, ot, spec
+from otfusion_jax import checkpoints, configs_util, data, io_utils, models, ot, spec, training
 from otfusion_jax.fusion import (
     FusionAux,
     FusionConfig,
@@ -21,6 +21,11 @@ from otfusion_jax.fusion import (
 from otfusion_jax.spec import AlignmentSpec, LeafSpec, SpecError
 
 __all__ = [
+    "checkpoints",
+    "configs_util",
+    "data",
+    "io_utils",
+    "training",
     "models",
     "ot",
     "spec",

@@ -288,7 +288,12 @@ def apply_plans(
         leaf = flat[path]
         axes = [ax for ax, n in enumerate(ls.axes) if n is not None and (incoming or ax == len(ls.axes) - 1)]
         x = _aligned_leaf(leaf, ls, plans, axes)
-        out[path] = x.reshape(leaf.shape[: len(leaf.shape) - 1] + x.shape[-1:]) if ls.view else x
+        if ls.view:
+            # A flat input axis (a dense kernel after a flatten) takes the target's
+            # size: the plan inside the view may change the width (C_A -> C_B).
+            lead = (-1,) if leaf.ndim == 2 else leaf.shape[:-1]
+            x = x.reshape(lead + x.shape[-1:])
+        out[path] = x
     return spec_lib.unflatten_paths(out)
 
 

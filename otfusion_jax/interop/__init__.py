@@ -1,5 +1,23 @@
-"""Interoperability with the original OTFusion (PyTorch)."""
+"""Interoperability with the original OTFusion (PyTorch).
 
-from otfusion_jax.interop import layouts
+``layouts`` converts array layouts; ``torch_checkpoints`` reads and writes the
+original's ``torch.save`` checkpoints (torch is imported only when a file is
+read or written: the optional extra ``otfusion-jax[torch]``).
+"""
 
-__all__ = ["layouts"]
+from otfusion_jax.interop import layouts, torch_checkpoints
+from otfusion_jax.interop.torch_checkpoints import (
+    TorchCheckpointError,
+    is_torch_checkpoint,
+    load_torch_checkpoint,
+    save_torch_checkpoint,
+)
+
+__all__ = [
+    "layouts",
+    "torch_checkpoints",
+    "TorchCheckpointError",
+    "is_torch_checkpoint",
+    "load_torch_checkpoint",
+    "save_torch_checkpoint",
+]

@@ -17,6 +17,7 @@ __all__ = [
     "flatten_dense_to_torch",
     "flatten_dense_from_torch",
     "acts_to_torch",
+    "acts_from_torch",
 ]
 
 
@@ -60,3 +61,9 @@ def acts_to_torch(acts: np.ndarray) -> np.ndarray:
     """(S, H, W, C) -> (S, C, H, W); (S, n) unchanged."""
     a = np.asarray(acts)
     return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
+
+
+def acts_from_torch(acts: np.ndarray) -> np.ndarray:
+    """(S, C, H, W) -> (S, H, W, C) (e.g. NCHW images to NHWC); (S, n) unchanged."""
+    a = np.asarray(acts)
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a

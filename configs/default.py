@@ -1,0 +1,79 @@
+"""Base config: every field, documented. Values are the offline default (digits, MLPNet).
+
+Variants (``configs/<name>.py``) call ``default.get_config()`` and override
+fields. The returned ConfigDict is locked: assigning a field that does not
+exist (a typo) raises, on the command line too (``--config.train.epochz=3``).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the base config (sklearn digits, MLPNet 128-64-32, 2 parents)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parent k is initialised and shuffled with seed + k
+    config.num_parents = 2  # K, number of parents trained (and fused)
+    config.workdir = "runs/default"  # parents in <workdir>/parents/parent_<k>, results in <workdir>
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "mlpnet"  # registered model: mlpnet | vgg11 | resnet18
+    config.model.bias = False  # biases in every layer (the paper's models have none)
+    config.model.norm = False  # BatchNorm after each conv (vgg11, resnet18); ignored by mlpnet
+    config.model.width = 1.0  # channel multiplier (vgg11, resnet18); ignored by mlpnet
+    config.model.widths = (128, 64, 32)  # hidden layer widths (mlpnet); ignored by conv nets
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "digits"  # digits | mnist | fashion_mnist | cifar10
+    config.data.source = "auto"  # auto | sklearn | idx | tfds (see otfusion_jax.data.load)
+    config.data.data_dir = config_dict.placeholder(str)  # IDX folder or TFDS data dir; None: default
+    config.data.pad_to = config_dict.placeholder(int)  # zero-pad images to pad_to x pad_to (vgg11: 32)
+    config.data.max_train = config_dict.placeholder(int)  # keep the first max_train train examples
+    config.data.max_test = config_dict.placeholder(int)  # keep the first max_test test examples
+    config.data.seed = 0  # train/test split of digits, shared by all parents
+
+    config.train = ml_collections.ConfigDict()  # otfusion_jax.training.TrainConfig (seed: config.seed + k)
+    config.train.epochs = 10  # passes over the training set
+    config.train.batch_size = 32  # examples per SGD step
+    config.train.lr = 0.02  # base learning rate
+    config.train.momentum = 0.9  # heavy-ball momentum, no dampening (0: plain SGD)
+    config.train.nesterov = False  # Nesterov momentum
+    config.train.weight_decay = 0.0  # coupled L2, added to the gradient (PyTorch SGD weight_decay)
+    config.train.schedule = "constant"  # constant | step | multistep | cosine
+    config.train.step_every = 30  # "step": decay every step_every epochs
+    config.train.gamma = 0.1  # "step" / "multistep": lr multiplier at each decay
+    config.train.milestones = ()  # "multistep": epochs at which the lr decays
+    config.train.label_smoothing = 0.0  # label smoothing of the training loss
+    config.train.drop_remainder = False  # drop each epoch's last partial batch (torch drop_last)
+    config.train.eval_batch_size = 1000  # batch size of the per-epoch test evaluation
+
+    config.fusion = ml_collections.ConfigDict()  # read by fuse.py (otfusion_jax.FusionConfig fields)
+    config.fusion.method = "ot-weights,ot-acts"  # comma list of ot-weights | ot-acts | vanilla | ensemble
+    config.fusion.solver = "exact"  # exact | sinkhorn
+    config.fusion.exact_backend = "device"  # device (optax Hungarian) | host (scipy / POT callback)
+    config.fusion.ground_metric = "euclidean"  # euclidean | cosine
+    config.fusion.squared = False  # squared euclidean (published commands: not squared)
+    config.fusion.normalize_cost = "none"  # none | log | max | median | mean
+    config.fusion.unit_norm_rows = False  # weight mode: unit-norm neuron rows before the metric
+    config.fusion.bias_in_cost = True  # weight mode: biases are an extra cost feature
+    config.fusion.epsilon = 0.01  # Sinkhorn regularisation
+    config.fusion.relative_epsilon = config_dict.placeholder(str)  # None (absolute) | mean | std
+    config.fusion.sinkhorn_threshold = 1e-3  # Sinkhorn stopping threshold (marginal error)
+    config.fusion.sinkhorn_max_iterations = 2000  # Sinkhorn iteration cap
+    config.fusion.implicit_diff = False  # gradients: implicit (True) or unrolled (False)
+    config.fusion.tau = 1.0  # unbalanced Sinkhorn marginal relaxation (1.0: balanced)
+    config.fusion.correction = True  # each target neuron a barycentre of source neurons
+    config.fusion.proper_marginals = False  # correction by the plan's actual column sums
+    config.fusion.past_correction = True  # fuse input-aligned weights (published commands)
+    config.fusion.importance = config_dict.placeholder(str)  # None | l1 | l2 marginals
+    config.fusion.align_output = True  # align the class layer too (the original) or keep it
+    config.fusion.weights = config_dict.placeholder(tuple)  # per-parent averaging weights; None: 1/K
+    config.fusion.ensemble_step = config_dict.placeholder(float)  # 2 parents: target's weight s
+    config.fusion.target = -1  # index of the parent whose widths and order the fused model takes
+    config.fusion.num_samples = 200  # activation mode / BatchNorm recompute: training samples (paper: 200)
+    config.fusion.acts_kind = "pre"  # activations before (pre) or after (post) the ReLU
+    config.fusion.sample_seed = 0  # which training samples
+    config.fusion.bn_stats = "align"  # align | recompute (BatchNorm statistics after fusion)
+
+    config.lock()
+    return config

@@ -1,0 +1,141 @@
+r"""Fuses K trained parents with OTFusion and prints one table with every baseline.
+
+Rows: each parent, the prediction ensemble (mean softmax), vanilla averaging
+(plain weight mean), and OT fusion by weights and/or activations, with test
+accuracy, loss and fusion time. Writes <out>/results.json and <out>/results.md
+atomically, and optionally the fused checkpoint(s).
+
+Parents come from <workdir>/parents/parent_<k> (written by train.py), or from
+--parents=PATH,PATH,... (our checkpoints, or the original OTFusion's PyTorch
+checkpoints: .pth/.pt/.tar files, detected automatically or with --format=torch).
+
+Examples:
+
+  python fuse.py                                      # digits MLPNet parents from train.py
+  python fuse.py --config.fusion.method=ot-weights,ot-acts --config.fusion.solver=sinkhorn
+  python fuse.py --config=configs/fashion_mlpnet.py --config.fusion.num_samples=400
+  python fuse.py --parents=a.pth,b.pth --config=configs/mnist_mlpnet.py
+
+Any config field can be overridden with --config.<section>.<field>=<value>; an
+unknown field is an error. See configs/default.py for every fusion option.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import default`
+from otfusion_jax.cli import clean_error, define_config_flag, run, usage_error  # noqa: E402
+
+_PROG = "fuse.py"
+_CONFIG = define_config_flag(_PROG, config_flags, flags)
+_PARENTS = flags.DEFINE_list("parents", None, "Parent checkpoints (default: <workdir>/parents/parent_<k>).")
+_FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "ours", "torch"], "Format of --parents files.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/fusion).")
+_SAVE = flags.DEFINE_bool("save_fused", False, "Also save each fused model as a checkpoint in the output directory.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Print a status line before each step.")
+
+
+def _load_parents(config, paths, fmt):
+    """Loads parent checkpoints -> (parents, spec, metadata list)."""
+    from otfusion_jax import checkpoints, configs_util, experiment  # pylint: disable=import-outside-toplevel
+    from otfusion_jax import spec as spec_lib  # pylint: disable=import-outside-toplevel
+    from otfusion_jax.interop import is_torch_checkpoint, load_torch_checkpoint  # pylint: disable=import-outside-toplevel
+
+    parents, metas, spec = [], [], None
+    for k, path in enumerate(paths):
+        if fmt == "torch" or (fmt == "auto" and is_torch_checkpoint(path)):
+            _, _, variables, meta = load_torch_checkpoint(path)
+        else:
+            variables, meta = checkpoints.load(path)
+        module, pspec = configs_util.model_from_metadata(meta)
+        try:
+            pspec.check_variables(variables, what=f"checkpoint {path}")
+        except spec_lib.SpecError as e:
+            raise ValueError(str(e)) from None
+        if spec is not None and {p for p, _ in pspec.leaves} != {p for p, _ in spec.leaves}:
+            raise ValueError(
+                f"checkpoint {path}: architecture {meta['model']['name']} {meta['model']['options']} "
+                f"differs from parent 0's ({metas[0]['model']['name']} {metas[0]['model']['options']})"
+            )
+        spec = spec or pspec
+        acc = meta.get("test_accuracy")
+        parents.append(experiment.Parent(f"parent {k}" + (f" (seed {meta['seed']})" if "seed" in meta else ""), module, variables))
+        metas.append({"path": os.path.abspath(path), "test_accuracy_at_training": acc, "model": meta.get("model")})
+    return parents, spec, metas
+
+
+def main(argv: list[str]) -> None:
+    """Loads parents and data, fuses, prints the table, writes results."""
+    if len(argv) > 1:
+        usage_error(_PROG, f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from otfusion_jax import checkpoints, configs_util, data, experiment, io_utils  # pylint: disable=import-outside-toplevel
+
+    import otfusion_jax as otf  # pylint: disable=import-outside-toplevel
+
+    try:
+        config = _CONFIG.value
+        config_dict = configs_util.validate(config)
+        methods = experiment.parse_methods(config_dict["fusion"]["method"])
+        experiment.fusion_config_from(config_dict["fusion"], "weights")  # validates the options early
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        usage_error(_PROG, f"bad config: {clean_error(e)}")
+    paths = _PARENTS.value or [configs_util.parent_dir(config, k) for k in range(config_dict["num_parents"])]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        usage_error(_PROG, f"parent checkpoint not found: {missing[0]} (train parents first: python train.py, same --config)")
+    out_dir = _OUT.value or os.path.join(config_dict["workdir"], "fusion")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        usage_error(_PROG, f"cannot write to output directory {out_dir}: {e.strerror or e}")
+    try:
+        parents, spec, metas = _load_parents(config, paths, _FORMAT.value)
+        dataset = configs_util.load_data(config)
+    except (ImportError, ValueError, OSError, checkpoints.CheckpointError, data.DataSourceError) as e:
+        usage_error(_PROG, e)
+    say = (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)) if _PROGRESS.value else None
+    print(
+        f"{len(parents)} parents ({metas[0]['model']['name']}), data {dataset.name}: {len(dataset.x_test)} test examples; "
+        f"methods {', '.join(methods)}; device {jax.devices()[0].device_kind} ({jax.default_backend()})"
+    )
+    try:
+        rows, fused = experiment.run_fusion_table(parents, spec, dataset, config_dict["fusion"], progress=say)
+    except (ValueError, otf.FusionError) as e:
+        usage_error(_PROG, e)
+    table = experiment.format_table(rows)
+    print()
+    print(table)
+    results = {
+        "config": config_dict,
+        "parents": metas,
+        "dataset": {"name": dataset.name, "source": dataset.source, "test_examples": len(dataset.x_test)},
+        "device": {"backend": jax.default_backend(), "kind": jax.devices()[0].device_kind, "count": jax.device_count()},
+        "rows": rows,
+    }
+    io_utils.atomic_write_json(os.path.join(out_dir, "results.json"), results)
+    io_utils.atomic_write_text(os.path.join(out_dir, "results.md"), table + "\n")
+    if _SAVE.value:
+        for method, item in fused.items():
+            path = os.path.join(out_dir, f"fused_{method}")
+            meta = {"kind": "fused", "method": method, "model": metas[-1]["model"], "parents": metas, "config": config_dict}
+            checkpoints.save(path, item["variables"], meta)
+            print(f"saved {item['label']} to {path}")
+    print(f"\nresults: {os.path.join(out_dir, 'results.json')}")
+
+
+if __name__ == "__main__":
+    run(_PROG, main)

@@ -1,0 +1,240 @@
+"""Glue between experiment configs (``configs/*.py``) and the library.
+
+The library takes plain arguments and frozen dataclasses; this module turns a
+config (an ``ml_collections.ConfigDict`` or the equivalent nested dict) into
+them, so that ``train.py`` and ``fuse.py`` stay thin. Config layout::
+
+    seed, num_parents, workdir
+    model: name, bias, norm, width, widths
+    data:  name, source, data_dir, pad_to, max_train, max_test, seed
+    train: the TrainConfig fields except seed (parent k uses seed + k)
+    fusion: fusion settings (free-form here; validated by the fusion code)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from otfusion_jax import data as data_lib
+from otfusion_jax import models
+from otfusion_jax import spec as spec_lib
+from otfusion_jax import training
+
+__all__ = [
+    "SCHEMA",
+    "MODEL_OPTIONS",
+    "to_dict",
+    "validate",
+    "train_config_from",
+    "model_options_from",
+    "model_from",
+    "model_from_metadata",
+    "data_kwargs_from",
+    "load_data",
+    "parent_seed",
+    "parent_dir",
+    "parents_dir",
+]
+
+_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(training.TrainConfig) if f.name != "seed")
+
+# Allowed keys of each section (None: the top level); "fusion" is free-form here.
+SCHEMA: dict[str | None, tuple[str, ...]] = {
+    None: ("seed", "num_parents", "workdir", "model", "data", "train", "fusion"),
+    "model": ("name", "bias", "norm", "width", "widths"),
+    "data": ("name", "source", "data_dir", "pad_to", "max_train", "max_test", "seed"),
+    "train": _TRAIN_FIELDS,
+}
+
+# Which config.model fields each registered model takes as build() options.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "mlpnet": ("bias", "widths"),
+    "vgg11": ("bias", "norm", "width"),
+    "resnet18": ("bias", "norm", "width"),
+}
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as plain nested dicts (ConfigDicts and FieldReferences resolved).
+
+    Args:
+      config: A ConfigDict (anything with ``to_dict()``) or a mapping.
+
+    Returns:
+      Nested dicts; tuples stay tuples.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise ValueError(f"a config must be a ConfigDict or a mapping, got {type(config).__name__}")
+    return {k: to_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v for k, v in config.items()}
+
+
+def validate(config: Any) -> dict[str, Any]:
+    """Checks a config's keys and values.
+
+    Args:
+      config: The experiment config.
+
+    Returns:
+      The config as plain dicts.
+
+    Raises:
+      ValueError: For a missing or unknown key (named with its full path,
+        e.g. ``config.train.epochz``) or an invalid value.
+    """
+    cfg = to_dict(config)
+    for section, allowed in SCHEMA.items():
+        node = cfg if section is None else cfg.get(section)
+        where = "config" if section is None else f"config.{section}"
+        if not isinstance(node, Mapping):
+            raise ValueError(f"{where} must be a section (ConfigDict), got {node!r}")
+        unknown = sorted(set(node) - set(allowed))
+        missing = sorted(set(allowed) - set(node))
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(f'{where}.{k}' for k in unknown)}")
+        if missing:
+            raise ValueError(f"missing config key(s): {', '.join(f'{where}.{k}' for k in missing)}")
+    if not isinstance(cfg["fusion"], Mapping):
+        raise ValueError("config.fusion must be a section (ConfigDict)")
+    if not isinstance(cfg["num_parents"], int) or cfg["num_parents"] < 1:
+        raise ValueError(f"config.num_parents must be an integer >= 1, got {cfg['num_parents']!r}")
+    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
+        raise ValueError(f"config.seed must be an integer >= 0, got {cfg['seed']!r}")
+    if not cfg["workdir"]:
+        raise ValueError("config.workdir must be a non-empty path")
+    if cfg["model"]["name"] not in models.available():
+        raise ValueError(f"config.model.name {cfg['model']['name']!r} is not one of {models.available()}")
+    for key in ("max_train", "max_test", "pad_to"):
+        value = cfg["data"][key]
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"config.data.{key} must be None or an integer >= 1, got {value!r}")
+    train_config_from(cfg)
+    return cfg
+
+
+def train_config_from(config: Any, seed: int | None = None) -> training.TrainConfig:
+    """The :class:`~otfusion_jax.training.TrainConfig` of ``config.train``.
+
+    Args:
+      config: The experiment config.
+      seed: Data-order seed; default ``config.seed`` (pass ``parent_seed(config, k)``).
+
+    Returns:
+      The frozen training config.
+
+    Raises:
+      ValueError: For an unknown ``config.train`` key or an invalid value.
+    """
+    cfg = to_dict(config)
+    train = dict(cfg["train"])
+    unknown = sorted(set(train) - set(_TRAIN_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join('config.train.' + k for k in unknown)}")
+    train["seed"] = cfg["seed"] if seed is None else seed
+    if train.get("milestones") is not None:
+        train["milestones"] = tuple(train["milestones"])
+    try:
+        return training.TrainConfig(**train)
+    except TypeError as e:
+        raise ValueError(f"bad config.train value: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"bad config.train value: {e}".replace("TrainConfig.", "config.train.")) from None
+
+
+def model_options_from(config: Any) -> tuple[str, dict[str, Any]]:
+    """The model name and the ``models.build`` options selected by ``config.model``.
+
+    Args:
+      config: The experiment config.
+
+    Returns:
+      ``(name, options)``, e.g. ``("mlpnet", {"bias": False, "widths": [400, 200, 100]})``;
+      options are JSON-friendly (lists, not tuples) for checkpoint metadata.
+    """
+    model = to_dict(config)["model"]
+    name = model["name"]
+    keys = MODEL_OPTIONS.get(name, tuple(k for k in SCHEMA["model"] if k != "name"))
+    options = {k: model[k] for k in keys}
+    if "widths" in options:
+        options["widths"] = [int(w) for w in options["widths"]]
+    return name, options
+
+
+def model_from(
+    config: Any, input_shape: tuple[int, int, int], num_classes: int
+) -> tuple[nn.Module, spec_lib.AlignmentSpec]:
+    """Builds the configured model.
+
+    Args:
+      config: The experiment config.
+      input_shape: (H, W, C) of one input (``dataset.input_shape``).
+      num_classes: Number of classes.
+
+    Returns:
+      ``(module, spec)`` from :func:`otfusion_jax.models.build`.
+    """
+    name, options = model_options_from(config)
+    return models.build(name, input_shape=tuple(input_shape), num_classes=num_classes, **options)
+
+
+def model_from_metadata(metadata: Mapping[str, Any]) -> tuple[nn.Module, spec_lib.AlignmentSpec]:
+    """Rebuilds the model of a checkpoint saved by ``train.py``.
+
+    Args:
+      metadata: Checkpoint metadata with ``model = {"name", "options",
+        "input_shape", "num_classes"}``.
+
+    Returns:
+      ``(module, spec)``.
+
+    Raises:
+      ValueError: If the metadata does not describe a model.
+    """
+    try:
+        m = metadata["model"]
+        name, options = m["name"], dict(m["options"])
+        input_shape, num_classes = tuple(m["input_shape"]), int(m["num_classes"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint metadata does not describe a model (missing {e})") from None
+    return models.build(name, input_shape=input_shape, num_classes=num_classes, **options)
+
+
+def data_kwargs_from(config: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`otfusion_jax.data.load` for ``config.data``."""
+    d = to_dict(config)["data"]
+    return {
+        "name": d["name"],
+        "source": d["source"],
+        "data_dir": d["data_dir"],
+        "pad_to": d["pad_to"],
+        "max_train": d["max_train"],
+        "max_test": d["max_test"],
+        "seed": d["seed"],
+    }
+
+
+def load_data(config: Any) -> data_lib.Dataset:
+    """Loads ``config.data`` (raises ``data.DataSourceError`` if unavailable)."""
+    kwargs = data_kwargs_from(config)
+    return data_lib.load(kwargs.pop("name"), **kwargs)
+
+
+def parent_seed(config: Any, k: int) -> int:
+    """Seed of parent ``k``: ``config.seed + k`` (model init and data order)."""
+    return int(to_dict(config)["seed"]) + int(k)
+
+
+def parents_dir(config: Any) -> str:
+    """``<workdir>/parents``."""
+    return os.path.join(os.fspath(to_dict(config)["workdir"]), "parents")
+
+
+def parent_dir(config: Any, k: int) -> str:
+    """Checkpoint directory of parent ``k``: ``<workdir>/parents/parent_<k>``."""
+    return os.path.join(parents_dir(config), f"parent_{int(k)}")

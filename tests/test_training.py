@@ -1,0 +1,294 @@
+"""Tests of otfusion_jax.training: config validation, schedules, SGD semantics, training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from otfusion_jax import data, models, training
+from otfusion_jax.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+@pytest.fixture(scope="module")
+def mlp(digits):
+    module, _ = models.build("mlpnet", input_shape=digits.input_shape, widths=(64, 32))
+    return module
+
+
+def _init(module, shape, seed=0):
+    return models.init(module, jax.random.key(seed), shape)
+
+
+def _assert_trees_equal(a, b):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- TrainConfig -------------------------------------------------------------------------
+
+
+def test_train_config_is_hashable_and_normalises_milestones():
+    cfg = TrainConfig(schedule="multistep", milestones=[3, 5])
+    assert cfg.milestones == (3, 5)
+    assert hash(cfg) == hash(TrainConfig(schedule="multistep", milestones=(3, 5)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("epochs", -1),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("momentum", 1.0),
+        ("weight_decay", -1e-4),
+        ("schedule", "linear"),
+        ("step_every", 0),
+        ("gamma", 0.0),
+        ("milestones", (5, 3)),
+        ("seed", -1),
+        ("label_smoothing", 1.0),
+    ],
+)
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+# --- schedules and optimiser ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg,spe,expected",
+    [
+        (TrainConfig(lr=0.1), 7, {0: 0.1, 100: 0.1, 10_000: 0.1}),
+        # "step": x0.5 every 2 epochs of 10 steps: changes at steps 20, 40.
+        (
+            TrainConfig(lr=0.1, schedule="step", step_every=2, gamma=0.5),
+            10,
+            {0: 0.1, 19: 0.1, 20: 0.05, 39: 0.05, 40: 0.025},
+        ),
+        # "multistep": x0.1 at epochs 3 and 5 with 4 steps per epoch: steps 12 and 20.
+        (
+            TrainConfig(lr=0.2, schedule="multistep", milestones=(3, 5), gamma=0.1),
+            4,
+            {0: 0.2, 11: 0.2, 12: 0.02, 19: 0.02, 20: 0.002, 1000: 0.002},
+        ),
+        # "cosine" over 5 epochs x 20 steps = 100 steps.
+        (TrainConfig(lr=0.4, schedule="cosine", epochs=5), 20, {0: 0.4, 50: 0.2, 100: 0.0}),
+    ],
+)
+def test_schedule_values(cfg, spe, expected):
+    schedule = training.make_schedule(cfg, spe)
+    for step, lr in expected.items():
+        assert float(schedule(step)) == pytest.approx(lr, rel=1e-6, abs=1e-9), step
+
+
+def test_paper_vgg_schedule_halves_every_30_epochs():
+    cfg = TrainConfig(lr=0.05, schedule="step", step_every=30, gamma=0.5, epochs=300)
+    schedule = training.make_schedule(cfg, 391)
+    assert float(schedule(29 * 391)) == pytest.approx(0.05)
+    assert float(schedule(30 * 391)) == pytest.approx(0.025)
+    assert float(schedule(299 * 391)) == pytest.approx(0.05 * 0.5**9)
+
+
+def _torch_sgd_reference(params, grads_seq, lrs, momentum, weight_decay, nesterov):
+    """PyTorch's SGD (dampening 0) written out in NumPy."""
+    p = params.copy()
+    buf = None
+    for g, lr in zip(grads_seq, lrs):
+        d = g + weight_decay * p
+        if momentum:
+            buf = d.copy() if buf is None else momentum * buf + d
+            d = d + momentum * buf if nesterov else buf
+        p = p - lr * d
+    return p
+
+
+@pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 5e-4), (0.9, True, 1e-2)])
+def test_optimizer_matches_pytorch_sgd(momentum, nesterov, wd):
+    rng = np.random.default_rng(0)
+    p0 = rng.normal(size=(5, 3)).astype(np.float32)
+    grads = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(6)]
+    cfg = TrainConfig(
+        lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd, schedule="step", step_every=1, gamma=0.5
+    )
+    spe = 2  # lr halves every 2 steps
+    tx = training.make_optimizer(cfg, spe)
+    params = {"w": jnp.asarray(p0)}
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+    lrs = [0.1 * 0.5 ** (i // spe) for i in range(len(grads))]
+    want = _torch_sgd_reference(p0.astype(np.float64), grads, lrs, momentum, wd, nesterov)
+    np.testing.assert_allclose(np.asarray(params["w"]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_label_smoothing():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = jnp.array([0, 2])
+    logp = jax.nn.log_softmax(logits)
+    plain = -logp[jnp.arange(2), labels]
+    np.testing.assert_allclose(training.cross_entropy(logits, labels), plain, rtol=1e-6)
+    eps = 0.3
+    target = (1 - eps) * jax.nn.one_hot(labels, 3) + eps / 3
+    np.testing.assert_allclose(
+        training.cross_entropy(logits, labels, eps), -(target * logp).sum(-1), rtol=1e-6
+    )
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def test_one_epoch_on_digits_learns(digits, mlp):
+    variables = _init(mlp, digits.input_shape)
+    before = training.evaluate(mlp, variables, digits.x_test, digits.y_test)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, momentum=0.9, seed=0)
+    trained, history = training.train(mlp, variables, digits, cfg, progress=False)
+    assert len(history) == 1
+    record = history[0]
+    keys = {"epoch", "train_loss", "train_accuracy", "lr", "test_loss", "test_accuracy", "seconds"}
+    assert set(record) == keys
+    assert record["epoch"] == 1 and record["seconds"] > 0 and record["lr"] == pytest.approx(0.05)
+    assert record["test_accuracy"] > 0.6, record
+    assert record["test_accuracy"] > before["accuracy"] + 0.3
+    after = training.evaluate(mlp, trained, digits.x_test, digits.y_test)
+    assert after["accuracy"] == pytest.approx(record["test_accuracy"])
+    assert after["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
+    assert jax.tree.structure(trained) == jax.tree.structure(variables)
+
+
+def test_training_is_deterministic_per_seed(digits, mlp):
+    variables = _init(mlp, digits.input_shape)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, momentum=0.9, seed=3)
+    a, ha = training.train(mlp, variables, digits, cfg, progress=False)
+    b, hb = training.train(mlp, variables, digits, cfg, progress=False)
+    _assert_trees_equal(a, b)
+    assert ha[0]["train_loss"] == hb[0]["train_loss"]
+    c, _ = training.train(mlp, variables, digits, dataclasses.replace(cfg, seed=4), progress=False)
+    kernel_a, kernel_c = (np.asarray(v["params"]["fc1"]["kernel"]) for v in (a, c))
+    assert not np.array_equal(kernel_a, kernel_c)
+
+
+def test_epoch_seeds_differ_across_runs_and_epochs():
+    seeds = {training.epoch_seed(s, e) for s in range(5) for e in range(5)}
+    assert len(seeds) == 25
+    assert training.epoch_seed(1, 0) != training.epoch_seed(0, 1)
+
+
+def test_train_step_compiles_once_per_batch_shape(digits, mlp):
+    variables = _init(mlp, digits.input_shape)
+    n_train = len(digits.x_train)
+    cfg = TrainConfig(epochs=2, batch_size=100, lr=0.0123, drop_remainder=True)  # lr unique to this test
+    assert n_train % 100 != 0
+    before = training.train_step._cache_size()
+    training.train(mlp, variables, digits, cfg, progress=False)
+    assert training.train_step._cache_size() - before == 1  # one shape, 2 epochs
+    before = training.train_step._cache_size()
+    training.train(mlp, variables, digits, dataclasses.replace(cfg, drop_remainder=False), progress=False)
+    assert training.train_step._cache_size() - before == 1  # only the partial tail batch is new
+    before = training.train_step._cache_size()
+    other_parent = dataclasses.replace(cfg, drop_remainder=False, seed=7)
+    training.train(mlp, variables, digits, other_parent, progress=False)
+    assert training.train_step._cache_size() == before  # another parent (seed) reuses the compilation
+    # evaluate pads its last batch: one compilation for any N.
+    before = training.eval_step._cache_size()
+    for n in (70, 130, 299):
+        training.evaluate(mlp, variables, digits.x_test[:n], digits.y_test[:n], batch_size=64)
+    assert training.eval_step._cache_size() - before == 1
+
+
+def test_evaluate_and_predict_logits_agree(digits, mlp):
+    variables = _init(mlp, digits.input_shape, seed=1)
+    logits = training.predict_logits(mlp, variables, digits.x_test, batch_size=77)
+    assert logits.shape == (len(digits.x_test), 10) and logits.dtype == np.float32
+    full = np.asarray(mlp.apply(variables, jnp.asarray(digits.x_test), train=False))
+    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
+    ev = training.evaluate(mlp, variables, digits.x_test, digits.y_test, batch_size=77)
+    assert ev["accuracy"] == pytest.approx(float((logits.argmax(-1) == digits.y_test).mean()))
+    logp = jax.nn.log_softmax(full)
+    want_loss = float(-logp[np.arange(len(full)), digits.y_test].mean())
+    assert ev["loss"] == pytest.approx(want_loss, rel=1e-5)
+
+
+def test_zero_epochs_returns_variables_unchanged_and_progress_callback(digits, mlp):
+    variables = _init(mlp, digits.input_shape)
+    out, history = training.train(mlp, variables, digits, TrainConfig(epochs=0), progress=False)
+    assert history == []
+    _assert_trees_equal(out, variables)
+    seen = []
+    cfg = TrainConfig(epochs=2, batch_size=256)
+    training.train(mlp, variables, digits, cfg, progress=seen.append, eval_every_epoch=False)
+    assert [r["epoch"] for r in seen] == [1, 2]
+    assert seen[0]["test_accuracy"] is None and seen[1]["test_accuracy"] is not None
+
+
+def test_progress_bar_prints_one_line_per_epoch(digits, mlp, capsys):
+    variables = _init(mlp, digits.input_shape)
+    training.train(mlp, variables, digits, TrainConfig(epochs=2, batch_size=256), progress=True)
+    out = capsys.readouterr().out
+    assert "epoch 1/2: train loss" in out and "epoch 2/2: train loss" in out and "test loss" in out
+
+
+def test_fine_tuning_continues_from_given_variables(digits, mlp):
+    variables = _init(mlp, digits.input_shape)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, momentum=0.9)
+    trained, h1 = training.train(mlp, variables, digits, cfg, progress=False)
+    tuned, h2 = training.train(mlp, trained, digits, dataclasses.replace(cfg, lr=0.01), progress=False)
+    assert h2[0]["train_loss"] < h1[0]["train_loss"]  # starts from the trained weights
+
+
+class _TinyBNNet(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> Dense: the smallest model with batch statistics."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn1")(x)
+        x = nn.relu(x).reshape(x.shape[0], -1)
+        return nn.Dense(3, name="fc")(x)
+
+
+def test_batchnorm_model_updates_batch_stats():
+    rng = np.random.default_rng(0)
+    ds = data.Dataset(
+        name="toy",
+        source="test",
+        x_train=rng.normal(size=(20, 6, 6, 1)).astype(np.float32),
+        y_train=rng.integers(0, 3, 20).astype(np.int32),
+        x_test=rng.normal(size=(8, 6, 6, 1)).astype(np.float32),
+        y_test=rng.integers(0, 3, 8).astype(np.int32),
+        num_classes=3,
+    )
+    module = _TinyBNNet()
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)), train=False)
+    assert "batch_stats" in variables
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01)
+    out, history = training.train(module, variables, ds, cfg, progress=False)
+    assert set(out) == {"params", "batch_stats"}
+    assert jax.tree.structure(out) == jax.tree.structure(variables)
+    mean0 = np.asarray(variables["batch_stats"]["bn1"]["mean"])
+    mean1 = np.asarray(out["batch_stats"]["bn1"]["mean"])
+    assert not np.allclose(mean0, mean1)
+    assert np.isfinite(history[-1]["train_loss"])
+    # Eval mode uses the running statistics: same result whatever the batch split.
+    a = training.predict_logits(module, out, ds.x_test, batch_size=3)
+    b = training.predict_logits(module, out, ds.x_test, batch_size=8)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

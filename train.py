@@ -1,0 +1,182 @@
+r"""Trains the K parent models of a fusion experiment and checkpoints them.
+
+Parent k (k = 0..K-1) differs from the others only by its seed, config.seed + k,
+which sets its initialisation and its data order. Each is saved atomically to
+<workdir>/parents/parent_<k> with metadata (model name and options, data set,
+seed, the full config, test accuracy, per-epoch history). A parent whose
+checkpoint already exists is skipped unless --overwrite is given.
+
+Examples:
+
+  python train.py                                        # digits, MLPNet (offline, seconds)
+  python train.py --config=configs/fashion_mlpnet.py
+  python train.py --config.train.epochs=3 --config.num_parents=4
+  python train.py --config=configs/mnist_mlpnet.py \
+      --config.data.source=idx --config.data.data_dir=/data/mnist
+
+Any config field can be overridden with --config.<section>.<field>=<value>; an
+unknown field is an error. See configs/default.py for every field.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_PARSING = True  # True until main() starts: errors before that are command-line errors.
+
+
+def _clean(error: object) -> str:
+    """One line of text from an exception, unwrapping a quoted KeyError message."""
+    text = str(error)
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = str(ast.literal_eval(text))
+            if len(text) >= 2 and text[0] == text[-1] == "'":
+                text = text[1:-1]
+    return " ".join(text.replace("\n", " ").split())
+
+
+def _override_error(error: Exception) -> str:
+    """The message for an exception raised while applying ``--config.*`` overrides."""
+    what = "unknown field " if isinstance(error, (AttributeError, KeyError)) else ""
+    return f"bad --config override: {what}{_clean(error)}"
+
+
+def _usage_error(message: object) -> None:
+    """Prints a one-line error and exits with status 2."""
+    print(f"train.py: error: {_clean(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import default`
+try:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits_mlpnet.py"),
+        "Experiment config file (configs/<name>.py); override fields with --config.<path>=<value>.",
+        lock_config=True,
+    )
+except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as _e:  # bad --config.* override
+    _usage_error(_override_error(_e))
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Retrain and replace parents whose checkpoint exists.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (and one line per epoch).")
+
+
+def main(argv: list[str]) -> None:
+    """Trains and saves every parent of the config."""
+    global _PARSING
+    _PARSING = False
+    if len(argv) > 1:
+        _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax log a lot at INFO
+    # Heavy imports after flag parsing keep --help fast.
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from otfusion_jax import checkpoints, configs_util, data, models, training  # pylint: disable=import-outside-toplevel
+    from otfusion_jax import io_utils  # pylint: disable=import-outside-toplevel
+
+    try:
+        config = _CONFIG.value
+        config_dict = configs_util.validate(config)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        _usage_error(f"bad config: {_clean(e)}")
+    try:
+        dataset = configs_util.load_data(config)
+    except (ValueError, data.DataSourceError) as e:
+        _usage_error(e)
+
+    k_total = config_dict["num_parents"]
+    print(
+        f"data {dataset.name} ({dataset.source}): {len(dataset.x_train)} train / {len(dataset.x_test)} test, "
+        f"input {dataset.input_shape}; model {config_dict['model']['name']}; {k_total} parent(s) -> "
+        f"{configs_util.parents_dir(config)}"
+    )
+    summary = []
+    for k in range(k_total):
+        path = configs_util.parent_dir(config, k)
+        if checkpoints.exists(path) and not _OVERWRITE.value:
+            try:
+                meta = checkpoints.load_metadata(path)
+            except checkpoints.CheckpointError as e:
+                _usage_error(e)
+            print(f"parent {k}: exists ({path}, test accuracy {meta.get('test_accuracy')}); skipped")
+            summary.append(
+                {"parent": k, "path": path, "test_accuracy": meta.get("test_accuracy"), "skipped": True}
+            )
+            continue
+        if os.path.lexists(path) and not checkpoints.exists(path):
+            _usage_error(f"{path} exists but is not a checkpoint; move it away or pick another workdir")
+        seed = configs_util.parent_seed(config, k)
+        try:
+            train_cfg = configs_util.train_config_from(config, seed=seed)
+            module, _ = configs_util.model_from(config, dataset.input_shape, dataset.num_classes)
+        except ValueError as e:
+            _usage_error(e)
+        # Jitted init: one compilation shared by all parents instead of op-by-op dispatch.
+        init = jax.jit(models.init, static_argnums=(0, 2))
+        variables = init(module, jax.random.key(seed), dataset.input_shape)
+        print(f"parent {k}: seed {seed}, {train_cfg.epochs} epoch(s)")
+        start = time.perf_counter()
+        variables, history = training.train(module, variables, dataset, train_cfg, progress=_PROGRESS.value)
+        if history:
+            final = {"loss": history[-1]["test_loss"], "accuracy": history[-1]["test_accuracy"]}
+        else:
+            final = training.evaluate(
+                module, variables, dataset.x_test, dataset.y_test, train_cfg.eval_batch_size
+            )
+        if not _PROGRESS.value:
+            for record in history:
+                print(f"  epoch {record['epoch']}: test accuracy {record['test_accuracy']:.4f}")
+        name, options = configs_util.model_options_from(config)
+        metadata = {
+            "kind": "parent",
+            "parent": k,
+            "model": {
+                "name": name,
+                "options": options,
+                "input_shape": list(dataset.input_shape),
+                "num_classes": dataset.num_classes,
+            },
+            "dataset": {
+                **configs_util.data_kwargs_from(config),
+                "source": dataset.source,  # the one used ("auto" resolved)
+                "num_train": len(dataset.x_train),
+                "num_test": len(dataset.x_test),
+            },
+            "seed": seed,
+            "train_config": train_cfg,
+            "config": config_dict,
+            "test_accuracy": final["accuracy"],
+            "test_loss": final["loss"],
+            "history": history,
+            "train_seconds": time.perf_counter() - start,
+        }
+        try:
+            checkpoints.save(path, variables, metadata)
+        except checkpoints.CheckpointError as e:
+            _usage_error(e)
+        print(f"parent {k}: test accuracy {final['accuracy']:.4f}, saved to {path}")
+        summary.append({"parent": k, "path": path, "test_accuracy": final["accuracy"], "skipped": False})
+
+    summary_path = os.path.join(configs_util.parents_dir(config), "summary.json")
+    io_utils.atomic_write_json(summary_path, {"parents": summary, "config": config_dict})
+    print(f"summary: {summary_path}")
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        if not _PARSING:
+            raise
+        _usage_error(_override_error(e))
