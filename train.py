@@ -20,60 +20,32 @@ unknown field is an error. See configs/default.py for every field.
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_PARSING = True  # True until main() starts: errors before that are command-line errors.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import default`
+from otfusion_jax.cli import clean_error as _clean  # noqa: E402
+from otfusion_jax.cli import define_config_flag, run, usage_error  # noqa: E402
 
-
-def _clean(error: object) -> str:
-    """One line of text from an exception, unwrapping a quoted KeyError message."""
-    text = str(error)
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        with contextlib.suppress(ValueError, SyntaxError):
-            text = str(ast.literal_eval(text))
-            if len(text) >= 2 and text[0] == text[-1] == "'":
-                text = text[1:-1]
-    return " ".join(text.replace("\n", " ").split())
-
-
-def _override_error(error: Exception) -> str:
-    """The message for an exception raised while applying ``--config.*`` overrides."""
-    what = "unknown field " if isinstance(error, (AttributeError, KeyError)) else ""
-    return f"bad --config override: {what}{_clean(error)}"
+_PROG = "train.py"
+_CONFIG = define_config_flag(_PROG, config_flags, flags)
 
 
 def _usage_error(message: object) -> None:
-    """Prints a one-line error and exits with status 2."""
-    print(f"train.py: error: {_clean(message)}", file=sys.stderr)
-    sys.exit(2)
+    usage_error(_PROG, message)
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import default`
-try:
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config",
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits_mlpnet.py"),
-        "Experiment config file (configs/<name>.py); override fields with --config.<path>=<value>.",
-        lock_config=True,
-    )
-except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as _e:  # bad --config.* override
-    _usage_error(_override_error(_e))
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Retrain and replace parents whose checkpoint exists.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (and one line per epoch).")
 
 
 def main(argv: list[str]) -> None:
     """Trains and saves every parent of the config."""
-    global _PARSING
-    _PARSING = False
     if len(argv) > 1:
         _usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
 
@@ -174,9 +146,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except (AttributeError, KeyError, ValueError, TypeError) as e:
-        if not _PARSING:
-            raise
-        _usage_error(_override_error(e))
+    run(_PROG, main)

@@ -61,7 +61,12 @@ def test_config_loads_with_expected_fields(name):
     assert set(as_dict) == set(configs_util.SCHEMA[None])
     for section in ("model", "data", "train"):
         assert set(as_dict[section]) == set(configs_util.SCHEMA[section]), section
-    assert config.fusion.method == "ot-weights"
+    from otfusion_jax import experiment
+
+    assert experiment.parse_methods(config.fusion.method)
+    fusion = configs_util.to_dict(config)["fusion"]
+    assert set(experiment.FUSION_FIELDS) - {"mode"} <= set(fusion)  # every engine option is configurable
+    assert experiment.fusion_config_from(fusion, "activations").mode == "activations"
     assert config.num_parents >= 2 and config.seed >= 0
     assert config.workdir.startswith("runs/")
     train_cfg = configs_util.train_config_from(config, seed=config.seed + 1)

@@ -1,0 +1,119 @@
+"""Digits-trained parents: OT fusion beats vanilla averaging; fuse.py end to end; README example."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import otfusion_jax as otf
+from otfusion_jax import checkpoints, configs_util, experiment, training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import digits_mlpnet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits_parents(tmp_path_factory):
+    """Two digits MLPNets (seeds 0, 1) trained for 6 epochs, saved as train.py would."""
+    config = digits_mlpnet.get_config()
+    workdir = str(tmp_path_factory.mktemp("run"))
+    with config.unlocked():
+        config.workdir = workdir
+        config.train.epochs = 6
+    dataset = configs_util.load_data(config)
+    module, spec = configs_util.model_from(config, dataset.input_shape, dataset.num_classes)
+    name, options = configs_util.model_options_from(config)
+    parents = []
+    for k in range(2):
+        seed = configs_util.parent_seed(config, k)
+        variables = otf.models.init(module, jax.random.key(seed), dataset.input_shape)
+        variables, history = training.train(module, variables, dataset, configs_util.train_config_from(config, seed), progress=False)
+        meta = {
+            "model": {"name": name, "options": options, "input_shape": list(dataset.input_shape), "num_classes": 10},
+            "seed": seed,
+            "test_accuracy": history[-1]["test_accuracy"],
+        }
+        checkpoints.save(configs_util.parent_dir(config, k), variables, meta)
+        parents.append(experiment.Parent(f"parent {k}", module, variables))
+    return config, dataset, spec, parents
+
+
+def _row(rows, prefix):
+    return next(r for r in rows if r["method"].startswith(prefix))
+
+
+def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
+    config, dataset, spec, parents = digits_parents
+    rows, fused = experiment.run_fusion_table(parents, spec, dataset, configs_util.to_dict(config)["fusion"])
+    parent_acc = [r["accuracy"] for r in rows[:2]]
+    assert min(parent_acc) > 0.9
+    vanilla = _row(rows, "vanilla")["accuracy"]
+    weights = _row(rows, "OT fusion (weights")["accuracy"]
+    acts = _row(rows, "OT fusion (activations")["accuracy"]
+    assert weights > vanilla + 0.02, rows
+    assert acts > vanilla + 0.2, rows
+    assert acts > 0.85, rows
+    assert set(fused) == {"ot-weights", "ot-acts"}
+
+
+def test_fuse_script_end_to_end(digits_parents, tmp_path):
+    config, *_ = digits_parents
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}",
+        f"--out={out}", "--config.fusion.method=ot-weights", "--config.fusion.solver=sinkhorn",
+        "--config.fusion.normalize_cost=mean", "--config.fusion.epsilon=0.05", "--save_fused", "--noprogress",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    methods = [r["method"] for r in results["rows"]]
+    assert methods[:2] == ["parent 0 (seed 0)", "parent 1 (seed 1)"]
+    assert "OT fusion (weights, sinkhorn)" in methods and "vanilla averaging" in methods
+    assert "| OT fusion (weights, sinkhorn) |" in (out / "results.md").read_text()
+    assert "| OT fusion (weights, sinkhorn) |" in proc.stdout
+    fused_vars, meta = checkpoints.load(str(out / "fused_ot-weights"))
+    assert meta["method"] == "ot-weights"
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--parents=/nonexistent/parent_0,/nonexistent/parent_1"], "parent checkpoint not found: /nonexistent/parent_0"),
+        (["--config.fusion.method=ot-magic"], "fusion.method: unknown"),
+        (["--config.fusion.solver=emd"], "FusionConfig.solver='emd'"),
+        (["--config.fusion.epsilonn=1"], "epsilonn"),
+    ],
+)
+def test_fuse_script_bad_input_is_one_clear_line(digits_parents, tmp_path, args, message):
+    config, *_ = digits_parents
+    cmd = [sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}", f"--out={tmp_path}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_readme_python_example_runs():
+    """The README's Python API example is executed as written."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "README has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+    assert "fused" in namespace
+
+
+def test_fusion_config_fields_documented_in_default_config():
+    fields = {f.name for f in dataclasses.fields(otf.FusionConfig)} - {"mode"}
+    assert fields <= set(digits_mlpnet.get_config().fusion)
