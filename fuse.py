@@ -22,6 +22,7 @@ unknown field is an error. See configs/default.py for every fusion option.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -72,6 +73,43 @@ def _load_parents(config, paths, fmt):
     return parents, spec, metas
 
 
+def _groups(spec_groups, k_total):
+    """Parent index lists of the tables to make ((): one table with every parent)."""
+    if not spec_groups:
+        return [list(range(k_total))]
+    groups = []
+    for g in spec_groups:
+        try:
+            idx = [int(i) for i in str(g).split(",")]
+        except ValueError:
+            raise ValueError(f"fusion.groups: {g!r} is not a comma list of parent indices") from None
+        bad = [i for i in idx if not 0 <= i < k_total]
+        if bad or len(idx) < 2:
+            raise ValueError(f"fusion.groups: {g!r} needs >= 2 parent indices in 0..{k_total - 1}")
+        groups.append(idx)
+    return groups
+
+
+def _barrier(members, spec, dataset, fusion_cfg, say):
+    """Loss/accuracy along the line between two parents, before and after OT alignment (weights, exact)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    import otfusion_jax as otf  # pylint: disable=import-outside-toplevel
+    from otfusion_jax import experiment  # pylint: disable=import-outside-toplevel
+
+    a, b = members
+    if say:
+        say("loss barrier between the two parents")
+    x, y = dataset.x_test[:2000], dataset.y_test[:2000]
+    cfg = experiment.fusion_config_from(fusion_cfg, "weights")
+    align = jax.jit(otf.align, static_argnums=(2, 3))
+    aligned, _, _ = align(a.variables, b.variables, spec, dataclasses.replace(cfg, solver="exact"))
+    curves = {"plain (no alignment)": experiment.interpolation_curve(b.module, a.variables, b.variables, x, y)}
+    if a.module == b.module:
+        curves["after OT alignment (weights, exact)"] = experiment.interpolation_curve(b.module, aligned, b.variables, x, y)
+    return curves
+
+
 def main(argv: list[str]) -> None:
     """Loads parents and data, fuses, prints the table, writes results."""
     if len(argv) > 1:
@@ -80,14 +118,13 @@ def main(argv: list[str]) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     import jax  # pylint: disable=import-outside-toplevel
 
-    from otfusion_jax import checkpoints, configs_util, data, experiment, io_utils  # pylint: disable=import-outside-toplevel
-
     import otfusion_jax as otf  # pylint: disable=import-outside-toplevel
+    from otfusion_jax import checkpoints, configs_util, data, experiment, io_utils  # pylint: disable=import-outside-toplevel
 
     try:
         config = _CONFIG.value
         config_dict = configs_util.validate(config)
-        methods = experiment.parse_methods(config_dict["fusion"]["method"])
+        experiment.parse_methods(config_dict["fusion"]["method"])
         experiment.fusion_config_from(config_dict["fusion"], "weights")  # validates the options early
     except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
         usage_error(_PROG, f"bad config: {clean_error(e)}")
@@ -108,30 +145,63 @@ def main(argv: list[str]) -> None:
     except (ImportError, ValueError, OSError, checkpoints.CheckpointError, data.DataSourceError) as e:
         usage_error(_PROG, e)
     say = (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)) if _PROGRESS.value else None
+    fusion_cfg = config_dict["fusion"]
+    try:
+        groups = _groups(fusion_cfg.get("groups") or (), len(parents))
+        finetune = None
+        if fusion_cfg.get("finetune_epochs", 0) > 0:
+            finetune = dataclasses.replace(
+                configs_util.train_config_from(config),
+                epochs=int(fusion_cfg["finetune_epochs"]),
+                lr=float(fusion_cfg.get("finetune_lr") or config_dict["train"]["lr"]),
+            )
+    except ValueError as e:
+        usage_error(_PROG, e)
     print(
         f"{len(parents)} parents ({metas[0]['model']['name']}), data {dataset.name}: {len(dataset.x_test)} test examples; "
-        f"methods {', '.join(methods)}; device {jax.devices()[0].device_kind} ({jax.default_backend()})"
+        f"methods {fusion_cfg['method']}; device {jax.devices()[0].device_kind} ({jax.default_backend()})"
     )
-    try:
-        rows, fused = experiment.run_fusion_table(parents, spec, dataset, config_dict["fusion"], progress=say)
-    except (ValueError, otf.FusionError) as e:
-        usage_error(_PROG, e)
-    table = experiment.format_table(rows)
-    print()
-    print(table)
+    tables, markdown, cost_curves = [], [], {}
+    barrier = None
+    for group in groups:
+        members = [parents[i] for i in group]
+        title = f"parents {', '.join(map(str, group))} (target: parent {group[fusion_cfg.get('target', -1) % len(group)]})"
+        if say:
+            say(f"table for {title}")
+        try:
+            rows, fused = experiment.run_fusion_table(members, spec, dataset, fusion_cfg, finetune=finetune, progress=say)
+        except (ValueError, otf.FusionError) as e:
+            usage_error(_PROG, e)
+        table = experiment.format_table(rows)
+        print(f"\n{title}\n\n{table}\n")
+        tables.append({"parents": list(group), "title": title, "rows": rows})
+        markdown.append(f"### {title}\n\n{table}\n")
+        for label, item in fused.items():
+            cost_curves[f"{label} [{','.join(map(str, group))}]"] = experiment.mean_costs(item["aux"])
+        if barrier is None and len(group) == 2 and fused:
+            barrier = _barrier(members, spec, dataset, fusion_cfg, say)
     results = {
         "config": config_dict,
         "parents": metas,
         "dataset": {"name": dataset.name, "source": dataset.source, "test_examples": len(dataset.x_test)},
         "device": {"backend": jax.default_backend(), "kind": jax.devices()[0].device_kind, "count": jax.device_count()},
-        "rows": rows,
+        "tables": tables,
+        "barrier": barrier,
     }
     io_utils.atomic_write_json(os.path.join(out_dir, "results.json"), results)
-    io_utils.atomic_write_text(os.path.join(out_dir, "results.md"), table + "\n")
+    io_utils.atomic_write_text(os.path.join(out_dir, "results.md"), "\n".join(markdown))
+    if fusion_cfg.get("plots", True):
+        from otfusion_jax import plots  # pylint: disable=import-outside-toplevel
+
+        plots.accuracy_plot(os.path.join(out_dir, "accuracy.png"), tables[0]["rows"], tables[0]["title"])
+        if cost_curves:
+            plots.ot_cost_plot(os.path.join(out_dir, "ot_cost.png"), cost_curves)
+        if barrier:
+            plots.barrier_plot(os.path.join(out_dir, "barrier.png"), barrier, "parent A -> parent B, before and after OT alignment")
     if _SAVE.value:
-        for method, item in fused.items():
-            path = os.path.join(out_dir, f"fused_{method}")
-            meta = {"kind": "fused", "method": method, "model": metas[-1]["model"], "parents": metas, "config": config_dict}
+        for item in fused.values():
+            path = os.path.join(out_dir, "fused_" + item["method"] + "_" + item["solver"])
+            meta = {"kind": "fused", "method": item["label"], "model": metas[-1]["model"], "parents": metas, "config": config_dict}
             checkpoints.save(path, item["variables"], meta)
             print(f"saved {item['label']} to {path}")
     print(f"\nresults: {os.path.join(out_dir, 'results.json')}")

@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
         seed = configs_util.parent_seed(config, k)
         try:
             train_cfg = configs_util.train_config_from(config, seed=seed)
-            module, _ = configs_util.model_from(config, dataset.input_shape, dataset.num_classes)
+            module, _ = configs_util.model_from(config, dataset.input_shape, dataset.num_classes, k)
         except ValueError as e:
             _usage_error(e)
         # Jitted init: one compilation shared by all parents instead of op-by-op dispatch.
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
         if not _PROGRESS.value:
             for record in history:
                 print(f"  epoch {record['epoch']}: test accuracy {record['test_accuracy']:.4f}")
-        name, options = configs_util.model_options_from(config)
+        name, options = configs_util.model_options_from(config, k)
         metadata = {
             "kind": "parent",
             "parent": k,

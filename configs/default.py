@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # parent k is initialised and shuffled with seed + k
     config.num_parents = 2  # K, number of parents trained (and fused)
     config.workdir = "runs/default"  # parents in <workdir>/parents/parent_<k>, results in <workdir>
+    config.parents_dir = config_dict.placeholder(str)  # where parents are; None: <workdir>/parents
+    config.parent_widths = ()  # width factor of parent k (missing entries: 1.0), for different-width fusion
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "mlpnet"  # registered model: mlpnet | vgg11 | resnet18
@@ -66,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.proper_marginals = False  # correction by the plan's actual column sums
     config.fusion.past_correction = True  # fuse input-aligned weights (published commands)
     config.fusion.importance = config_dict.placeholder(str)  # None | l1 | l2 marginals
-    config.fusion.align_output = True  # align the class layer too (the original) or keep it
+    config.fusion.align_output = False  # True: give the class layer a plan too, as the original
     config.fusion.weights = config_dict.placeholder(tuple)  # per-parent averaging weights; None: 1/K
     config.fusion.ensemble_step = config_dict.placeholder(float)  # 2 parents: target's weight s
     config.fusion.target = -1  # index of the parent whose widths and order the fused model takes
@@ -74,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.acts_kind = "pre"  # activations before (pre) or after (post) the ReLU
     config.fusion.sample_seed = 0  # which training samples
     config.fusion.bn_stats = "align"  # align | recompute (BatchNorm statistics after fusion)
+    config.fusion.groups = ()  # tables to make, each a comma list of parent indices ("0,1"); (): all parents
+    config.fusion.finetune_epochs = 0  # fine-tune each fused model (and vanilla) for this many epochs
+    config.fusion.finetune_lr = config_dict.placeholder(float)  # fine-tuning lr; None: config.train.lr
+    config.fusion.plots = True  # PNG plots next to results.json
 
     config.lock()
     return config

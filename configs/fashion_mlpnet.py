@@ -12,7 +12,8 @@ from configs import default as default_lib
 def get_config() -> ml_collections.ConfigDict:
     """Returns the Fashion-MNIST / MLPNet config."""
     config = default_lib.get_config()
-    config.workdir = "runs/fashion_mlpnet"  # parents and results
+    config.workdir = "runs/fashion_mlpnet"  # results
+    config.parents_dir = "checkpoints/fashion_mlpnet"  # the two ready-made parents (python train.py --config=... rebuilds them)
     config.model.name = "mlpnet"  # fully connected net
     config.model.bias = False  # no biases
     config.model.widths = (400, 200, 100)  # the paper's MNIST widths

@@ -45,7 +45,7 @@ _TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(training.TrainConfig) i
 
 # Allowed keys of each section (None: the top level); "fusion" is free-form here.
 SCHEMA: dict[str | None, tuple[str, ...]] = {
-    None: ("seed", "num_parents", "workdir", "model", "data", "train", "fusion"),
+    None: ("seed", "num_parents", "workdir", "parents_dir", "parent_widths", "model", "data", "train", "fusion"),
     "model": ("name", "bias", "norm", "width", "widths"),
     "data": ("name", "source", "data_dir", "pad_to", "max_train", "max_test", "seed"),
     "train": _TRAIN_FIELDS,
@@ -147,27 +147,34 @@ def train_config_from(config: Any, seed: int | None = None) -> training.TrainCon
         raise ValueError(f"bad config.train value: {e}".replace("TrainConfig.", "config.train.")) from None
 
 
-def model_options_from(config: Any) -> tuple[str, dict[str, Any]]:
+def model_options_from(config: Any, k: int | None = None) -> tuple[str, dict[str, Any]]:
     """The model name and the ``models.build`` options selected by ``config.model``.
 
     Args:
       config: The experiment config.
+      k: Parent index: its factor in ``config.parent_widths`` scales the widths
+        (mlpnet hidden widths, conv nets' width multiplier). None: factor 1.
 
     Returns:
       ``(name, options)``, e.g. ``("mlpnet", {"bias": False, "widths": [400, 200, 100]})``;
       options are JSON-friendly (lists, not tuples) for checkpoint metadata.
     """
-    model = to_dict(config)["model"]
+    cfg = to_dict(config)
+    model = cfg["model"]
     name = model["name"]
     keys = MODEL_OPTIONS.get(name, tuple(k for k in SCHEMA["model"] if k != "name"))
-    options = {k: model[k] for k in keys}
+    options = {key: model[key] for key in keys}
+    factors = tuple(cfg.get("parent_widths") or ())
+    factor = float(factors[k]) if k is not None and k < len(factors) else 1.0
     if "widths" in options:
-        options["widths"] = [int(w) for w in options["widths"]]
+        options["widths"] = [max(1, int(round(int(w) * factor))) for w in options["widths"]]
+    elif "width" in options:
+        options["width"] = float(options["width"]) * factor
     return name, options
 
 
 def model_from(
-    config: Any, input_shape: tuple[int, int, int], num_classes: int
+    config: Any, input_shape: tuple[int, int, int], num_classes: int, k: int | None = None
 ) -> tuple[nn.Module, spec_lib.AlignmentSpec]:
     """Builds the configured model.
 
@@ -175,11 +182,12 @@ def model_from(
       config: The experiment config.
       input_shape: (H, W, C) of one input (``dataset.input_shape``).
       num_classes: Number of classes.
+      k: Parent index (its width factor), see :func:`model_options_from`.
 
     Returns:
       ``(module, spec)`` from :func:`otfusion_jax.models.build`.
     """
-    name, options = model_options_from(config)
+    name, options = model_options_from(config, k)
     return models.build(name, input_shape=tuple(input_shape), num_classes=num_classes, **options)
 
 
@@ -231,10 +239,11 @@ def parent_seed(config: Any, k: int) -> int:
 
 
 def parents_dir(config: Any) -> str:
-    """``<workdir>/parents``."""
-    return os.path.join(os.fspath(to_dict(config)["workdir"]), "parents")
+    """``config.parents_dir``, or ``<workdir>/parents`` when it is None."""
+    cfg = to_dict(config)
+    return os.fspath(cfg.get("parents_dir") or os.path.join(os.fspath(cfg["workdir"]), "parents"))
 
 
 def parent_dir(config: Any, k: int) -> str:
-    """Checkpoint directory of parent ``k``: ``<workdir>/parents/parent_<k>``."""
+    """Checkpoint directory of parent ``k``: ``<parents_dir>/parent_<k>``."""
     return os.path.join(parents_dir(config), f"parent_{int(k)}")

@@ -29,6 +29,8 @@ __all__ = [
     "ensemble_metrics",
     "Parent",
     "run_fusion_table",
+    "interpolation_curve",
+    "mean_costs",
     "format_table",
 ]
 
@@ -53,13 +55,24 @@ def fusion_config_from(fusion_cfg: Mapping[str, Any], mode: str) -> fusion.Fusio
     return fusion.FusionConfig(mode=mode, **kwargs)
 
 
-def parse_methods(method: str | Sequence[str]) -> list[str]:
-    """``"ot-weights,ot-acts"`` -> ["ot-weights", "ot-acts"]; checks each name."""
+def parse_methods(method: str | Sequence[str]) -> list[tuple[str, str | None]]:
+    """``"ot-weights,ot-acts:sinkhorn"`` -> [("ot-weights", None), ("ot-acts", "sinkhorn")].
+
+    A ``:exact`` / ``:sinkhorn`` suffix overrides ``fusion.solver`` for that method.
+    """
     items = [m.strip() for m in (method.split(",") if isinstance(method, str) else method) if m.strip()]
-    bad = [m for m in items if m not in METHODS]
-    if bad or not items:
-        raise ValueError(f"fusion.method: unknown {bad or method!r}; choose from {', '.join(METHODS)}")
-    return items
+    out = []
+    for item in items:
+        name, _, solver = item.partition(":")
+        if name not in METHODS or (solver and solver not in ("exact", "sinkhorn")):
+            raise ValueError(
+                f"fusion.method: unknown {item!r}; choose from {', '.join(METHODS)} "
+                "(OT methods may end in :exact or :sinkhorn)"
+            )
+        out.append((name, solver or None))
+    if not out:
+        raise ValueError("fusion.method is empty")
+    return out
 
 
 def sample_inputs(x: np.ndarray, num: int, seed: int) -> np.ndarray:
@@ -82,12 +95,26 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def interpolation_curve(
+    module: nn.Module, a: Mapping[str, Any], b: Mapping[str, Any], x: np.ndarray, y: np.ndarray, num: int = 11
+) -> dict[str, list[float]]:
+    """Test loss and accuracy of (1 - t) a + t b for ``num`` values of t in [0, 1] (the barrier)."""
+    ts = np.linspace(0.0, 1.0, num)
+    losses, accs = [], []
+    for t in ts:
+        m = training.evaluate(module, fusion.vanilla_average([a, b], [1.0 - t, t]), x, y)
+        losses.append(m["loss"])
+        accs.append(m["accuracy"])
+    return {"t": ts.tolist(), "loss": losses, "accuracy": accs}
+
+
 def run_fusion_table(
     parents: Sequence[Parent],
     spec: spec_lib.AlignmentSpec,
     dataset: data_lib.Dataset,
     fusion_cfg: Mapping[str, Any],
     *,
+    finetune: training.TrainConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Evaluates every parent, the baselines and each OT fusion method on the test set.
@@ -96,31 +123,48 @@ def run_fusion_table(
       parents: K parents; the fused model takes the architecture of parent
         ``fusion_cfg["target"]`` (default the last).
       spec: their alignment spec.
-      dataset: test data for evaluation, train data for samples.
+      dataset: test data for evaluation, train data for samples and fine-tuning.
       fusion_cfg: the config's ``fusion`` section: ``method`` (comma list of
-        METHODS), FusionConfig fields, ``num_samples``, ``acts_kind``,
-        ``sample_seed``, ``bn_stats`` ("align" | "recompute").
+        METHODS, OT methods optionally suffixed ``:exact``/``:sinkhorn``),
+        FusionConfig fields, ``num_samples``, ``acts_kind``, ``sample_seed``,
+        ``bn_stats`` ("align" | "recompute").
+      finetune: if given (epochs > 0), vanilla averaging and each OT fusion are
+        also fine-tuned with it and evaluated again ("+ fine-tune" rows).
       progress: called with a short status line before each step.
 
     Returns:
       (rows, fused) where rows are ``{"method", "accuracy", "loss", "seconds",
-      "compile_seconds", ...}`` dicts in table order and ``fused`` maps an OT
-      method to ``{"variables", "aux"}``.
+      "compile_seconds", ...}`` dicts in table order and ``fused`` maps each OT
+      method label to ``{"variables", "aux", "label"}``.
     """
     say = progress or (lambda _msg: None)
     methods = parse_methods(fusion_cfg.get("method", "ot-weights"))
+    bn_stats = fusion_cfg.get("bn_stats", "align")
+    if bn_stats not in ("align", "recompute"):
+        raise ValueError(f"fusion.bn_stats must be 'align' or 'recompute', got {bn_stats!r}")
     x_test, y_test = dataset.x_test, dataset.y_test
     target = fusion_cfg.get("target", -1) % len(parents)
     t_module = parents[target].module
     samples = sample_inputs(dataset.x_train, fusion_cfg.get("num_samples", 200), fusion_cfg.get("sample_seed", 0))
-    recompute_bn = fusion_cfg.get("bn_stats", "align") == "recompute"
-    if fusion_cfg.get("bn_stats", "align") not in ("align", "recompute"):
-        raise ValueError(f"fusion.bn_stats must be 'align' or 'recompute', got {fusion_cfg['bn_stats']!r}")
 
     def finish(variables):
-        return models.recompute_batch_stats(t_module, variables, samples) if recompute_bn else variables
+        return models.recompute_batch_stats(t_module, variables, samples) if bn_stats == "recompute" else variables
 
     rows: list[dict[str, Any]] = []
+
+    def add(label, variables, **extra):
+        rows.append({"method": label, **training.evaluate(t_module, variables, x_test, y_test), **extra})
+        if finetune is not None and finetune.epochs > 0:
+            say(f"fine-tuning {label} for {finetune.epochs} epoch(s)")
+            tuned, secs = _timed(lambda: training.train(t_module, variables, dataset, finetune, progress=False)[0])
+            rows.append(
+                {
+                    "method": f"{label} + fine-tune ({finetune.epochs} ep)",
+                    **training.evaluate(t_module, tuned, x_test, y_test),
+                    "finetune_seconds": secs,
+                }
+            )
+
     for p in parents:
         say(f"evaluating {p.name}")
         rows.append({"method": p.name, **training.evaluate(p.module, p.variables, x_test, y_test)})
@@ -128,32 +172,28 @@ def run_fusion_table(
     # fusion.method are accepted for clarity; they change nothing).
     say("evaluating the prediction ensemble")
     rows.append({"method": "ensemble (mean softmax)", **ensemble_metrics(parents, x_test, y_test)})
-    shapes = {jax.tree_util.tree_structure(p.variables) for p in parents}
-    same = len(shapes) == 1 and all(
-        jax.tree_util.tree_map(jnp.shape, p.variables) == jax.tree_util.tree_map(jnp.shape, parents[0].variables)
-        for p in parents
-    )
+    shapes = [jax.tree_util.tree_map(jnp.shape, p.variables) for p in parents]
     say("vanilla averaging")
-    if same:
+    if all(s == shapes[0] for s in shapes):
         avg, secs = _timed(lambda: finish(fusion.vanilla_average([p.variables for p in parents])))
-        rows.append({"method": "vanilla averaging", **training.evaluate(t_module, avg, x_test, y_test), "seconds": secs})
+        add("vanilla averaging", avg, seconds=secs)
     else:
         rows.append({"method": "vanilla averaging", "accuracy": None, "loss": None, "note": "parents differ in width"})
 
     fused_out: dict[str, dict[str, Any]] = {}
-    for method in [m for m in methods if m.startswith("ot-")]:
+    for method, solver in [m for m in methods if m[0].startswith("ot-")]:
         mode = "weights" if method == "ot-weights" else "activations"
         cfg = fusion_config_from(fusion_cfg, mode)
+        if solver is not None:
+            cfg = dataclasses.replace(cfg, solver=solver)
         say(f"OT fusion by {mode} ({cfg.solver})")
         variables = [p.variables for p in parents]
 
         def run_once():
             acts = None
             if mode == "activations":
-                acts = [
-                    models.capture_activations(p.module, p.variables, jnp.asarray(samples), fusion_cfg.get("acts_kind", "pre"))
-                    for p in parents
-                ]
+                kind = fusion_cfg.get("acts_kind", "pre")
+                acts = [models.capture_activations(p.module, p.variables, jnp.asarray(samples), kind) for p in parents]
             return fusion.fuse(variables, spec, cfg, activations=acts)
 
         _, first = _timed(run_once)  # compiles
@@ -161,21 +201,19 @@ def run_fusion_table(
         messages = fusion.warn_unconverged(aux, cfg.sinkhorn_threshold) if cfg.solver == "sinkhorn" else []
         fused = finish(fused)
         label = f"OT fusion ({mode}, {cfg.solver})"
-        rows.append(
-            {
-                "method": label,
-                **training.evaluate(t_module, fused, x_test, y_test),
-                "seconds": secs,
-                "compile_seconds": max(first - secs, 0.0),
-                "warnings": messages,
-                "ot_cost": _mean_costs(aux),
-            }
+        add(
+            label,
+            fused,
+            seconds=secs,
+            compile_seconds=max(first - secs, 0.0),
+            warnings=messages,
+            ot_cost=mean_costs(aux),
         )
-        fused_out[method] = {"variables": fused, "aux": aux, "label": label}
+        fused_out[label] = {"variables": fused, "aux": aux, "label": label, "method": method, "solver": cfg.solver}
     return rows, fused_out
 
 
-def _mean_costs(aux: fusion.FusionAux) -> dict[str, float]:
+def mean_costs(aux: fusion.FusionAux) -> dict[str, float]:
     """Per plan, the transport cost averaged over the non-target parents."""
     infos = [info for info in aux.info if info is not None]
     return {name: float(np.mean([float(info[name].cost) for info in infos])) for name in infos[0]}

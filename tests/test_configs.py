@@ -189,7 +189,7 @@ def _run_train(*args: str, cwd) -> subprocess.CompletedProcess:
 
 def test_train_py_end_to_end(tmp_path):
     workdir = tmp_path / "run"
-    args = [f"--config.workdir={workdir}", "--config.train.epochs=1", "--config.num_parents=2", "--noprogress"]
+    args = [f"--config.workdir={workdir}", f"--config.parents_dir={workdir / 'parents'}", "--config.train.epochs=1", "--config.num_parents=2", "--noprogress"]
     proc = _run_train(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     accuracies = []
@@ -233,7 +233,9 @@ def test_train_py_end_to_end(tmp_path):
     ],
 )
 def test_train_py_reports_bad_input_in_one_line(tmp_path, args, needle):
-    proc = _run_train(f"--config.workdir={tmp_path / 'run'}", *args, cwd=tmp_path)
+    proc = _run_train(
+        f"--config.workdir={tmp_path / 'run'}", f"--config.parents_dir={tmp_path / 'run' / 'parents'}", *args, cwd=tmp_path
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]

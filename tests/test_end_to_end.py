@@ -27,6 +27,7 @@ def digits_parents(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     with config.unlocked():
         config.workdir = workdir
+        config.parents_dir = os.path.join(workdir, "parents")
         config.train.epochs = 6
     dataset = configs_util.load_data(config)
     module, spec = configs_util.model_from(config, dataset.input_shape, dataset.num_classes)
@@ -68,7 +69,7 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     config, *_ = digits_parents
     out = tmp_path / "out"
     cmd = [
-        sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}",
+        sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}", f"--config.parents_dir={config.parents_dir}",
         f"--out={out}", "--config.fusion.method=ot-weights", "--config.fusion.solver=sinkhorn",
         "--config.fusion.normalize_cost=mean", "--config.fusion.epsilon=0.05", "--save_fused", "--noprogress",
     ]
@@ -96,7 +97,7 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
 )
 def test_fuse_script_bad_input_is_one_clear_line(digits_parents, tmp_path, args, message):
     config, *_ = digits_parents
-    cmd = [sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}", f"--out={tmp_path}", *args]
+    cmd = [sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}", f"--config.parents_dir={config.parents_dir}", f"--out={tmp_path}", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
