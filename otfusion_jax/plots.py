@@ -78,7 +78,7 @@ def ot_cost_plot(path: str, costs: Mapping[str, Mapping[str, float]], title: str
         ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("transport cost <T, C>")
     ax.set_yscale("symlog", linthresh=1e-3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax.set_title(title or "OT cost per layer")
     out = _save(fig, path)
     plt.close(fig)

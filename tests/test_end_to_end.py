@@ -62,7 +62,7 @@ def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
     assert weights > vanilla + 0.02, rows
     assert acts > vanilla + 0.2, rows
     assert acts > 0.85, rows
-    assert set(fused) == {"ot-weights", "ot-acts"}
+    assert set(fused) == {"OT fusion (weights, exact)", "OT fusion (activations, exact)"}
 
 
 def test_fuse_script_end_to_end(digits_parents, tmp_path):
@@ -76,13 +76,19 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    methods = [r["method"] for r in results["rows"]]
+    methods = [r["method"] for r in results["tables"][0]["rows"]]
     assert methods[:2] == ["parent 0 (seed 0)", "parent 1 (seed 1)"]
     assert "OT fusion (weights, sinkhorn)" in methods and "vanilla averaging" in methods
     assert "| OT fusion (weights, sinkhorn) |" in (out / "results.md").read_text()
     assert "| OT fusion (weights, sinkhorn) |" in proc.stdout
-    fused_vars, meta = checkpoints.load(str(out / "fused_ot-weights"))
-    assert meta["method"] == "ot-weights"
+    fused_vars, meta = checkpoints.load(str(out / "fused_ot-weights_sinkhorn"))
+    assert meta["method"] == "OT fusion (weights, sinkhorn)"
+    for png in ("accuracy.png", "barrier.png", "ot_cost.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    barrier = results["barrier"]
+    # aligned parent A is the same function as A: its end of the curve equals parent 0's accuracy
+    after = barrier["after OT alignment (weights, exact)"]
+    assert abs(after["accuracy"][0] - barrier["plain (no alignment)"]["accuracy"][0]) < 1e-9
     assert not [p for p in os.listdir(out) if ".tmp" in p]
 
 
