@@ -5,7 +5,19 @@
 >>> fused, aux = otf.fuse([vars_a, vars_b], spec, otf.FusionConfig(mode="weights", solver="exact"))
 """
 
-from otfusion_jax import checkpoints, configs_util, data, io_utils, models, ot, spec, training
+from otfusion_jax import (
+    checkpoints,
+    configs_util,
+    data,
+    io_utils,
+    matching,
+    models,
+    ot,
+    repair,
+    sharding,
+    spec,
+    training,
+)
 from otfusion_jax.fusion import (
     FusionAux,
     FusionConfig,
@@ -18,6 +30,17 @@ from otfusion_jax.fusion import (
     vanilla_average,
     warn_unconverged,
 )
+from otfusion_jax.matching import (
+    MatchingInfo,
+    WeightMatchingAux,
+    apply_perms,
+    fuse_weight_matching,
+    matching_objective,
+    perms_to_plans,
+    plans_to_perms,
+    weight_matching,
+)
+from otfusion_jax.sharding import fuse_sharded, make_pair_mesh
 from otfusion_jax.spec import AlignmentSpec, LeafSpec, SpecError
 
 __all__ = [
@@ -26,6 +49,9 @@ __all__ = [
     "data",
     "io_utils",
     "training",
+    "matching",
+    "repair",
+    "sharding",
     "models",
     "ot",
     "spec",
@@ -42,5 +68,15 @@ __all__ = [
     "fuse",
     "vanilla_average",
     "warn_unconverged",
+    "MatchingInfo",
+    "WeightMatchingAux",
+    "apply_perms",
+    "fuse_weight_matching",
+    "matching_objective",
+    "perms_to_plans",
+    "plans_to_perms",
+    "weight_matching",
+    "fuse_sharded",
+    "make_pair_mesh",
 ]
 __version__ = "0.1.0"

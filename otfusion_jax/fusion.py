@@ -249,13 +249,19 @@ def _is_concrete(tree: Any) -> bool:
 # ----------------------------------------------------------------------------- plan algebra
 
 
-def _contract(x: jax.Array, plan: jax.Array, axis: int) -> jax.Array:
-    """Moves axis ``axis`` of x from source to target neurons: y[.., j, ..] = sum_i T[i, j] x[.., i, ..]."""
+def _contract(x: jax.Array, plan: jax.Array | ot.Permutation, axis: int) -> jax.Array:
+    """Moves axis ``axis`` of x from source to target neurons: y[.., j, ..] = sum_i T[i, j] x[.., i, ..].
+
+    A :class:`ot.Permutation` plan is applied as a gather.
+    """
+    if isinstance(plan, ot.Permutation):
+        y = jnp.take(x, plan.index, axis=axis)
+        return y if plan.scale == 1.0 else y * jnp.asarray(plan.scale, x.dtype)
     return jnp.moveaxis(jnp.tensordot(x, plan, axes=([axis], [0])), -1, axis)
 
 
 def _aligned_leaf(
-    leaf: jax.Array, ls: spec_lib.LeafSpec, plans: Mapping[str, jax.Array], axes: Sequence[int]
+    leaf: jax.Array, ls: spec_lib.LeafSpec, plans: Mapping[str, jax.Array | ot.Permutation], axes: Sequence[int]
 ) -> jax.Array:
     """Contracts the given axes of a leaf (read through its view) with their plans.
 
@@ -273,14 +279,19 @@ def _rows(x: jax.Array) -> jax.Array:
 
 
 def apply_plans(
-    parent: Variables, spec: spec_lib.AlignmentSpec, plans: Mapping[str, jax.Array], *, incoming: bool = True
+    parent: Variables,
+    spec: spec_lib.AlignmentSpec,
+    plans: Mapping[str, jax.Array | ot.Permutation],
+    *,
+    incoming: bool = True,
 ) -> dict[str, Any]:
     """Moves a parent into the target's neuron order and widths with corrected plans.
 
     Args:
       parent: Flax variables of the parent.
       spec: its alignment spec.
-      plans: plan name -> corrected plan (n_parent, n_target).
+      plans: plan name -> corrected plan (n_parent, n_target), or an
+        ``ot.Permutation`` (applied as a gather).
       incoming: also align input axes (past correction); False aligns only
         each leaf's output axis, as the original does without past correction.
 
@@ -336,7 +347,7 @@ def _act_rows(acts: Activations, plan: str, who: str) -> jax.Array:
 def _solve(cost, a, b, uniform: bool, config: FusionConfig):
     n, m = cost.shape
     if config.solver == "sinkhorn":
-        return ot.sinkhorn_plan(
+        plan, info = ot.sinkhorn_plan(
             cost,
             a,
             b,
@@ -347,10 +358,21 @@ def _solve(cost, a, b, uniform: bool, config: FusionConfig):
             implicit_diff=config.implicit_diff,
             tau=config.tau,
         )
-    if n == m and uniform and config.exact_backend == "device":
-        plan, _, info = ot.exact_assignment(cost)
-        return plan, info
-    return ot.exact_transport(cost, a, b)
+        return plan, None, info
+    if n == m and uniform:
+        solve = ot.exact_assignment if config.exact_backend == "device" else ot.exact_assignment_host
+        return solve(cost)
+    plan, info = ot.exact_transport(cost, a, b)
+    return plan, None, info
+
+
+def _permutation_scale(n: int, config: FusionConfig) -> float:
+    """The value a 1/n entry of a permutation plan takes after the correction."""
+    if not config.correction:
+        return 1.0 / n
+    if config.proper_marginals:
+        return (1.0 / n) / (1.0 / n + ot.CORRECTION_EPS)
+    return 1.0
 
 
 def align(
@@ -375,17 +397,19 @@ def align(
     """
     fa, fb = spec_lib.flatten_paths(parent), spec_lib.flatten_paths(target)
     dtype = jnp.result_type(*[x.dtype for x in fb.values()])
-    plans: dict[str, jax.Array] = {}
+    plans: dict[str, jax.Array] = {}  # dense corrected plans (returned)
+    moves: dict[str, jax.Array | ot.Permutation] = {}  # what is applied: a gather where the plan permutes
     infos: dict[str, ot.PlanInfo] = {}
     for name in spec.plans:
         roles = ("weight", "bias") if config.bias_in_cost else ("weight",)
-        wa = _neuron_rows(fa, spec, name, plans, roles)
+        wa = _neuron_rows(fa, spec, name, moves, roles)
         wb = _neuron_rows(fb, spec, name, None, roles)
         n, m = wa.shape[0], wb.shape[0]
         if name == spec.output_plan and not config.align_output:
             if n != m:
                 raise FusionError(f"layer {name!r}: align_output=False needs equal widths, got {n} and {m}")
             plans[name] = jnp.eye(n, dtype=dtype)
+            moves[name] = ot.Permutation(jnp.arange(n), 1.0)
             continue
         if config.mode == "activations":
             xa, xb = _act_rows(parent_acts, name, "parent"), _act_rows(target_acts, name, "target")
@@ -408,12 +432,13 @@ def align(
         else:
             a = jnp.full((n,), 1.0 / n, cost.dtype)
             b = jnp.full((m,), 1.0 / m, cost.dtype)
-        plan, info = _solve(cost, a, b, not use_importance, config)
+        plan, perm, info = _solve(cost, a, b, not use_importance, config)
         if config.correction:
             plan = ot.correct_plan(plan, proper_marginals=config.proper_marginals)
         plans[name] = plan.astype(dtype)
+        moves[name] = plans[name] if perm is None else ot.Permutation(perm, _permutation_scale(n, config))
         infos[name] = info
-    aligned = apply_plans(parent, spec, plans, incoming=config.past_correction)
+    aligned = apply_plans(parent, spec, moves, incoming=config.past_correction)
     return aligned, plans, infos
 
 

@@ -167,7 +167,12 @@ def test_validate_rejects_unknown_missing_and_bad_values():
 
 def test_parent_paths_and_seeds():
     config = _get("digits_mlpnet")
+    assert configs_util.parent_dir(config, 1) == os.path.join("checkpoints/digits_mlpnet", "parent_1")  # ready-made
+    with config.unlocked():
+        config.parents_dir = None
     assert configs_util.parent_dir(config, 1) == os.path.join("runs/digits_mlpnet", "parents", "parent_1")
+    name, options = configs_util.model_options_from({**configs_util.to_dict(config), "parent_widths": (1.0, 2.0)}, 1)
+    assert options["widths"] == [2 * w for w in config.model.widths]  # parent 1 at double width
     assert configs_util.parent_seed(config, 1) == config.seed + 1
     assert configs_util.data_kwargs_from(config)["name"] == "digits"
 

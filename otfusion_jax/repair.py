@@ -1,0 +1,290 @@
+"""REPAIR (Jordan et al., 2023, "REPAIR: REnormalizing Permuted Activations for Interpolation Repair").
+
+Averaging two aligned networks shrinks the variance of the hidden units'
+pre-activations ("variance collapse"), which is a large part of the accuracy a
+one-shot fusion loses. REPAIR measures, on a few samples ``x``, each hidden
+neuron's pre-activation mean and standard deviation in every aligned parent,
+interpolates them like the weights, and rescales and shifts the fused model's
+neurons so that its own pre-activation statistics on ``x`` equal those targets:
+
+    target_mean = (1 - alpha) * mean_a + alpha * mean_b    (K parents: weights w_k)
+    target_std  = (1 - alpha) * std_a  + alpha * std_b
+    pre'        = (pre - mean_fused) * target_std / std_fused + target_mean
+
+>>> fused, _ = otf.fuse([a, b], spec, cfg)
+>>> aligned_a = otf.apply_plans(a, spec, aux.plans[0])
+>>> repaired = repair(model, fused, [aligned_a, b], spec, x_train[:500])
+
+Two cases, chosen from the variables:
+
+* **No BatchNorm** (no ``batch_stats``): the affine correction is folded into
+  the layer producing the plan: its kernel's output columns are multiplied by
+  ``s = target_std / std_fused`` and its bias becomes
+  ``(bias - mean_fused) * s + target_mean``. This needs a bias on every
+  corrected layer: REPAIR of a bias-free model needs that model rebuilt with
+  ``bias=True`` (``models.build(name, bias=True, ...)`` gives the module and
+  spec) and its variables given zero biases (``add_zero_biases``), which
+  computes the same function. It also needs each corrected plan to be
+  produced by exactly one layer: residual streams of a ResNet without
+  BatchNorm (a sum of several layers' outputs) are refused. Layers are
+  corrected in the spec's (topological) order, each from the fused model's
+  statistics *after* the corrections upstream of it; a correction never
+  changes the statistics of the layers before it, so all corrected layers end
+  up matching their targets.
+* **BatchNorm models**: REPAIR amounts to resetting the running statistics
+  on ``x`` (``models.recompute_batch_stats``): each BatchNorm then
+  standardises its input over ``x`` and applies the fused (interpolated)
+  scale and bias, so its output's mean and std on ``x`` are the interpolated
+  parents' bias and |scale|: the parents' own statistics when their running
+  statistics describe ``x``. The parents are not needed in this case.
+
+The output (class) layer is left alone unless ``include_output``. Stds are
+biased (over the S samples, and space for conv layers); ``eps`` floors the
+fused std in the ratio. Identical parents and fused model are a fixed point
+(scale exactly 1, shift exactly 0 up to float rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from otfusion_jax import models
+from otfusion_jax import spec as spec_lib
+
+__all__ = [
+    "repair",
+    "preactivation_stats",
+    "target_stats",
+    "add_zero_biases",
+    "check_repairable",
+]
+
+Variables = Mapping[str, Any]
+
+
+def _stats(acts: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per-neuron mean and std over every axis but the last, all tensors pooled."""
+    x = jnp.concatenate([a.reshape(-1, a.shape[-1]) for a in acts], axis=0).astype(jnp.float32)
+    return jnp.mean(x, axis=0), jnp.std(x, axis=0)
+
+
+def preactivation_stats(module: nn.Module, variables: Variables, x: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Per-plan, per-neuron pre-activation (mean, std) of a model on samples ``x`` (eval mode).
+
+    Args:
+      module: a registered model (sows "pre" activations per plan).
+      variables: its variables.
+      x: (S, H, W, C) samples.
+
+    Returns:
+      plan name -> ((n,) mean, (n,) std), pooled over samples, space and the
+      several tensors of a residual stream (biased std).
+    """
+    return _preactivation_stats(dict(variables), x, module=module)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _preactivation_stats(variables, x, *, module):
+    acts = models.capture_activations(module, variables, x, "pre")
+    return {name: _stats(a) for name, a in acts.items()}
+
+
+def _interp_weights(k: int, alpha: float, weights: Sequence[float] | None) -> list[float]:
+    if weights is not None:
+        if len(weights) != k:
+            raise ValueError(f"weights has {len(weights)} entries for {k} parents")
+        total = float(sum(weights))
+        return [float(w) / total for w in weights]
+    if k == 2:
+        return [1.0 - float(alpha), float(alpha)]
+    return [1.0 / k] * k
+
+
+def target_stats(
+    module: nn.Module,
+    parents_aligned: Sequence[Variables],
+    x: jax.Array,
+    *,
+    alpha: float = 0.5,
+    weights: Sequence[float] | None = None,
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """The interpolated statistics REPAIR aims for: (1 - alpha) * stats_a + alpha * stats_b.
+
+    Args:
+      module: the model (parents aligned into the fused model's shapes).
+      parents_aligned: K aligned parents' variables.
+      x: (S, H, W, C) samples.
+      alpha: two parents: weight of the second (the target, as in
+        ``FusionConfig.ensemble_step``).
+      weights: K parents: interpolation weights (normalised); default 1/K (or
+        alpha for two).
+
+    Returns:
+      plan name -> ((n,) target mean, (n,) target std).
+    """
+    w = _interp_weights(len(parents_aligned), alpha, weights)
+    per = [preactivation_stats(module, p, x) for p in parents_aligned]
+    return {
+        name: (
+            sum(wk * s[name][0] for wk, s in zip(w, per)),
+            sum(wk * s[name][1] for wk, s in zip(w, per)),
+        )
+        for name in per[0]
+    }
+
+
+def _corrected_plans(spec: spec_lib.AlignmentSpec, include_output: bool) -> list[str]:
+    return [p for p in spec.plans if include_output or p != spec.output_plan]
+
+
+def check_repairable(
+    spec: spec_lib.AlignmentSpec, variables: Variables, include_output: bool = False
+) -> dict[str, tuple[str, str]]:
+    """Checks that REPAIR can fold its correction into the layers (no-BatchNorm case).
+
+    Args:
+      spec: the model's alignment spec.
+      variables: the fused variables.
+      include_output: also correct the output plan.
+
+    Returns:
+      plan name -> (kernel path, bias path) of the one layer producing it.
+
+    Raises:
+      ValueError: a plan produced by several layers (a residual stream) or by a
+        layer without a bias; the message says what to do.
+    """
+    flat = spec_lib.flatten_paths(variables)
+    layers = {}
+    for plan in _corrected_plans(spec, include_output):
+        kernels = spec.producers(plan, ("weight",))
+        biases = spec.producers(plan, ("bias",))
+        if len(kernels) != 1:
+            raise ValueError(
+                f"REPAIR without BatchNorm: plan {plan!r} is produced by {len(kernels)} layers "
+                f"({', '.join(kernels)}), a residual sum whose statistics no single layer sets; "
+                "use a model with BatchNorm (REPAIR then resets its statistics)"
+            )
+        if len(biases) != 1 or biases[0] not in flat:
+            raise ValueError(
+                f"REPAIR without BatchNorm needs a bias on the layer producing plan {plan!r} "
+                f"({kernels[0]}): rebuild the model with bias=True (models.build(..., bias=True)) "
+                "and give its variables zero biases with repair.add_zero_biases(variables, spec)"
+            )
+        layers[plan] = (kernels[0], biases[0])
+    return layers
+
+
+def add_zero_biases(variables: Variables, spec: spec_lib.AlignmentSpec) -> dict[str, Any]:
+    """Adds the zero biases a bias-free model's variables lack for ``spec`` (a with-bias spec).
+
+    The variables then compute the same function with the module built with
+    ``bias=True``, and REPAIR can shift their neurons.
+
+    Args:
+      variables: variables of the bias-free model.
+      spec: the alignment spec of the same model built with ``bias=True``.
+
+    Returns:
+      Variables with every leaf of ``spec`` (added biases are zeros).
+
+    Raises:
+      ValueError: a missing leaf that is not a bias, or a plan whose size
+        cannot be read from the present leaves.
+    """
+    flat = dict(spec_lib.flatten_paths(variables))
+    sizes: dict[str, tuple[int, Any]] = {}
+    lm = spec.leaf_map
+    for path, leaf in flat.items():
+        ls = lm.get(path)
+        if ls is None:
+            continue
+        view = spec_lib.view_shape(ls, leaf.shape, path)
+        for ax, name in enumerate(ls.axes):
+            if name is not None:
+                sizes.setdefault(name, (view[ax], leaf.dtype))
+    for path, ls in spec.leaves:
+        if path in flat:
+            continue
+        if ls.role != "bias":
+            raise ValueError(f"add_zero_biases: leaf {path} is missing and is not a bias")
+        name = ls.axes[-1]
+        if name not in sizes:
+            raise ValueError(f"add_zero_biases: no present leaf tells the size of plan {name!r} for {path}")
+        n, dtype = sizes[name]
+        flat[path] = jnp.zeros((n,), dtype)
+    try:
+        spec.check_variables(flat)
+    except spec_lib.SpecError as e:
+        raise ValueError(str(e)) from None
+    return spec_lib.unflatten_paths(flat)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "spec", "include_output", "eps"))
+def _repair_layers(fused, targets, x, *, module, spec, include_output, eps):
+    layers = check_repairable(spec, fused, include_output)
+    current = dict(fused)
+    for plan in _corrected_plans(spec, include_output):
+        kernel_path, bias_path = layers[plan]
+        acts = models.capture_activations(module, current, x, "pre")[plan]
+        if len(acts) != 1:
+            raise ValueError(f"REPAIR: plan {plan!r} has {len(acts)} pre-activation tensors, expected one")
+        mean_f, std_f = _stats(acts)
+        mean_t, std_t = targets[plan]
+        scale = std_t / jnp.maximum(std_f, eps)
+        flat = dict(spec_lib.flatten_paths(current))
+        kernel, bias = flat[kernel_path], flat[bias_path]
+        flat[kernel_path] = (kernel * scale.astype(kernel.dtype)).astype(kernel.dtype)
+        flat[bias_path] = ((bias - mean_f) * scale + mean_t).astype(bias.dtype)
+        current = spec_lib.unflatten_paths(flat)
+    return current
+
+
+def repair(
+    module: nn.Module,
+    fused: Variables,
+    parents_aligned: Sequence[Variables],
+    spec: spec_lib.AlignmentSpec,
+    x: jax.Array,
+    *,
+    alpha: float = 0.5,
+    weights: Sequence[float] | None = None,
+    eps: float = 1e-6,
+    include_output: bool = False,
+) -> dict[str, Any]:
+    """REPAIR of a fused model: its pre-activation statistics on ``x`` become the parents' interpolation.
+
+    Args:
+      module: the (fused) model; the aligned parents share its shapes.
+      fused: the fused variables (e.g. ``fusion.fuse`` or
+        ``matching.fuse_weight_matching`` output).
+      parents_aligned: the K parents aligned onto the fused model's neuron
+        order (the target parent as it is); unused with BatchNorm.
+      spec: the model's alignment spec.
+      x: (S, H, W, C) samples, e.g. a few hundred training images.
+      alpha: two parents: interpolation weight of the second (0.5: the mean).
+      weights: K parents: interpolation weights; default 1/K (alpha for two).
+      eps: floor on the fused model's std (a dead neuron's scale stays finite).
+      include_output: also correct the output (logit) layer.
+
+    Returns:
+      The repaired variables, same structure as ``fused``.
+
+    Raises:
+      ValueError: no BatchNorm and a corrected layer without bias or a plan
+        produced by several layers (see ``check_repairable``).
+    """
+    fused = dict(fused)
+    if "batch_stats" in fused:
+        return models.recompute_batch_stats(module, fused, x)
+    check_repairable(spec, fused, include_output)
+    if not parents_aligned:
+        raise ValueError("REPAIR needs the aligned parents (at least one)")
+    targets = target_stats(module, parents_aligned, x, alpha=alpha, weights=weights)
+    return _repair_layers(fused, targets, x, module=module, spec=spec, include_output=include_output, eps=float(eps))

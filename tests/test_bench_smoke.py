@@ -1,0 +1,75 @@
+"""bench/bench_fusion.py --quick runs end to end and writes its JSON (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench" / "bench_fusion.py"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    md = out.with_suffix(".md")
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--out", str(out), "--markdown", str(md)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
+    return proc, out, md
+
+
+def test_quick_exits_zero(quick_run):
+    proc, _, _ = quick_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_quick_writes_json_with_expected_keys(quick_run):
+    _, out, _ = quick_run
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    assert {"results", "device", "settings", "loadavg_start", "total_s"} <= set(report)
+    for key in ("cpu_model", "cpu_cores", "jax_backend", "jax_version", "device_kind"):
+        assert key in report["device"]
+    assert not list(out.parent.glob("*.tmp")), "temporary file left behind"
+    results = report["results"]
+    kinds = {r["kind"] for r in results}
+    assert {"pair", "reference", "vmap", "k_models"} <= kinds
+    for r in results:
+        assert "device" in r and r["device"]["jax_backend"], r
+        assert r["status"] in ("ok", "unsupported"), r
+    pairs = [r for r in results if r["kind"] == "pair"]
+    assert {r["model"] for r in pairs} == {"mlpnet", "vgg11", "resnet18"}
+    assert {r["mode"] for r in pairs} == {"weights", "activations"}
+    for r in pairs:
+        for key in ("solver", "compile_s", "fuse_ms", "check_ms", "rss_peak_mb", "timing"):
+            assert key in r, (key, r)
+        if r["mode"] == "activations":
+            assert "capture_ms" in r and r["samples"] > 0
+    refs = [r for r in results if r["kind"] == "reference"]
+    assert any(r["status"] == "unsupported" and r["model"] == "resnet18" for r in refs)
+    for r in (r for r in refs if r["status"] == "ok"):
+        assert r["ref_ms"] > 0 and r["speedup"], r
+        assert all(d < 1e-4 for d in r["max_abs_diff_vs_jax"].values()) or r["solver"].endswith("sinkhorn"), r
+    for r in (r for r in results if r["kind"] == "vmap"):
+        assert r["pairs_per_s"] > 0 and r["pairs"] >= 1
+    for r in (r for r in results if r["kind"] == "k_models"):
+        assert r["k"] >= 2 and r["fuse_ms"] > 0
+
+
+def test_quick_prints_markdown_table(quick_run):
+    proc, _, md = quick_run
+    assert "| model | mode | solver |" in proc.stdout
+    assert md.read_text().strip() in proc.stdout

@@ -1,0 +1,127 @@
+"""REPAIR: fixed point on identical parents, statistics matched to the interpolated targets, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import otfusion_jax as otf
+from otfusion_jax import matching, repair
+from otfusion_jax import spec as spec_lib
+from otfusion_jax.models import build, init, recompute_batch_stats
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SHAPE = (4, 4, 1)
+
+
+def _max_diff(a, b):
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    )
+
+
+def _mlp(bias=True, widths=(24, 16, 12)):
+    return build("mlpnet", input_shape=SHAPE, num_classes=5, widths=widths, bias=bias)
+
+
+def _samples(shape, n=256, seed=7):
+    return jax.random.normal(jax.random.key(seed), (n, *shape))
+
+
+def _assert_stats_match(model, repaired, parents_aligned, x, plans, alpha, mean_atol, std_rtol):
+    got = repair.preactivation_stats(model, repaired, x)
+    want = repair.target_stats(model, parents_aligned, x, alpha=alpha)
+    for name in plans:
+        scale = float(jnp.max(want[name][1]))
+        np.testing.assert_allclose(got[name][0], want[name][0], atol=mean_atol * scale, err_msg=name)
+        np.testing.assert_allclose(got[name][1], want[name][1], rtol=std_rtol, err_msg=name)
+
+
+def test_identical_parents_are_a_fixed_point_mlp():
+    model, spec = _mlp()
+    a = init(model, jax.random.key(0), SHAPE)
+    out = repair.repair(model, a, [a, a], spec, _samples(SHAPE))
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(a)
+    assert _max_diff(out, a) < 1e-5
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_mlp_statistics_match_the_interpolated_targets(alpha):
+    model, spec = _mlp()
+    a = init(model, jax.random.key(1), SHAPE)
+    b = init(model, jax.random.key(2), SHAPE)
+    x = _samples(SHAPE)
+    fused, aux = matching.fuse_weight_matching([a, b], spec, weights=[1 - alpha, alpha])
+    aligned = [matching.apply_perms(a, spec, aux.perms[0]), b]
+    hidden = [p for p in spec.plans if p != spec.output_plan]
+    before = repair.preactivation_stats(model, fused, x)
+    target = repair.target_stats(model, aligned, x, alpha=alpha)
+    assert any(float(jnp.max(jnp.abs(before[p][1] / target[p][1] - 1))) > 0.1 for p in hidden)  # collapse
+    out = repair.repair(model, fused, aligned, spec, x, alpha=alpha)
+    _assert_stats_match(model, out, aligned, x, hidden, alpha, mean_atol=1e-4, std_rtol=1e-4)
+    flat_out, flat_f = spec_lib.flatten_paths(out), spec_lib.flatten_paths(fused)
+    for path in ("params/fc4/kernel", "params/fc4/bias"):  # the output layer is left alone
+        np.testing.assert_array_equal(flat_out[path], flat_f[path])
+
+
+def test_include_output_corrects_the_logits_too():
+    model, spec = _mlp()
+    a, b = (init(model, jax.random.key(k), SHAPE) for k in (3, 4))
+    x = _samples(SHAPE)
+    fused = otf.vanilla_average([a, b])
+    out = repair.repair(model, fused, [a, b], spec, x, include_output=True)
+    _assert_stats_match(model, out, [a, b], x, spec.plans, 0.5, mean_atol=1e-4, std_rtol=1e-4)
+
+
+def test_bias_free_model_needs_biases_then_works():
+    model, spec = _mlp(bias=False)
+    model_b, spec_b = _mlp(bias=True)
+    a, b = (init(model, jax.random.key(k), SHAPE) for k in (5, 6))
+    x = _samples(SHAPE)
+    fused = otf.vanilla_average([a, b])
+    with pytest.raises(ValueError, match="add_zero_biases"):
+        repair.repair(model, fused, [a, b], spec, x)
+    fused_b, a_b, b_b = (repair.add_zero_biases(v, spec_b) for v in (fused, a, b))
+    np.testing.assert_allclose(model_b.apply(fused_b, x), model.apply(fused, x), atol=1e-6)
+    out = repair.repair(model_b, fused_b, [a_b, b_b], spec_b, x)
+    hidden = [p for p in spec_b.plans if p != spec_b.output_plan]
+    _assert_stats_match(model_b, out, [a_b, b_b], x, hidden, 0.5, mean_atol=1e-4, std_rtol=1e-4)
+
+
+def test_residual_streams_without_batchnorm_are_refused():
+    model, spec = build("resnet18", input_shape=(16, 16, 3), width=0.125, bias=True, norm=False)
+    shapes = jax.eval_shape(lambda: init(model, jax.random.key(0), (16, 16, 3)))
+    with pytest.raises(ValueError, match="residual"):
+        repair.check_repairable(spec, shapes)
+
+
+def _bn_parent(model, shape, seed, x):
+    """Random init with random positive BN scales and random BN biases, statistics computed on x."""
+    v = init(model, jax.random.key(seed), shape)
+    flat = spec_lib.flatten_paths(v)
+    rng = np.random.default_rng(seed)
+    for path in flat:
+        if path.startswith("params/bn") and path.endswith("/scale"):
+            flat[path] = jnp.asarray(rng.uniform(0.5, 2.0, flat[path].shape), jnp.float32)
+        elif path.startswith("params/bn") and path.endswith("/bias"):
+            flat[path] = jnp.asarray(rng.normal(0.0, 0.5, flat[path].shape), jnp.float32)
+    return recompute_batch_stats(model, spec_lib.unflatten_paths(flat), x)
+
+
+def test_batchnorm_model_identity_and_statistics():
+    """VGG11 with BN: REPAIR resets the statistics; BN outputs then have the interpolated mean/std."""
+    shape = (32, 32, 3)
+    model, spec = build("vgg11", input_shape=shape, width=0.125, bias=True, norm=True)
+    x = _samples(shape, n=64)
+    a, b = _bn_parent(model, shape, 0, x), _bn_parent(model, shape, 1, x)
+    # Identical pair: statistics already describe x, nothing changes.
+    assert _max_diff(repair.repair(model, a, [a, a], spec, x), a) < 1e-5
+    fused = otf.vanilla_average([a, b])
+    out = repair.repair(model, fused, [a, b], spec, x)
+    assert _max_diff(out["params"], fused["params"]) == 0.0
+    hidden = [p for p in spec.plans if p != spec.output_plan]
+    _assert_stats_match(model, out, [a, b], x, hidden, 0.5, mean_atol=1e-5, std_rtol=1e-3)
