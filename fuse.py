@@ -177,6 +177,8 @@ def main(argv: list[str]) -> None:
         tables.append({"parents": list(group), "title": title, "rows": rows})
         markdown.append(f"### {title}\n\n{table}\n")
         for label, item in fused.items():
+            if item["aux"] is None:  # weight matching / learned fusion: no OT costs
+                continue
             cost_curves[f"{label} [{','.join(map(str, group))}]"] = experiment.mean_costs(item["aux"])
         if barrier is None and len(group) == 2 and fused:
             barrier = _barrier(members, spec, dataset, fusion_cfg, say)

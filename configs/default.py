@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 1000  # batch size of the per-epoch test evaluation
 
     config.fusion = ml_collections.ConfigDict()  # read by fuse.py (otfusion_jax.FusionConfig fields)
-    config.fusion.method = "ot-weights,ot-acts"  # comma list of ot-weights | ot-acts | vanilla | ensemble
+    config.fusion.method = "ot-weights,ot-acts"  # comma list: ot-weights | ot-acts | wm | wm-refine | wm-soft | learned
+    config.fusion.repair = False  # also REPAIR each fused model (its "+ REPAIR" rows)
+    config.fusion.learn_steps = 60  # "learned": Adam steps through Sinkhorn
     config.fusion.solver = "exact"  # exact | sinkhorn
     config.fusion.exact_backend = "device"  # device (optax Hungarian) | host (scipy / POT callback)
     config.fusion.ground_metric = "euclidean"  # euclidean | cosine

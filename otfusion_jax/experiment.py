@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from otfusion_jax import data as data_lib
-from otfusion_jax import fusion, models, training
+from otfusion_jax import fusion, learned, matching, models, repair, training
 from otfusion_jax import spec as spec_lib
 
 __all__ = [
@@ -30,11 +30,21 @@ __all__ = [
     "Parent",
     "run_fusion_table",
     "interpolation_curve",
+    "repair_fused",
+    "METHOD_HELP",
     "mean_costs",
     "format_table",
 ]
 
-METHODS = ("ot-weights", "ot-acts", "vanilla", "ensemble")
+METHODS = ("ot-weights", "ot-acts", "wm", "wm-refine", "wm-soft", "learned", "vanilla", "ensemble")
+METHOD_HELP = {
+    "ot-weights": "OTFusion, costs between incoming weights",
+    "ot-acts": "OTFusion, costs between activations on num_samples training inputs",
+    "wm": "weight matching (Git Re-Basin): coordinate descent over all plans, Hungarian",
+    "wm-refine": "weight matching started from OTFusion's exact weight plans",
+    "wm-soft": "weight matching with Sinkhorn (soft) plans",
+    "learned": "OTFusion by weights with per-layer Sinkhorn epsilons and mixing weights fitted by gradient descent",
+}
 FUSION_FIELDS = tuple(f.name for f in dataclasses.fields(fusion.FusionConfig))
 
 
@@ -93,6 +103,45 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = jax.block_until_ready(fn())
     return out, time.perf_counter() - start
+
+
+def _aligned_parents(variables, spec, cfg, aux, target, epsilons=None):
+    """The parents in the target's neuron order (for REPAIR): the plans of ``aux``, or recomputed."""
+    out = []
+    for i, v in enumerate(variables):
+        if i == target:
+            out.append(v)
+        elif aux is not None:
+            out.append(fusion.apply_plans(v, spec, aux.plans[i], incoming=cfg.past_correction))
+        else:
+            eps = None if epsilons is None else {p: jnp.exp(e) for p, e in epsilons.items()}
+            out.append(fusion.align(v, variables[target], spec, cfg, epsilons=eps)[0])
+    return out
+
+
+def repair_fused(
+    module: nn.Module,
+    spec: spec_lib.AlignmentSpec,
+    fused: Mapping[str, Any],
+    aligned: Sequence[Mapping[str, Any]],
+    x: np.ndarray,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """REPAIR a fused model; a bias-free model without BatchNorm gets zero biases first.
+
+    Returns:
+      (the module to evaluate the result with, the repaired variables).
+    """
+    if "batch_stats" not in fused and any(ls.role == "weight" and not _has_bias(spec, p) for p, ls in spec.leaves):
+        spec_b = spec_lib.with_biases(spec)
+        module = module.clone(use_bias=True)
+        fused = repair.add_zero_biases(fused, spec_b)
+        aligned = [repair.add_zero_biases(a, spec_b) for a in aligned]
+        spec = spec_b
+    return module, repair.repair(module, fused, aligned, spec, jnp.asarray(x))
+
+
+def _has_bias(spec: spec_lib.AlignmentSpec, kernel_path: str) -> bool:
+    return kernel_path.rsplit("/", 1)[0] + "/bias" in spec.leaf_map
 
 
 def interpolation_curve(
@@ -181,35 +230,75 @@ def run_fusion_table(
         rows.append({"method": "vanilla averaging", "accuracy": None, "loss": None, "note": "parents differ in width"})
 
     fused_out: dict[str, dict[str, Any]] = {}
-    for method, solver in [m for m in methods if m[0].startswith("ot-")]:
-        mode = "weights" if method == "ot-weights" else "activations"
-        cfg = fusion_config_from(fusion_cfg, mode)
-        if solver is not None:
-            cfg = dataclasses.replace(cfg, solver=solver)
-        say(f"OT fusion by {mode} ({cfg.solver})")
-        variables = [p.variables for p in parents]
+    variables = [p.variables for p in parents]
+    use_repair = bool(fusion_cfg.get("repair", False))
 
-        def run_once():
-            acts = None
-            if mode == "activations":
-                kind = fusion_cfg.get("acts_kind", "pre")
-                acts = [models.capture_activations(p.module, p.variables, jnp.asarray(samples), kind) for p in parents]
-            return fusion.fuse(variables, spec, cfg, activations=acts)
-
-        _, first = _timed(run_once)  # compiles
-        (fused, aux), secs = _timed(run_once)
-        messages = fusion.warn_unconverged(aux, cfg.sinkhorn_threshold) if cfg.solver == "sinkhorn" else []
+    def record(label, method, solver, fused, aligned, secs, first, aux=None, **extra):
         fused = finish(fused)
-        label = f"OT fusion ({mode}, {cfg.solver})"
-        add(
-            label,
-            fused,
-            seconds=secs,
-            compile_seconds=max(first - secs, 0.0),
-            warnings=messages,
-            ot_cost=mean_costs(aux),
-        )
-        fused_out[label] = {"variables": fused, "aux": aux, "label": label, "method": method, "solver": cfg.solver}
+        add(label, fused, seconds=secs, compile_seconds=max(first - secs, 0.0), **extra)
+        fused_out[label] = {"variables": fused, "aux": aux, "label": label, "method": method, "solver": solver}
+        if use_repair:
+            say(f"REPAIR of {label}")
+            (module_r, repaired), rsecs = _timed(lambda: repair_fused(t_module, spec, fused, aligned, samples))
+            rows.append(
+                {"method": f"{label} + REPAIR", **training.evaluate(module_r, repaired, x_test, y_test), "seconds": secs + rsecs}
+            )
+
+    for method, solver in [m for m in methods if m[0] not in ("vanilla", "ensemble")]:
+        if method in ("ot-weights", "ot-acts"):
+            mode = "weights" if method == "ot-weights" else "activations"
+            cfg = fusion_config_from(fusion_cfg, mode)
+            if solver is not None:
+                cfg = dataclasses.replace(cfg, solver=solver)
+            say(f"OT fusion by {mode} ({cfg.solver})")
+
+            def run_once(cfg=cfg, mode=mode):
+                acts = None
+                if mode == "activations":
+                    kind = fusion_cfg.get("acts_kind", "pre")
+                    acts = [models.capture_activations(p.module, p.variables, jnp.asarray(samples), kind) for p in parents]
+                return fusion.fuse(variables, spec, cfg, activations=acts)
+
+            _, first = _timed(run_once)  # compiles
+            (fused, aux), secs = _timed(run_once)
+            messages = fusion.warn_unconverged(aux, cfg.sinkhorn_threshold) if cfg.solver == "sinkhorn" else []
+            aligned = _aligned_parents(variables, spec, cfg, aux, target)
+            record(
+                f"OT fusion ({mode}, {cfg.solver})", method, cfg.solver, fused, aligned, secs, first, aux,
+                warnings=messages, ot_cost=mean_costs(aux),
+            )
+        elif method.startswith("wm"):
+            say(f"weight matching ({method})")
+            init = None
+            if method == "wm-refine":
+                cfg = dataclasses.replace(fusion_config_from(fusion_cfg, "weights"), solver="exact")
+                _, ot_aux = fusion.fuse(variables, spec, cfg)
+                init = [None if pl is None else matching.plans_to_perms(pl) for pl in ot_aux.plans]
+            opts = {"soft": method == "wm-soft", "seed": int(fusion_cfg.get("sample_seed", 0))}
+
+            def run_wm(init=init, opts=opts):
+                return matching.fuse_weight_matching(variables, spec, target=target, init_plans=init, **opts)
+
+            _, first = _timed(run_wm)
+            (fused, wm_aux), secs = _timed(run_wm)
+            aligned = [
+                v if i == target else matching.apply_perms(v, spec, wm_aux.perms[i]) for i, v in enumerate(variables)
+            ]
+            label = {"wm": "weight matching", "wm-refine": "weight matching from OTFusion plans", "wm-soft": "soft weight matching"}[method]
+            record(label, method, "exact" if method != "wm-soft" else "sinkhorn", fused, aligned, secs, first)
+        elif method == "learned":
+            cfg = dataclasses.replace(fusion_config_from(fusion_cfg, "weights"), solver="sinkhorn", implicit_diff=False)
+            steps = int(fusion_cfg.get("learn_steps", 60))
+            say(f"learned fusion ({steps} Adam steps through Sinkhorn)")
+            (fused, params, hist), secs = _timed(
+                lambda: learned.learn_fusion(
+                    t_module, variables, spec, cfg, dataset.x_train, dataset.y_train, learned.LearnConfig(steps=steps)
+                )
+            )
+            eps = {p: float(jnp.exp(v)) for p, v in params["log_eps"].items()}
+            aligned = _aligned_parents(variables, spec, cfg, None, target, epsilons=params["log_eps"])
+            record("learned fusion (Sinkhorn eps + layer weights)", method, "sinkhorn", fused, aligned, secs, secs,
+                   learned_epsilon=eps, learn_loss=[hist[0], hist[-1]])
     return rows, fused_out
 
 
@@ -220,17 +309,28 @@ def mean_costs(aux: fusion.FusionAux) -> dict[str, float]:
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A Markdown table: method, test accuracy (%), test loss, time (s)."""
+    """A Markdown table: method, test accuracy (%), test loss, loss barrier, time (s).
+
+    The loss barrier of a fused model (the midpoint of its parents, once
+    aligned) is its test loss minus the parents' mean test loss.
+    """
 
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
 
-    lines = ["| method | test accuracy (%) | test loss | fusion time (s) |", "|---|---:|---:|---:|"]
+    parent_losses = [r["loss"] for r in rows if r["method"].startswith("parent") and r.get("loss") is not None]
+    base = float(np.mean(parent_losses)) if parent_losses else None
+    lines = [
+        "| method | test accuracy (%) | test loss | loss barrier | fusion time (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
         secs = r.get("seconds")
+        fused_row = not r["method"].startswith(("parent", "ensemble")) and "fine-tune" not in r["method"]
+        barrier = r["loss"] - base if fused_row and base is not None and r.get("loss") is not None else None
         lines.append(
             f"| {r['method']} | {fmt(acc, '.2f')} | {fmt(r.get('loss'), '.4f')} | "
-            f"{'' if secs is None else format(secs, '.3f')} |"
+            f"{'' if barrier is None else format(barrier, '.4f')} | {'' if secs is None else format(secs, '.3f')} |"
         )
     return "\n".join(lines)

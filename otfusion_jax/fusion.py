@@ -344,14 +344,14 @@ def _act_rows(acts: Activations, plan: str, who: str) -> jax.Array:
     return jnp.concatenate([_rows(jnp.asarray(a)) for a in acts[plan]], axis=1)
 
 
-def _solve(cost, a, b, uniform: bool, config: FusionConfig):
+def _solve(cost, a, b, uniform: bool, config: FusionConfig, epsilon: jax.Array | None = None):
     n, m = cost.shape
     if config.solver == "sinkhorn":
         plan, info = ot.sinkhorn_plan(
             cost,
             a,
             b,
-            epsilon=config.epsilon,
+            epsilon=config.epsilon if epsilon is None else epsilon,
             relative_epsilon=config.relative_epsilon,
             threshold=config.sinkhorn_threshold,
             max_iterations=config.sinkhorn_max_iterations,
@@ -383,6 +383,7 @@ def align(
     *,
     parent_acts: Activations | None = None,
     target_acts: Activations | None = None,
+    epsilons: Mapping[str, jax.Array] | None = None,
 ) -> tuple[dict[str, Any], dict[str, jax.Array], dict[str, ot.PlanInfo]]:
     """Aligns one parent onto the target: OTFusion's layer-by-layer plans.
 
@@ -391,6 +392,8 @@ def align(
       spec: the shared alignment spec.
       config: fusion options.
       parent_acts, target_acts: activation mode: plan name -> tuple of (S, ..., n) arrays.
+      epsilons: Sinkhorn: per-plan epsilon overriding ``config.epsilon`` (may be
+        traced: differentiable, see ``otfusion_jax.learned``).
 
     Returns:
       (aligned parent variables in the target's shapes, corrected plans, plan infos).
@@ -432,7 +435,8 @@ def align(
         else:
             a = jnp.full((n,), 1.0 / n, cost.dtype)
             b = jnp.full((m,), 1.0 / m, cost.dtype)
-        plan, perm, info = _solve(cost, a, b, not use_importance, config)
+        eps = None if epsilons is None else epsilons.get(name)
+        plan, perm, info = _solve(cost, a, b, not use_importance, config, eps)
         if config.correction:
             plan = ot.correct_plan(plan, proper_marginals=config.proper_marginals)
         plans[name] = plan.astype(dtype)
@@ -462,7 +466,7 @@ def _averaging_weights(k: int, t: int, config: FusionConfig, weights: jax.Array 
     return w / jnp.sum(w)
 
 
-def _fuse_impl(parents, spec, config, activations, weights):
+def _fuse_impl(parents, spec, config, activations, weights, epsilons=None):
     k = len(parents)
     t = config.target % k
     w = _averaging_weights(k, t, config, weights)
@@ -479,7 +483,9 @@ def _fuse_impl(parents, spec, config, activations, weights):
             infos.append(None)
             continue
         acts = (activations[i], activations[t]) if config.mode == "activations" else (None, None)
-        al, pl, inf = align(parent, parents[t], spec, config, parent_acts=acts[0], target_acts=acts[1])
+        al, pl, inf = align(
+            parent, parents[t], spec, config, parent_acts=acts[0], target_acts=acts[1], epsilons=epsilons
+        )
         aligned.append(al)
         plans.append(pl)
         infos.append(inf)
@@ -499,6 +505,7 @@ def fuse(
     *,
     activations: Sequence[Activations] | None = None,
     weights: jax.Array | None = None,
+    epsilons: Mapping[str, jax.Array] | None = None,
 ) -> tuple[dict[str, Any], FusionAux]:
     """Fuses K parents into the target's architecture with OTFusion.
 
@@ -515,6 +522,8 @@ def fuse(
         (``otfusion_jax.models.capture_activations``).
       weights: optional (K,) averaging weights (a traced array: differentiable);
         overrides ``config.weights`` and ``config.ensemble_step``.
+      epsilons: optional plan name -> Sinkhorn epsilon (traced: differentiable),
+        overriding ``config.epsilon`` for those plans.
 
     Returns:
       (fused variables with the target's shapes, FusionAux).
@@ -524,7 +533,8 @@ def fuse(
     if _is_concrete(parents):
         check_finite(parents)
     acts = None if activations is None else [dict(a) for a in activations]
-    return _fuse_jit(parents, spec, config, acts, weights)
+    eps = None if epsilons is None else dict(epsilons)
+    return _fuse_jit(parents, spec, config, acts, weights, eps)
 
 
 def vanilla_average(parents: Sequence[Variables], weights: Sequence[float] | None = None) -> dict[str, Any]:

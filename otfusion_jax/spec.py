@@ -33,6 +33,7 @@ __all__ = [
     "flatten_dense",
     "flatten_paths",
     "view_shape",
+    "with_biases",
     "unflatten_paths",
 ]
 
@@ -179,6 +180,16 @@ class AlignmentSpec:
                     )
                 sizes.setdefault(name, (view[ax], path))
         return {n: s for n, (s, _) in sizes.items()}
+
+
+def with_biases(spec: AlignmentSpec) -> AlignmentSpec:
+    """The same spec with a bias leaf ``<layer>/bias`` next to every weight leaf that lacks one."""
+    leaves = dict(spec.leaves)
+    for path, ls in spec.leaves:
+        bias = path.rsplit("/", 1)[0] + "/bias"
+        if ls.role == "weight" and bias not in leaves:
+            leaves[bias] = LeafSpec((ls.output_plan,), role="bias")
+    return AlignmentSpec.build(leaves, spec.plans, spec.output_plan)
 
 
 def _is_flat(tree: Any) -> bool:

@@ -1,0 +1,56 @@
+"""Learned fusion through Sinkhorn, and the 'beyond the original' rows of the experiment table."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import otfusion_jax as otf
+from configs import digits_mlpnet
+from otfusion_jax import checkpoints, configs_util, data, experiment, learned
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def shipped_digits():
+    """The ready-made digits parents in checkpoints/ (no training needed)."""
+    parents = []
+    for k in range(2):
+        variables, meta = checkpoints.load(os.path.join(ROOT, "checkpoints", "digits_mlpnet", f"parent_{k}"))
+        module, spec = configs_util.model_from_metadata(meta)
+        parents.append(experiment.Parent(f"parent {k}", module, variables))
+    return parents, spec, data.load("digits")
+
+
+def test_learned_fusion_lowers_the_training_loss(shipped_digits):
+    parents, spec, ds = shipped_digits
+    cfg = otf.FusionConfig(solver="sinkhorn", relative_epsilon="mean", epsilon=0.05)
+    fused, params, hist = learned.learn_fusion(
+        parents[1].module, [p.variables for p in parents], spec, cfg, ds.x_train, ds.y_train, learned.LearnConfig(steps=15)
+    )
+    assert np.all(np.isfinite(hist)) and hist[-1] < hist[0]
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(params))
+    # the per-layer epsilons moved (gradients reached them through Sinkhorn), except the class layer's (no plan)
+    moved = [p for p in spec.plans if abs(float(params["log_eps"][p]) - np.log(0.05)) > 1e-4]
+    assert set(moved) == set(spec.plans) - {spec.output_plan}
+    with pytest.raises(otf.FusionError, match="through Sinkhorn"):
+        learned.learn_fusion(parents[1].module, [p.variables for p in parents], spec, otf.FusionConfig(), ds.x_train, ds.y_train)
+
+
+def test_beyond_the_original_rows(shipped_digits):
+    parents, spec, ds = shipped_digits
+    fusion_cfg = dict(configs_util.to_dict(digits_mlpnet.get_config())["fusion"])
+    fusion_cfg.update(method="ot-acts,wm,wm-soft,learned", repair=True, learn_steps=5)
+    rows, fused = experiment.run_fusion_table(parents, spec, ds, fusion_cfg)
+    acc = {r["method"]: r["accuracy"] for r in rows}
+    for label in ("weight matching", "soft weight matching", "learned fusion (Sinkhorn eps + layer weights)"):
+        assert acc[label] > acc["vanilla averaging"] + 0.2, acc
+        assert f"{label} + REPAIR" in acc
+    assert acc["OT fusion (activations, exact) + REPAIR"] >= acc["OT fusion (activations, exact)"] - 0.01
+    table = experiment.format_table(rows)
+    assert "| weight matching + REPAIR |" in table and "loss barrier" in table
