@@ -298,7 +298,8 @@ def run_fusion_table(
             eps = {p: float(jnp.exp(v)) for p, v in params["log_eps"].items()}
             aligned = _aligned_parents(variables, spec, cfg, None, target, epsilons=params["log_eps"])
             record("learned fusion (Sinkhorn eps + layer weights)", method, "sinkhorn", fused, aligned, secs, secs,
-                   learned_epsilon=eps, learn_loss=[hist[0], hist[-1]])
+                   learned_epsilon=eps, learn_loss=[hist[0], hist[-1]],
+                   learned_weights={p: np.asarray(jax.nn.softmax(v)).tolist() for p, v in params["logits"].items()})
     return rows, fused_out
 
 
