@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.method = "ot-weights,ot-acts"  # comma list: ot-weights | ot-acts | wm | wm-refine | wm-soft | learned
     config.fusion.repair = False  # also REPAIR each fused model (its "+ REPAIR" rows)
     config.fusion.learn_steps = 60  # "learned": Adam steps through Sinkhorn
+    config.fusion.learn_weights = False  # "learned": also fit per-layer mixing weights (tends to pick one parent)
     config.fusion.solver = "exact"  # exact | sinkhorn
     config.fusion.exact_backend = "device"  # device (optax Hungarian) | host (scipy / POT callback)
     config.fusion.ground_metric = "euclidean"  # euclidean | cosine

@@ -292,12 +292,13 @@ def run_fusion_table(
             say(f"learned fusion ({steps} Adam steps through Sinkhorn)")
             (fused, params, hist), secs = _timed(
                 lambda: learned.learn_fusion(
-                    t_module, variables, spec, cfg, dataset.x_train, dataset.y_train, learned.LearnConfig(steps=steps)
+                    t_module, variables, spec, cfg, dataset.x_train, dataset.y_train, learned.LearnConfig(steps=steps, learn_weights=bool(fusion_cfg.get("learn_weights", False)))
                 )
             )
             eps = {p: float(jnp.exp(v)) for p, v in params["log_eps"].items()}
             aligned = _aligned_parents(variables, spec, cfg, None, target, epsilons=params["log_eps"])
-            record("learned fusion (Sinkhorn eps + layer weights)", method, "sinkhorn", fused, aligned, secs, secs,
+            what = "Sinkhorn eps + layer weights" if fusion_cfg.get("learn_weights", False) else "Sinkhorn eps"
+            record(f"learned fusion ({what})", method, "sinkhorn", fused, aligned, secs, secs,
                    learned_epsilon=eps, learn_loss=[hist[0], hist[-1]],
                    learned_weights={p: np.asarray(jax.nn.softmax(v)).tolist() for p, v in params["logits"].items()})
     return rows, fused_out
