@@ -284,3 +284,14 @@ def test_vanilla_average_is_the_plain_mean():
     _, _, c = _mlp((9,), bias=True)
     with pytest.raises(otf.FusionError, match="identical shapes"):
         otf.vanilla_average([a, c])
+
+
+def test_unbalanced_sinkhorn_relaxes_the_marginals():
+    model, spec, a, b = _noisy_permuted_pair((10,))
+    base = dict(solver="sinkhorn", relative_epsilon="mean", epsilon=0.05, correction=False)
+    _, bal = otf.fuse([a, b], spec, otf.FusionConfig(**base))
+    _, unb = otf.fuse([a, b], spec, otf.FusionConfig(**base, tau=0.5))
+    for name in bal.info[0]:  # the computed plans (the class layer keeps its order)
+        np.testing.assert_allclose(bal.plans[0][name].sum(0), 1 / 10, atol=2e-3)
+        assert float(jnp.abs(unb.plans[0][name].sum(0) - 1 / 10).max()) > 1e-3  # mass is no longer forced
+        assert bool(jnp.all(jnp.isfinite(unb.plans[0][name])))
