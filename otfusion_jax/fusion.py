@@ -210,16 +210,27 @@ def check_parents(
     return sizes
 
 
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 def check_finite(parents: Sequence[Variables]) -> None:
-    """Raises FusionError naming the first parent and leaf holding NaN or Inf (host-side)."""
+    """Raises FusionError naming the first parent and leaf holding NaN or Inf, or a non-float leaf.
+
+    The check runs where the arrays live; only one flag per leaf comes to the host.
+    """
     for k, parent in enumerate(parents):
-        for path, leaf in spec_lib.flatten_paths(parent).items():
-            arr = np.asarray(leaf)
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise FusionError(f"parent {k}: leaf {path} has non-float dtype {arr.dtype}")
-            if not np.all(np.isfinite(arr)):
-                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-                raise FusionError(f"parent {k}: leaf {path} has {bad} NaN/Inf values")
+        flat = spec_lib.flatten_paths(parent)
+        for path, leaf in flat.items():
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                raise FusionError(f"parent {k}: leaf {path} has non-float dtype {jnp.result_type(leaf)}")
+        flags = np.asarray(jax.device_get(_finite_flags(list(flat.values()))))
+        if not flags.all():
+            path = list(flat)[int(np.argmin(flags))]
+            arr = np.asarray(flat[path])
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise FusionError(f"parent {k}: leaf {path} has {bad} NaN/Inf values")
 
 
 def warn_unconverged(aux: FusionAux, threshold: float | None = None) -> list[str]:
