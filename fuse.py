@@ -61,6 +61,7 @@ def _load_parents(config, paths, fmt):
             pspec.check_variables(variables, what=f"checkpoint {path}")
         except spec_lib.SpecError as e:
             raise ValueError(str(e)) from None
+        _check_leaves_fit_model(path, module, meta, variables)
         if spec is not None and {p for p, _ in pspec.leaves} != {p for p, _ in spec.leaves}:
             raise ValueError(
                 f"checkpoint {path}: architecture {meta['model']['name']} {meta['model']['options']} "
@@ -71,6 +72,36 @@ def _load_parents(config, paths, fmt):
         parents.append(experiment.Parent(f"parent {k}" + (f" (seed {meta['seed']})" if "seed" in meta else ""), module, variables))
         metas.append({"path": os.path.abspath(path), "test_accuracy_at_training": acc, "model": meta.get("model")})
     return parents, spec, metas
+
+
+def _check_leaves_fit_model(path, module, meta, variables):
+    """Every leaf has the shape and dtype the model of the metadata creates, or a ValueError naming it."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from otfusion_jax import models, spec as spec_lib  # pylint: disable=import-outside-toplevel
+
+    try:
+        want = jax.eval_shape(lambda: models.init(module, jax.random.key(0), tuple(meta["model"]["input_shape"])))
+    except Exception as e:  # noqa: BLE001 - flax raises many types for a bad model description.
+        raise ValueError(f"checkpoint {path}: its metadata describes no buildable model: {type(e).__name__}: {e}") from None
+    want, have = spec_lib.flatten_paths(want), spec_lib.flatten_paths(variables)
+    for leaf, w in want.items():
+        h = have.get(leaf)
+        if h is None:
+            raise ValueError(f"checkpoint {path}: leaf {leaf} is missing (the model of its metadata has it)")
+        if tuple(h.shape) != tuple(w.shape) or h.dtype != w.dtype:
+            raise ValueError(
+                f"checkpoint {path}: leaf {leaf} is {h.dtype}{tuple(h.shape)} but the model of its metadata "
+                f"({meta['model']['name']} {meta['model']['options']}) expects {w.dtype}{tuple(w.shape)}"
+            )
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ValueError(f"checkpoint {path}: leaf {extra[0]} is not part of the model of its metadata")
+    for leaf, h in have.items():
+        bad = int(np.size(h) - np.count_nonzero(np.isfinite(h)))
+        if bad:
+            raise ValueError(f"checkpoint {path}: leaf {leaf} has {bad} NaN/Inf values")
 
 
 def _groups(spec_groups, k_total):
@@ -142,6 +173,14 @@ def main(argv: list[str]) -> None:
     try:
         parents, spec, metas = _load_parents(config, paths, _FORMAT.value)
         dataset = configs_util.load_data(config)
+        for m in metas:
+            model = m.get("model") or {}
+            if tuple(model.get("input_shape") or ()) != tuple(dataset.input_shape) or model.get("num_classes") != dataset.num_classes:
+                raise ValueError(
+                    f"checkpoint {m['path']}: trained on inputs {tuple(model.get('input_shape') or ())} with "
+                    f"{model.get('num_classes')} classes, but data {dataset.name} has {tuple(dataset.input_shape)} "
+                    f"with {dataset.num_classes} classes (pick the config the parents were trained with)"
+                )
     except (ImportError, ValueError, OSError, checkpoints.CheckpointError, data.DataSourceError) as e:
         usage_error(_PROG, e)
     say = (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)) if _PROGRESS.value else None
