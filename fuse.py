@@ -77,9 +77,9 @@ def _load_parents(config, paths, fmt):
 def _check_leaves_fit_model(path, module, meta, variables):
     """Every leaf has the shape and dtype the model of the metadata creates, or a ValueError naming it."""
     import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from otfusion_jax import models, spec as spec_lib  # pylint: disable=import-outside-toplevel
+    from otfusion_jax import fusion, models  # pylint: disable=import-outside-toplevel
+    from otfusion_jax import spec as spec_lib  # pylint: disable=import-outside-toplevel
 
     try:
         want = jax.eval_shape(lambda: models.init(module, jax.random.key(0), tuple(meta["model"]["input_shape"])))
@@ -98,10 +98,10 @@ def _check_leaves_fit_model(path, module, meta, variables):
     extra = sorted(set(have) - set(want))
     if extra:
         raise ValueError(f"checkpoint {path}: leaf {extra[0]} is not part of the model of its metadata")
-    for leaf, h in have.items():
-        bad = int(np.size(h) - np.count_nonzero(np.isfinite(h)))
-        if bad:
-            raise ValueError(f"checkpoint {path}: leaf {leaf} has {bad} NaN/Inf values")
+    try:
+        fusion.check_finite([variables])
+    except fusion.FusionError as e:
+        raise ValueError(f"checkpoint {path}: {str(e).removeprefix('parent 0: ')}") from None
 
 
 def _groups(spec_groups, k_total):
