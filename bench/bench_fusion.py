@@ -530,7 +530,7 @@ def bench_vmap(case: ModelCase, counts: Sequence[int], solvers: Sequence[str], a
                 with RSSMonitor() as mon:
                     compiled, comp_s = compile_jitted(jitted, pa, pb)
                     repeats = args.repeats if b <= 8 else max(2, args.repeats // 4)
-                    timing = time_calls(lambda: compiled(pa, pb), repeats, args.budget_s)
+                    timing = time_calls(lambda pa=pa, pb=pb: compiled(pa, pb), repeats, args.budget_s)
                 entry.update(
                     compile_s=round(comp_s, 3),
                     batch_ms=timing["median_ms"],
