@@ -1,20 +1,28 @@
-r"""Fuses K trained parents with OTFusion and prints one table with every baseline.
+r"""Fuses K trained parents and prints one table with every baseline and method.
 
 Rows: each parent, the prediction ensemble (mean softmax), vanilla averaging
-(plain weight mean), and OT fusion by weights and/or activations, with test
-accuracy, loss and fusion time. Writes <out>/results.json and <out>/results.md
-atomically, and optionally the fused checkpoint(s).
+(plain weight mean), and each method of --config.fusion.method:
+  ot-weights, ot-acts   OTFusion by weights / activations (":exact" or ":sinkhorn" overrides fusion.solver)
+  wm, wm-refine, wm-soft  weight matching (Git Re-Basin), from OTFusion's plans, with Sinkhorn plans
+  learned               OTFusion with per-layer Sinkhorn epsilons fitted through Sinkhorn
+with test accuracy, loss, loss barrier and fusion time; "+ REPAIR" rows with
+--config.fusion.repair=True and "+ fine-tune" rows with --config.fusion.finetune_epochs=N.
+One table per --config.fusion.groups entry (e.g. "0,1" and "0,1,2,3"). Writes
+<out>/results.json, <out>/results.md and PNG plots (accuracy, barrier, OT cost)
+atomically, and optionally the fused checkpoints.
 
-Parents come from <workdir>/parents/parent_<k> (written by train.py), or from
---parents=PATH,PATH,... (our checkpoints, or the original OTFusion's PyTorch
-checkpoints: .pth/.pt/.tar files, detected automatically or with --format=torch).
+Parents come from <parents_dir>/parent_<k> (written by train.py; ready-made ones
+in checkpoints/), or from --parents=PATH,PATH,... (our checkpoints, or the
+original OTFusion's PyTorch checkpoints, detected from their content or forced
+with --format=torch).
 
 Examples:
 
-  python fuse.py                                      # digits MLPNet parents from train.py
-  python fuse.py --config.fusion.method=ot-weights,ot-acts --config.fusion.solver=sinkhorn
+  python fuse.py                                      # the ready-made digits MLPNet parents
+  python fuse.py --config.fusion.method=ot-weights,ot-acts:sinkhorn,wm --config.fusion.repair=True
   python fuse.py --config=configs/fashion_mlpnet.py --config.fusion.num_samples=400
-  python fuse.py --parents=a.pth,b.pth --config=configs/mnist_mlpnet.py
+  python fuse.py --config=configs/fashion_mlpnet_experiment.py     # K=2, K=4, widths, fine-tuning
+  python fuse.py --parents=model_0/final.checkpoint,model_1/final.checkpoint --config=configs/mnist_mlpnet.py
 
 Any config field can be overridden with --config.<section>.<field>=<value>; an
 unknown field is an error. See configs/default.py for every fusion option.
