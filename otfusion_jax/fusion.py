@@ -33,7 +33,6 @@ Where we differ from the original on purpose (documented in README/docs):
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -558,4 +557,3 @@ def vanilla_average(parents: Sequence[Variables], weights: Sequence[float] | Non
     return jax.tree_util.tree_map(lambda *xs: sum(float(wi) * x for wi, x in zip(w, xs)), *[dict(p) for p in parents])
 
 
-del math
