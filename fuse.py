@@ -52,7 +52,7 @@ _SAVE = flags.DEFINE_bool("save_fused", False, "Also save each fused model as a 
 _PROGRESS = flags.DEFINE_bool("progress", True, "Print a status line before each step.")
 
 
-def _load_parents(config, paths, fmt):
+def _load_parents(paths, fmt):
     """Loads parent checkpoints -> (parents, spec, metadata list)."""
     from otfusion_jax import checkpoints, configs_util, experiment  # pylint: disable=import-outside-toplevel
     from otfusion_jax import spec as spec_lib  # pylint: disable=import-outside-toplevel
@@ -179,7 +179,7 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         usage_error(_PROG, f"cannot write to output directory {out_dir}: {e.strerror or e}")
     try:
-        parents, spec, metas = _load_parents(config, paths, _FORMAT.value)
+        parents, spec, metas = _load_parents(paths, _FORMAT.value)
         dataset = configs_util.load_data(config)
         for m in metas:
             model = m.get("model") or {}
@@ -208,7 +208,7 @@ def main(argv: list[str]) -> None:
         f"{len(parents)} parents ({metas[0]['model']['name']}), data {dataset.name}: {len(dataset.x_test)} test examples; "
         f"methods {fusion_cfg['method']}; device {jax.devices()[0].device_kind} ({jax.default_backend()})"
     )
-    tables, markdown, cost_curves = [], [], {}
+    tables, markdown, cost_curves, to_save = [], [], {}, []
     barrier = None
     for group in groups:
         members = [parents[i] for i in group]
@@ -223,6 +223,9 @@ def main(argv: list[str]) -> None:
         print(f"\n{title}\n\n{table}\n")
         tables.append({"parents": list(group), "title": title, "rows": rows})
         markdown.append(f"### {title}\n\n{table}\n")
+        target = group[fusion_cfg.get("target", -1) % len(group)]
+        suffix = "" if len(groups) == 1 else "_parents" + "-".join(map(str, group))
+        to_save += [(item, target, suffix) for item in fused.values()]
         for label, item in fused.items():
             if item["aux"] is None:  # weight matching / learned fusion: no OT costs
                 continue
@@ -248,9 +251,9 @@ def main(argv: list[str]) -> None:
         if barrier:
             plots.barrier_plot(os.path.join(out_dir, "barrier.png"), barrier, "parent A -> parent B, before and after OT alignment")
     if _SAVE.value:
-        for item in fused.values():
-            path = os.path.join(out_dir, "fused_" + item["method"] + "_" + item["solver"])
-            meta = {"kind": "fused", "method": item["label"], "model": metas[-1]["model"], "parents": metas, "config": config_dict}
+        for item, target, suffix in to_save:
+            path = os.path.join(out_dir, "fused_" + item["method"] + "_" + item["solver"] + suffix)
+            meta = {"kind": "fused", "method": item["label"], "model": metas[target]["model"], "parents": metas, "config": config_dict}
             checkpoints.save(path, item["variables"], meta)
             print(f"saved {item['label']} to {path}")
     print(f"\nresults: {os.path.join(out_dir, 'results.json')}")

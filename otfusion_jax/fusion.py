@@ -413,8 +413,8 @@ def align(
     plans: dict[str, jax.Array] = {}  # dense corrected plans (returned)
     moves: dict[str, jax.Array | ot.Permutation] = {}  # what is applied: a gather where the plan permutes
     infos: dict[str, ot.PlanInfo] = {}
+    roles = ("weight", "bias") if config.bias_in_cost else ("weight",)
     for name in spec.plans:
-        roles = ("weight", "bias") if config.bias_in_cost else ("weight",)
         wa = _neuron_rows(fa, spec, name, moves, roles)
         wb = _neuron_rows(fb, spec, name, None, roles)
         n, m = wa.shape[0], wb.shape[0]
@@ -476,6 +476,13 @@ def _averaging_weights(k: int, t: int, config: FusionConfig, weights: jax.Array 
     return w / jnp.sum(w)
 
 
+def _weighted_sum(aligned: Sequence[Variables], w: jax.Array) -> dict[str, Any]:
+    """Leaf-wise sum_k w[k] * aligned[k] (each weight cast to the leaf's dtype)."""
+    return jax.tree_util.tree_map(
+        lambda *xs: sum(wi.astype(x.dtype) * x for wi, x in zip(w, xs)), *[dict(a) for a in aligned]
+    )
+
+
 def _fuse_impl(parents, spec, config, activations, weights, epsilons=None):
     k = len(parents)
     t = config.target % k
@@ -499,10 +506,7 @@ def _fuse_impl(parents, spec, config, activations, weights, epsilons=None):
         aligned.append(al)
         plans.append(pl)
         infos.append(inf)
-    fused = jax.tree_util.tree_map(
-        lambda *xs: sum(wi.astype(x.dtype) * x for wi, x in zip(w, xs)), *[dict(a) for a in aligned]
-    )
-    return fused, FusionAux(tuple(plans), tuple(infos), w)
+    return _weighted_sum(aligned, w), FusionAux(tuple(plans), tuple(infos), w)
 
 
 _fuse_jit = jax.jit(_fuse_impl, static_argnums=(1, 2))

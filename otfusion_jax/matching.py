@@ -324,7 +324,7 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: _Optio
     vb = _viewed(spec_lib.flatten_paths(target), spec)
     perms = dict(init)
     if opts.soft:
-        perms = {k: jnp.eye(p.shape[0], dtype=jnp.float32)[:, p] for k, p in perms.items()}
+        perms = perms_to_plans(perms, jnp.float32)
     active = [p for p in spec.plans if opts.align_output or p != spec.output_plan]
     groups: dict[int, list[str]] = {}
     for name in active:
@@ -641,8 +641,7 @@ def _fuse_impl(parents, inits, key, w, epsilon, spec, opts: _Options, t: int):
             aligned.append(apply_perms(parent, spec, perms))
         all_perms.append(perms)
         infos.append(info)
-    fused = jax.tree_util.tree_map(lambda *xs: sum(wi.astype(x.dtype) * x for wi, x in zip(w, xs)), *aligned)
-    return fused, WeightMatchingAux(tuple(all_perms), tuple(infos), w)
+    return fusion._weighted_sum(aligned, w), WeightMatchingAux(tuple(all_perms), tuple(infos), w)
 
 
 _fuse_jit = jax.jit(_fuse_impl, static_argnums=(5, 6, 7))
