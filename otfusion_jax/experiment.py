@@ -105,18 +105,12 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def _aligned_parents(variables, spec, cfg, aux, target, epsilons=None):
-    """The parents in the target's neuron order (for REPAIR): the plans of ``aux``, or recomputed."""
-    out = []
-    for i, v in enumerate(variables):
-        if i == target:
-            out.append(v)
-        elif aux is not None:
-            out.append(fusion.apply_plans(v, spec, aux.plans[i], incoming=cfg.past_correction))
-        else:
-            eps = None if epsilons is None else {p: jnp.exp(e) for p, e in epsilons.items()}
-            out.append(fusion.align(v, variables[target], spec, cfg, epsilons=eps)[0])
-    return out
+def _aligned_parents(variables, spec, cfg, aux, target):
+    """The parents in the target's neuron order (for REPAIR), moved by the plans of ``aux``."""
+    return [
+        v if i == target else fusion.apply_plans(v, spec, aux.plans[i], incoming=cfg.past_correction)
+        for i, v in enumerate(variables)
+    ]
 
 
 def repair_fused(
@@ -296,7 +290,7 @@ def run_fusion_table(
                 )
             )
             eps = {p: float(jnp.exp(v)) for p, v in params["log_eps"].items()}
-            aligned = _aligned_parents(variables, spec, cfg, None, target, epsilons=params["log_eps"])
+            aligned = jax.jit(lambda p: learned.aligned_from_params(p, variables, spec, cfg))(params)
             what = "Sinkhorn eps + layer weights" if fusion_cfg.get("learn_weights", False) else "Sinkhorn eps"
             record(f"learned fusion ({what})", method, "sinkhorn", fused, aligned, secs, secs,
                    learned_epsilon=eps, learn_loss=[hist[0], hist[-1]],

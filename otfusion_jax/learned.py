@@ -30,7 +30,7 @@ import optax
 from otfusion_jax import fusion
 from otfusion_jax import spec as spec_lib
 
-__all__ = ["LearnConfig", "init_params", "fused_from_params", "learn_fusion"]
+__all__ = ["LearnConfig", "init_params", "aligned_from_params", "fused_from_params", "learn_fusion"]
 
 Params = dict[str, dict[str, jax.Array]]
 
@@ -64,6 +64,27 @@ def init_params(spec: spec_lib.AlignmentSpec, k: int, config: fusion.FusionConfi
     }
 
 
+def aligned_from_params(
+    params: Params,
+    parents: Sequence[Mapping[str, Any]],
+    spec: spec_lib.AlignmentSpec,
+    config: fusion.FusionConfig,
+    activations: Sequence[Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """The parents moved onto the target with the per-layer epsilons of ``params`` (the target as it is)."""
+    t = config.target % len(parents)
+    eps = {p: jnp.exp(v) for p, v in params["log_eps"].items()}
+    aligned = []
+    for i, parent in enumerate(parents):
+        if i == t:
+            aligned.append(dict(parent))
+            continue
+        acts = (activations[i], activations[t]) if config.mode == "activations" else (None, None)
+        al, _, _ = fusion.align(parent, parents[t], spec, config, parent_acts=acts[0], target_acts=acts[1], epsilons=eps)
+        aligned.append(al)
+    return aligned
+
+
 def fused_from_params(
     params: Params,
     parents: Sequence[Mapping[str, Any]],
@@ -72,16 +93,7 @@ def fused_from_params(
     activations: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The fused variables for ``params`` (differentiable in ``params``)."""
-    t = config.target % len(parents)
-    eps = {p: jnp.exp(v) for p, v in params["log_eps"].items()}
-    aligned = []
-    for i, parent in enumerate(parents):
-        if i == t:
-            aligned.append(spec_lib.flatten_paths(parent))
-            continue
-        acts = (activations[i], activations[t]) if config.mode == "activations" else (None, None)
-        al, _, _ = fusion.align(parent, parents[t], spec, config, parent_acts=acts[0], target_acts=acts[1], epsilons=eps)
-        aligned.append(spec_lib.flatten_paths(al))
+    aligned = [spec_lib.flatten_paths(a) for a in aligned_from_params(params, parents, spec, config, activations)]
     out = {}
     for path, ls in spec.leaves:
         plan = ls.output_plan
