@@ -130,23 +130,28 @@ def _groups(spec_groups, k_total):
 
 
 def _barrier(members, spec, dataset, fusion_cfg, say):
-    """Loss/accuracy along the line between two parents, before and after OT alignment (weights, exact)."""
+    """Loss/accuracy along the line between two parents, before and after OT alignment (weights, exact).
+
+    None for parents of different widths: no straight line joins them.
+    """
     import jax  # pylint: disable=import-outside-toplevel
 
     import otfusion_jax as otf  # pylint: disable=import-outside-toplevel
     from otfusion_jax import experiment  # pylint: disable=import-outside-toplevel
 
     a, b = members
+    if a.module != b.module:
+        return None
     if say:
         say("loss barrier between the two parents")
     x, y = dataset.x_test[:2000], dataset.y_test[:2000]
     cfg = experiment.fusion_config_from(fusion_cfg, "weights")
     align = jax.jit(otf.align, static_argnums=(2, 3))
     aligned, _, _ = align(a.variables, b.variables, spec, dataclasses.replace(cfg, solver="exact"))
-    curves = {"plain (no alignment)": experiment.interpolation_curve(b.module, a.variables, b.variables, x, y)}
-    if a.module == b.module:
-        curves["after OT alignment (weights, exact)"] = experiment.interpolation_curve(b.module, aligned, b.variables, x, y)
-    return curves
+    return {
+        "plain (no alignment)": experiment.interpolation_curve(b.module, a.variables, b.variables, x, y),
+        "after OT alignment (weights, exact)": experiment.interpolation_curve(b.module, aligned, b.variables, x, y),
+    }
 
 
 def main(argv: list[str]) -> None:
