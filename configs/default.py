@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.learn_steps = 60  # "learned": Adam steps through Sinkhorn
     config.fusion.learn_weights = False  # "learned": also fit per-layer mixing weights (tends to pick one parent)
     config.fusion.solver = "exact"  # exact | sinkhorn
-    config.fusion.exact_backend = "device"  # device (optax Hungarian) | host (scipy / POT callback)
+    config.fusion.exact_backend = "device"  # device (optax Hungarian) | auction (parallel, on device) | host (scipy callback)
+    config.fusion.auction_bidders = config_dict.placeholder(int)  # auction: rows bidding per round (None: 32 on CPU, all on GPU)
     config.fusion.ground_metric = "euclidean"  # euclidean | cosine
     config.fusion.squared = False  # squared euclidean (published commands: not squared)
     config.fusion.normalize_cost = "none"  # none | log | max | median | mean

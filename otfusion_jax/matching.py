@@ -36,7 +36,8 @@ on small random MLPs). On trained pairs neither start wins consistently.
 ``init_plans`` (e.g. OTFusion's plans: "refinement") replaces either start.
 
 Solvers: ``backend="device"`` uses optax's Hungarian (``ot.exact_assignment``,
-stays on the accelerator); ``"host"`` calls scipy's ``linear_sum_assignment``
+stays on the accelerator); ``"auction"`` the parallel auction
+(``ot.exact_assignment_auction``, also on device); ``"host"`` calls scipy's ``linear_sum_assignment``
 through ``jax.pure_callback`` (faster on a CPU, much cheaper to compile). Plans
 of equal width share one solver instance in the compiled graph.
 
@@ -258,6 +259,8 @@ def _assignment(s: jax.Array, backend: str) -> jax.Array:
     s = jax.lax.stop_gradient(s)
     if backend == "device":
         return ot.exact_assignment(-s)[1]
+    if backend == "auction":
+        return ot.exact_assignment_auction(-s)[1]
     return jax.pure_callback(
         _lsa_host, jax.ShapeDtypeStruct((s.shape[1],), jnp.int32), s, vmap_method="sequential"
     )
@@ -446,8 +449,8 @@ def _make_options(
     )
     if start not in ("greedy", "identity"):
         raise ValueError(f"start must be 'greedy' or 'identity', got {start!r}")
-    if opts.backend not in ("device", "host"):
-        raise ValueError(f"backend must be 'device' or 'host', got {backend!r}")
+    if opts.backend not in ("device", "auction", "host"):
+        raise ValueError(f"backend must be 'device', 'auction' or 'host', got {backend!r}")
     if opts.max_sweeps < 0:
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
     unknown = set(opts.roles) - set(spec_lib.ROLES)
@@ -499,7 +502,8 @@ def weight_matching(
       epsilon: soft only: entropic regularisation of Sinkhorn on ``-S / std(S)``.
       align_output: also match the output (class) plan.
       backend: the exact assignment solver: "device" (optax's Hungarian,
-        ``ot.exact_assignment``: jit/vmap-able, stays on the accelerator) or
+        ``ot.exact_assignment``: jit/vmap-able, stays on the accelerator),
+        "auction" (``ot.exact_assignment_auction``: on device, parallel rounds) or
         "host" (scipy's ``linear_sum_assignment`` through ``jax.pure_callback``:
         faster on a CPU and much cheaper to compile, one host round trip per
         plan update).

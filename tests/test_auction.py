@@ -1,0 +1,138 @@
+"""The auction assignment solver (``exact_assignment_auction``) against scipy, and as a fusion backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+import otfusion_jax as otf
+from otfusion_jax import matching, ot
+from otfusion_jax.models import build, init
+
+from fusion_helpers import max_abs_diff, permuted_copy
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+_auction = jax.jit(ot.exact_assignment_auction, static_argnames=("bidders", "theta", "slack", "max_rounds"))
+
+
+def _optimum(cost: np.ndarray) -> float:
+    rows, cols = linear_sum_assignment(cost.astype(np.float64))
+    return float(cost.astype(np.float64)[rows, cols].sum())
+
+
+def _total(cost: np.ndarray, perm) -> float:
+    perm = np.asarray(perm)
+    assert sorted(perm.tolist()) == list(range(cost.shape[0])), "not a permutation"
+    return float(cost.astype(np.float64)[perm, np.arange(cost.shape[0])].sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    top=st.integers(0, 60),
+    bidders=st.sampled_from([None, 1, 3, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_integer_costs_reach_scipys_optimum(n, top, bidders, seed):
+    """Small integer costs (many ties) are solved exactly: the rounding to the auction's grid is lossless."""
+    cost = np.random.default_rng(seed).integers(0, top + 1, (n, n)).astype(np.float32)
+    plan, perm, info = _auction(jnp.asarray(cost), bidders=bidders)
+    assert bool(info.converged)
+    assert _total(cost, perm) == _optimum(cost)
+    np.testing.assert_array_equal(np.asarray(plan), _plan(perm, n))
+    np.testing.assert_allclose(float(info.cost), _optimum(cost) / n, rtol=1e-6, atol=1e-6)
+
+
+def _plan(perm, n):
+    p = np.zeros((n, n), np.float32)
+    p[np.asarray(perm), np.arange(n)] = 1.0 / n
+    return p
+
+
+@pytest.mark.parametrize("n,d", [(50, 30), (200, 784), (300, 64)])
+def test_float_costs_match_scipy(n, d):
+    """Euclidean costs between random points (near-ties everywhere): the optimum, within the stated bound."""
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
+    cost = np.asarray(ot.pairwise_cost(jnp.asarray(x), jnp.asarray(y)))
+    _, perm, info = _auction(jnp.asarray(cost))
+    bound = n * float(cost.max() - cost.min()) / (2 * (ot.AUCTION_LEVELS // (n + 1)))
+    gap = _total(cost, perm) - _optimum(cost)
+    assert -1e-3 <= gap <= bound + 1e-3
+    rows, cols = linear_sum_assignment(cost)
+    np.testing.assert_array_equal(np.asarray(perm), rows[np.argsort(cols)])  # in practice: scipy's assignment
+    assert 0 < int(info.n_iters) < 100_000
+
+
+def test_vmap_equals_one_by_one_and_bidders_do_not_change_the_answer():
+    costs = jax.random.uniform(jax.random.key(0), (6, 40, 40))
+    batched = jax.vmap(lambda c: ot.exact_assignment_auction(c)[1])(costs)
+    for bidders in (1, 7, 40):
+        single = [_auction(c, bidders=bidders)[1] for c in costs]
+        np.testing.assert_array_equal(np.asarray(batched), np.stack(single))
+    for c, p in zip(np.asarray(costs), np.asarray(batched)):
+        assert abs(_total(c, p) - _optimum(c)) < 1e-4
+
+
+def test_out_of_rounds_still_gives_a_permutation_and_says_so():
+    cost = jax.random.uniform(jax.random.key(1), (30, 30))
+    plan, perm, info = _auction(cost, max_rounds=3)
+    assert not bool(info.converged) and int(info.n_iters) == 3
+    _total(np.asarray(cost), perm)
+    np.testing.assert_allclose(np.asarray(plan).sum(0), 1 / 30, rtol=1e-6)
+
+
+def test_constant_and_non_square_costs():
+    _, perm, info = ot.exact_assignment_auction(jnp.ones((5, 5)))
+    assert bool(info.converged) and sorted(np.asarray(perm).tolist()) == list(range(5))
+    with pytest.raises(ValueError, match=r"square cost, got shape \(4, 5\)"):
+        ot.exact_assignment_auction(jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match="bidders >= 1"):
+        ot.exact_assignment_auction(jnp.ones((4, 4)), bidders=0)
+
+
+def test_gradient_is_stopped_not_nan():
+    g = jax.grad(lambda c: ot.exact_assignment_auction(c)[2].cost)(jax.random.uniform(jax.random.key(2), (8, 8)))
+    assert np.isfinite(np.asarray(g)).all()
+
+
+@settings(max_examples=4, deadline=None)
+@given(widths=st.lists(st.integers(2, 24), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_auction_backend_recovers_a_permuted_copy(widths, seed):
+    model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=5, widths=tuple(widths), bias=True)
+    v = init(model, jax.random.key(seed), (4, 4, 1))
+    vp = permuted_copy(v, spec, seed + 1)
+    fused, aux = otf.fuse([vp, v], spec, otf.FusionConfig(exact_backend="auction"))
+    assert max_abs_diff(fused, v) == 0.0
+    assert all(bool(i.converged) for i in aux.info[0].values())
+
+
+@pytest.mark.parametrize("name,shape,opts", [("mlpnet", (6, 6, 1), dict(widths=(40, 20), bias=True)),
+                                             ("vgg11", (32, 32, 3), dict(width=0.125, bias=True, norm=True))])
+def test_auction_backend_fuses_like_scipy(name, shape, opts):
+    model, spec = build(name, input_shape=shape, num_classes=10, **opts)
+    a, b = (init(model, jax.random.key(s), shape) for s in (0, 1))
+    auction, _ = otf.fuse([a, b], spec, otf.FusionConfig(exact_backend="auction"))
+    host, _ = otf.fuse([a, b], spec, otf.FusionConfig(exact_backend="host"))
+    assert max_abs_diff(auction, host) < 1e-6
+
+
+def test_config_rejects_bad_bidders():
+    with pytest.raises(otf.FusionError, match="auction_bidders"):
+        otf.FusionConfig(exact_backend="auction", auction_bidders=0)
+
+
+def test_weight_matching_with_the_auction():
+    model, spec = build("mlpnet", input_shape=(6, 6, 1), num_classes=10, widths=(24, 12), bias=True)
+    a, b = (init(model, jax.random.key(s), (6, 6, 1)) for s in (3, 4))
+    host, info_h = matching.weight_matching(a, b, spec, seed=0, backend="host")
+    auc, info_a = matching.weight_matching(a, b, spec, seed=0, backend="auction")
+    for name in spec.plans:
+        np.testing.assert_array_equal(host[name], auc[name])
+    np.testing.assert_allclose(info_a.objective, info_h.objective, rtol=1e-6)
