@@ -12,8 +12,9 @@ ended by ``jax.block_until_ready``; the compile time is reported apart):
 * one pair, per model (MLPNet 784-400-200-100-10 no bias, VGG11 on 32x32x3,
   ResNet18 on 32x32x3 with BatchNorm), mode (weights, activations of
   ``--samples`` inputs; capturing them is timed apart) and solver
-  (``exact-device``: optax Hungarian on the device, ``exact-host``: scipy/POT
-  through a host callback, ``sinkhorn``: OTT-JAX). The jitted call is
+  (``exact-device``: optax Hungarian on the device, ``exact-auction``: the
+  parallel auction on the device, ``exact-host``: scipy/POT through a host
+  callback, ``sinkhorn``: OTT-JAX). The jitted call is
   ``jax.jit(lambda parents, acts: otf.fuse(parents, spec, config, ...))``:
   inside jit there are no host-side input checks; the checks that
   ``otf.fuse`` runs on concrete inputs (structure, NaN/Inf on the host) are
@@ -89,6 +90,7 @@ __all__ = ["main", "device_info", "run"]
 
 SOLVERS: dict[str, dict[str, Any]] = {
     "exact-device": dict(solver="exact", exact_backend="device"),
+    "exact-auction": dict(solver="exact", exact_backend="auction"),
     "exact-host": dict(solver="exact", exact_backend="host"),
     # Cost divided by its mean, epsilon 0.01 of that: the reference gets the same problem.
     "sinkhorn": dict(solver="sinkhorn", normalize_cost="mean", epsilon=0.01, sinkhorn_threshold=1e-3),

@@ -205,7 +205,7 @@ def exact_assignment_auction(
     n = 400); in the tests it finds scipy's optimum on every problem.
 
     Phases: epsilon starts at an eighth of the scaled cost range and is divided
-    by ``theta``; assignments that still satisfy epsilon-complementary slackness
+    by ``theta`` down to 1; assignments that still satisfy epsilon-complementary slackness
     are kept from one phase to the next, and intermediate phases end once all
     but ``slack * n`` rows are assigned (only the final phase must assign all).
 
@@ -237,18 +237,26 @@ def exact_assignment_auction(
     none = jnp.full((n,), -1, jnp.int32)
     allowed_free = int(slack * n)
 
+    # Epsilon of each phase: fixed by n and theta alone, so the phases are a
+    # fori_loop around a while_loop of bidding rounds. (A single while_loop
+    # with a lax.cond between "bid" and "next phase" would, under vmap, pay
+    # for both branches every round.)
+    eps_table, eps = [], max(levels * (n + 1) // 8, 1)
+    while True:
+        eps_table.append(eps)
+        if eps == 1:
+            break
+        eps = max(eps // theta, 1)
+    eps_table = jnp.asarray(eps_table, jnp.int32)
+    last_phase = eps_table.shape[0] - 1
+
     class State(NamedTuple):
-        eps: jax.Array  # current epsilon (integer)
         prices: jax.Array  # (n,) object prices
         owner: jax.Array  # (n,) row holding each column, -1 if free
         holds: jax.Array  # (n,) column held by each row, -1 if free
         rounds: jax.Array
 
-    def not_done(s: State) -> jax.Array:
-        return ~(jnp.all(s.holds >= 0) & (s.eps <= 1)) & (s.rounds < max_rounds)
-
-    def next_phase(s: State) -> State:
-        eps = jnp.maximum(s.eps // theta, 1)
+    def start_phase(s: State, eps: jax.Array) -> State:
         values = benefit - s.prices[None, :]
         best = jnp.max(values, axis=1)
         mine = jnp.take_along_axis(values, jnp.maximum(s.holds, 0)[:, None], axis=1)[:, 0]
@@ -256,9 +264,9 @@ def exact_assignment_auction(
         holds = jnp.where(keep, s.holds, -1)
         owner = none.at[jnp.where(keep, holds, n)].set(ar, mode="drop")
         # Prices only matter up to a constant: shifting keeps them far from int32 limits.
-        return State(eps, s.prices - jnp.min(s.prices), owner, holds, s.rounds + 1)
+        return State(s.prices - jnp.min(s.prices), owner, holds, s.rounds)
 
-    def bid(s: State) -> State:
+    def bid(s: State, eps: jax.Array) -> State:
         who = jnp.nonzero(s.holds < 0, size=k, fill_value=n)[0].astype(jnp.int32)
         valid = who < n
         values = benefit[jnp.minimum(who, n - 1)] - s.prices[None, :]  # (k, n)
@@ -266,7 +274,7 @@ def exact_assignment_auction(
         best = jnp.max(values, axis=1)
         second = jnp.max(jnp.where(ar[None, :] == target[:, None], _IMIN, values), axis=1)
         second = jnp.where(n > 1, second, best)
-        offer = jnp.where(valid, s.prices[target] + (best - second) + s.eps, _IMIN)
+        offer = jnp.where(valid, s.prices[target] + (best - second) + eps, _IMIN)
         top = jax.ops.segment_max(offer, target, num_segments=n)
         winner = jax.ops.segment_min(
             jnp.where(valid & (offer == top[target]), who, n), target, num_segments=n
@@ -274,14 +282,17 @@ def exact_assignment_auction(
         sold = winner < n
         holds = s.holds.at[jnp.where(sold & (s.owner >= 0), s.owner, n)].set(-1, mode="drop")
         holds = holds.at[jnp.where(sold, winner, n)].set(ar, mode="drop")
-        return State(s.eps, jnp.where(sold, top, s.prices), jnp.where(sold, winner, s.owner), holds, s.rounds + 1)
+        return State(jnp.where(sold, top, s.prices), jnp.where(sold, winner, s.owner), holds, s.rounds + 1)
 
-    def step(s: State) -> State:
-        phase_over = jnp.sum(s.holds < 0) <= jnp.where(s.eps > 1, allowed_free, 0)
-        return jax.lax.cond(phase_over, next_phase, bid, s)
+    def phase(p: jax.Array, s: State) -> State:
+        eps = eps_table[p]
+        may_leave = jnp.where(p == last_phase, 0, allowed_free)  # only the last phase assigns every row
+        s = start_phase(s, eps)
+        return jax.lax.while_loop(
+            lambda s: (jnp.sum(s.holds < 0) > may_leave) & (s.rounds < max_rounds), lambda s: bid(s, eps), s
+        )
 
-    eps0 = jnp.int32(max(levels * (n + 1) // 8, 1))
-    s = jax.lax.while_loop(not_done, step, State(eps0, jnp.zeros((n,), jnp.int32), none, none, jnp.int32(0)))
+    s = jax.lax.fori_loop(0, last_phase + 1, phase, State(jnp.zeros((n,), jnp.int32), none, none, jnp.int32(0)))
     converged = jnp.all(s.holds >= 0)
     # Out of rounds: pair the free columns with the free rows so the plan stays a permutation.
     free_cols = jnp.nonzero(s.owner < 0, size=n, fill_value=n)[0]
