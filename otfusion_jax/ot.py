@@ -8,11 +8,13 @@ neither OTT-JAX nor optax has an exact transport solver on device.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 from optax import assignment
 from ott.geometry import geometry
 from ott.problems.linear import linear_problem
@@ -233,22 +235,40 @@ def exact_assignment_auction(
     to_int = jnp.where(hi > lo, levels / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
     # Persons are the rows (source neurons), objects the columns (target neurons).
     benefit = -jnp.round((c - lo) * to_int).astype(jnp.int32) * (n + 1)
+    owner, holds, rounds = _auction_solver(n, k, theta, int(slack * n), max_rounds, levels)(benefit)
     ar = jnp.arange(n, dtype=jnp.int32)
-    none = jnp.full((n,), -1, jnp.int32)
-    allowed_free = int(slack * n)
+    converged = jnp.all(holds >= 0)
+    # Out of rounds: pair the free columns with the free rows so the plan stays a permutation.
+    free_cols = jnp.nonzero(owner < 0, size=n, fill_value=n)[0]
+    free_rows = jnp.nonzero(holds < 0, size=n, fill_value=n)[0].astype(jnp.int32)
+    perm = owner.at[free_cols].set(free_rows, mode="drop")
+    plan = jnp.zeros_like(cost).at[perm, ar].set(1.0 / n)
+    info = _exact_info(cost, plan)._replace(converged=converged, n_iters=rounds)
+    return plan, perm, info
+
+
+@functools.lru_cache(maxsize=None)
+def _auction_solver(n: int, k: int, theta: int, allowed_free: int, max_rounds: int, levels: int):
+    """The auction on integer benefits (n, n) -> (owner, holds, rounds), with a vmap rule.
+
+    Under ``vmap`` a batch of auctions runs its rounds in lockstep until the
+    slowest problem of each phase is done, and round counts are heavy-tailed
+    (a few problems need several times the median). Where a round's cost grows
+    with the batch, on a CPU, that is slower than solving the problems one
+    after the other (``bench/RESULTS.md``: 7-9x per pair at 64-256 MLPNet
+    pairs), so there the batch is solved by ``lax.map``; on accelerators a
+    batched round costs about as much as a single one and the batch runs in
+    lockstep.
+    """
 
     # Epsilon of each phase: fixed by n and theta alone, so the phases are a
     # fori_loop around a while_loop of bidding rounds. (A single while_loop
     # with a lax.cond between "bid" and "next phase" would, under vmap, pay
     # for both branches every round.)
-    eps_table, eps = [], max(levels * (n + 1) // 8, 1)
-    while True:
-        eps_table.append(eps)
-        if eps == 1:
-            break
-        eps = max(eps // theta, 1)
-    eps_table = jnp.asarray(eps_table, jnp.int32)
-    last_phase = eps_table.shape[0] - 1
+    eps_list = [max(levels * (n + 1) // 8, 1)]
+    while eps_list[-1] > 1:
+        eps_list.append(max(eps_list[-1] // theta, 1))
+    last_phase = len(eps_list) - 1
 
     class State(NamedTuple):
         prices: jax.Array  # (n,) object prices
@@ -256,51 +276,59 @@ def exact_assignment_auction(
         holds: jax.Array  # (n,) column held by each row, -1 if free
         rounds: jax.Array
 
-    def start_phase(s: State, eps: jax.Array) -> State:
-        values = benefit - s.prices[None, :]
-        best = jnp.max(values, axis=1)
-        mine = jnp.take_along_axis(values, jnp.maximum(s.holds, 0)[:, None], axis=1)[:, 0]
-        keep = (s.holds >= 0) & (mine >= best - eps)  # still eps-complementary slack
-        holds = jnp.where(keep, s.holds, -1)
-        owner = none.at[jnp.where(keep, holds, n)].set(ar, mode="drop")
-        # Prices only matter up to a constant: shifting keeps them far from int32 limits.
-        return State(s.prices - jnp.min(s.prices), owner, holds, s.rounds)
+    def solve(benefit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        ar = jnp.arange(n, dtype=jnp.int32)
+        none = jnp.full((n,), -1, jnp.int32)
+        eps_table = jnp.asarray(eps_list, jnp.int32)
 
-    def bid(s: State, eps: jax.Array) -> State:
-        who = jnp.nonzero(s.holds < 0, size=k, fill_value=n)[0].astype(jnp.int32)
-        valid = who < n
-        values = benefit[jnp.minimum(who, n - 1)] - s.prices[None, :]  # (k, n)
-        target = jnp.argmax(values, axis=1).astype(jnp.int32)
-        best = jnp.max(values, axis=1)
-        second = jnp.max(jnp.where(ar[None, :] == target[:, None], _IMIN, values), axis=1)
-        second = jnp.where(n > 1, second, best)
-        offer = jnp.where(valid, s.prices[target] + (best - second) + eps, _IMIN)
-        top = jax.ops.segment_max(offer, target, num_segments=n)
-        winner = jax.ops.segment_min(
-            jnp.where(valid & (offer == top[target]), who, n), target, num_segments=n
-        )  # lowest row among equal top offers
-        sold = winner < n
-        holds = s.holds.at[jnp.where(sold & (s.owner >= 0), s.owner, n)].set(-1, mode="drop")
-        holds = holds.at[jnp.where(sold, winner, n)].set(ar, mode="drop")
-        return State(jnp.where(sold, top, s.prices), jnp.where(sold, winner, s.owner), holds, s.rounds + 1)
+        def start_phase(s: State, eps: jax.Array) -> State:
+            values = benefit - s.prices[None, :]
+            best = jnp.max(values, axis=1)
+            mine = jnp.take_along_axis(values, jnp.maximum(s.holds, 0)[:, None], axis=1)[:, 0]
+            keep = (s.holds >= 0) & (mine >= best - eps)  # still eps-complementary slack
+            holds = jnp.where(keep, s.holds, -1)
+            owner = none.at[jnp.where(keep, holds, n)].set(ar, mode="drop")
+            # Prices only matter up to a constant: shifting keeps them far from int32 limits.
+            return State(s.prices - jnp.min(s.prices), owner, holds, s.rounds)
 
-    def phase(p: jax.Array, s: State) -> State:
-        eps = eps_table[p]
-        may_leave = jnp.where(p == last_phase, 0, allowed_free)  # only the last phase assigns every row
-        s = start_phase(s, eps)
-        return jax.lax.while_loop(
-            lambda s: (jnp.sum(s.holds < 0) > may_leave) & (s.rounds < max_rounds), lambda s: bid(s, eps), s
-        )
+        def bid(s: State, eps: jax.Array) -> State:
+            who = jnp.nonzero(s.holds < 0, size=k, fill_value=n)[0].astype(jnp.int32)
+            valid = who < n
+            values = benefit[jnp.minimum(who, n - 1)] - s.prices[None, :]  # (k, n)
+            target = jnp.argmax(values, axis=1).astype(jnp.int32)
+            best = jnp.max(values, axis=1)
+            second = jnp.max(jnp.where(ar[None, :] == target[:, None], _IMIN, values), axis=1)
+            second = jnp.where(n > 1, second, best)
+            offer = jnp.where(valid, s.prices[target] + (best - second) + eps, _IMIN)
+            top = jax.ops.segment_max(offer, target, num_segments=n)
+            winner = jax.ops.segment_min(
+                jnp.where(valid & (offer == top[target]), who, n), target, num_segments=n
+            )  # lowest row among equal top offers
+            sold = winner < n
+            holds = s.holds.at[jnp.where(sold & (s.owner >= 0), s.owner, n)].set(-1, mode="drop")
+            holds = holds.at[jnp.where(sold, winner, n)].set(ar, mode="drop")
+            return State(jnp.where(sold, top, s.prices), jnp.where(sold, winner, s.owner), holds, s.rounds + 1)
 
-    s = jax.lax.fori_loop(0, last_phase + 1, phase, State(jnp.zeros((n,), jnp.int32), none, none, jnp.int32(0)))
-    converged = jnp.all(s.holds >= 0)
-    # Out of rounds: pair the free columns with the free rows so the plan stays a permutation.
-    free_cols = jnp.nonzero(s.owner < 0, size=n, fill_value=n)[0]
-    free_rows = jnp.nonzero(s.holds < 0, size=n, fill_value=n)[0].astype(jnp.int32)
-    perm = s.owner.at[free_cols].set(free_rows, mode="drop")
-    plan = jnp.zeros_like(cost).at[perm, ar].set(1.0 / n)
-    info = _exact_info(cost, plan)._replace(converged=converged, n_iters=s.rounds)
-    return plan, perm, info
+        def phase(p: jax.Array, s: State) -> State:
+            eps = eps_table[p]
+            may_leave = jnp.where(p == last_phase, 0, allowed_free)  # only the last phase assigns every row
+            s = start_phase(s, eps)
+            return jax.lax.while_loop(
+                lambda s: (jnp.sum(s.holds < 0) > may_leave) & (s.rounds < max_rounds), lambda s: bid(s, eps), s
+            )
+
+        s = jax.lax.fori_loop(0, last_phase + 1, phase, State(jnp.zeros((n,), jnp.int32), none, none, jnp.int32(0)))
+        return s.owner, s.holds, s.rounds
+
+    batched = custom_batching.custom_vmap(solve)
+
+    @batched.def_vmap
+    def _rule(axis_size, in_batched, benefit):  # pylint: disable=unused-argument
+        if jax.default_backend() == "cpu":
+            return jax.lax.map(solve, benefit), (True, True, True)
+        return jax.vmap(solve)(benefit), (True, True, True)
+
+    return batched
 
 
 def _exact_info(cost: jax.Array, plan: jax.Array) -> PlanInfo:

@@ -80,6 +80,19 @@ def test_vmap_equals_one_by_one_and_bidders_do_not_change_the_answer():
         assert abs(_total(c, p) - _optimum(c)) < 1e-4
 
 
+def test_lockstep_vmap_of_accelerators_gives_the_same_plans(monkeypatch):
+    """Off the CPU a batch runs in lockstep instead of ``lax.map``: same answers (checked here by faking the backend)."""
+    costs = jax.random.uniform(jax.random.key(3), (4, 24, 24))
+    on_cpu = jax.jit(jax.vmap(lambda c: ot.exact_assignment_auction(c, bidders=24)[1]))(costs)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    lockstep = jax.jit(jax.vmap(lambda c: ot.exact_assignment_auction(c, bidders=24, theta=9)[1]))(costs)
+    np.testing.assert_array_equal(np.asarray(lockstep), np.asarray(on_cpu))
+    jaxpr = str(jax.make_jaxpr(jax.vmap(lambda c: ot.exact_assignment_auction(c, theta=9)[1]))(costs))
+    monkeypatch.undo()
+    cpu_jaxpr = str(jax.make_jaxpr(jax.vmap(lambda c: ot.exact_assignment_auction(c, theta=9)[1]))(costs))
+    assert cpu_jaxpr.count("scan[") == jaxpr.count("scan[") + 1  # the lax.map, on the CPU only
+
+
 def test_out_of_rounds_still_gives_a_permutation_and_says_so():
     cost = jax.random.uniform(jax.random.key(1), (30, 30))
     plan, perm, info = _auction(cost, max_rounds=3)
@@ -113,8 +126,13 @@ def test_auction_backend_recovers_a_permuted_copy(widths, seed):
     assert all(bool(i.converged) for i in aux.info[0].values())
 
 
-@pytest.mark.parametrize("name,shape,opts", [("mlpnet", (6, 6, 1), dict(widths=(40, 20), bias=True)),
-                                             ("vgg11", (32, 32, 3), dict(width=0.125, bias=True, norm=True))])
+@pytest.mark.parametrize(
+    "name,shape,opts",
+    [
+        ("mlpnet", (6, 6, 1), dict(widths=(40, 20), bias=True)),
+        ("vgg11", (32, 32, 3), dict(width=0.125, bias=True, norm=True)),
+    ],
+)
 def test_auction_backend_fuses_like_scipy(name, shape, opts):
     model, spec = build(name, input_shape=shape, num_classes=10, **opts)
     a, b = (init(model, jax.random.key(s), shape) for s in (0, 1))
