@@ -120,11 +120,43 @@ def importance_marginal(rows: jax.Array, p: str) -> jax.Array:
     return w / jnp.sum(w)
 
 
+def _one_by_one_on_cpu(solve, n_out: int):
+    """``solve`` with a vmap rule: ``lax.map`` over the batch on a CPU backend, plain batching elsewhere.
+
+    The iterative solvers (optax's Hungarian, the auction) run batched
+    problems in lockstep until the slowest one is done, and their iteration
+    counts vary a lot between problems. On a CPU a batched iteration costs the
+    batch's work, so lockstep is slower than solving the problems one after
+    the other (MLPNet pairs under vmap: Hungarian 112 ms per pair in lockstep
+    vs 45-53 ms for one pair; auction 118-144 vs 16 ms, ``bench/RESULTS.md``).
+    On accelerators a batched iteration costs about as much as a single one,
+    so the batch stays in lockstep there.
+    """
+    batched = custom_batching.custom_vmap(solve)
+
+    @batched.def_vmap
+    def _rule(axis_size, in_batched, *args):  # pylint: disable=unused-argument
+        args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(args, in_batched)]
+        if jax.default_backend() == "cpu":
+            return jax.lax.map(lambda xs: solve(*xs), tuple(args)), (True,) * n_out
+        return jax.vmap(solve)(*args), (True,) * n_out
+
+    return batched
+
+
+def _hungarian(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return assignment.hungarian_algorithm(cost)
+
+
+_hungarian_batched = _one_by_one_on_cpu(_hungarian, 2)
+
+
 def exact_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanInfo]:
     """Exact OT for equal widths and uniform marginals: a permutation, on device.
 
     Uses the Hungarian algorithm of optax (what ``ott.tools.unreg.hungarian``
-    wraps). Both of its outputs are used, so XLA cannot drop the solve.
+    wraps). Both of its outputs are used, so XLA cannot drop the solve. Under
+    ``vmap`` on a CPU the problems are solved one by one (``_one_by_one_on_cpu``).
 
     Args:
       cost: (n, n) cost matrix.
@@ -134,7 +166,7 @@ def exact_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanInfo]:
       ``plan[perm[j], j] = 1/n`` (the A neuron sent to B neuron j).
     """
     n = cost.shape[0]
-    rows, cols = assignment.hungarian_algorithm(jax.lax.stop_gradient(cost))
+    rows, cols = _hungarian_batched(jax.lax.stop_gradient(cost))
     perm = jnp.zeros((n,), jnp.int32).at[cols].set(rows.astype(jnp.int32))
     plan = jnp.zeros_like(cost).at[rows, cols].set(1.0 / n)
     info = _exact_info(cost, plan)
@@ -249,17 +281,7 @@ def exact_assignment_auction(
 
 @functools.lru_cache(maxsize=None)
 def _auction_solver(n: int, k: int, theta: int, allowed_free: int, max_rounds: int, levels: int):
-    """The auction on integer benefits (n, n) -> (owner, holds, rounds), with a vmap rule.
-
-    Under ``vmap`` a batch of auctions runs its rounds in lockstep until the
-    slowest problem of each phase is done, and round counts are heavy-tailed
-    (a few problems need several times the median). Where a round's cost grows
-    with the batch, on a CPU, that is slower than solving the problems one
-    after the other (``bench/RESULTS.md``: 7-9x per pair at 64-256 MLPNet
-    pairs), so there the batch is solved by ``lax.map``; on accelerators a
-    batched round costs about as much as a single one and the batch runs in
-    lockstep.
-    """
+    """The auction on integer benefits (n, n) -> (owner, holds, rounds); see :func:`_one_by_one_on_cpu` for vmap."""
 
     # Epsilon of each phase: fixed by n and theta alone, so the phases are a
     # fori_loop around a while_loop of bidding rounds. (A single while_loop
@@ -320,15 +342,7 @@ def _auction_solver(n: int, k: int, theta: int, allowed_free: int, max_rounds: i
         s = jax.lax.fori_loop(0, last_phase + 1, phase, State(jnp.zeros((n,), jnp.int32), none, none, jnp.int32(0)))
         return s.owner, s.holds, s.rounds
 
-    batched = custom_batching.custom_vmap(solve)
-
-    @batched.def_vmap
-    def _rule(axis_size, in_batched, benefit):  # pylint: disable=unused-argument
-        if jax.default_backend() == "cpu":
-            return jax.lax.map(solve, benefit), (True, True, True)
-        return jax.vmap(solve)(benefit), (True, True, True)
-
-    return batched
+    return _one_by_one_on_cpu(solve, 3)
 
 
 def _exact_info(cost: jax.Array, plan: jax.Array) -> PlanInfo:

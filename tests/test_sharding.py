@@ -43,6 +43,7 @@ _EIGHT_DEVICES = textwrap.dedent(
         (5, otf.FusionConfig()),
         (8, otf.FusionConfig(solver="sinkhorn", relative_epsilon="mean", epsilon=0.05)),
         (5, otf.FusionConfig(mode="activations", exact_backend="host")),
+        (5, otf.FusionConfig(exact_backend="auction")),
     ]
     report = {"n_devices": len(jax.devices()), "cases": []}
     for b, cfg in cases:
