@@ -352,6 +352,14 @@ def _sinkhorn_summary(aux: fusion.FusionAux) -> dict[str, Any]:
     return {"sinkhorn_max_iters": max(iters) if iters else None, "sinkhorn_all_converged": all(conv)}
 
 
+def _auction_summary(aux: fusion.FusionAux) -> dict[str, Any]:
+    """Bidding rounds per layer of the first aligned parent (``PlanInfo.n_iters``) and convergence."""
+    first = next(info for info in aux.info if info is not None)
+    rounds = {name: int(np.max(np.asarray(pi.n_iters))) for name, pi in first.items()}
+    conv = all(bool(np.all(np.asarray(pi.converged))) for info in aux.info if info for pi in info.values())
+    return {"auction_rounds": rounds, "auction_all_converged": conv}
+
+
 def _max_abs_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(a, b))
 
@@ -457,6 +465,8 @@ def bench_pair(
             entry.update(compile_s=round(comp_s, 3), fuse_ms=timing["median_ms"], timing=timing, **mon.as_dict())
             if solver == "sinkhorn":
                 entry.update(_sinkhorn_summary(aux))
+            elif solver == "exact-auction":
+                entry.update(_auction_summary(aux))
             jax_times[solver] = timing["median_ms"]
             jax_calls[solver] = lambda compiled=compiled: compiled(parents, acts)
             entry["_fused"] = fused
