@@ -361,10 +361,11 @@ def _neuron_rows(
     return jnp.concatenate(parts, axis=1)
 
 
-def _act_rows(acts: Activations, plan: str, who: str) -> jax.Array:
+def _act_columns(acts: Activations, plan: str, who: str) -> list[jax.Array]:
+    """The plan's activation tensors (..., n), neurons on the last axis (see ``ot.pairwise_cost_columns``)."""
     if plan not in acts:
         raise FusionError(f"{who}: no activations for layer {plan!r} (have {sorted(acts)})")
-    return jnp.concatenate([_rows(jnp.asarray(a)) for a in acts[plan]], axis=1)
+    return [jnp.asarray(a) for a in acts[plan]]
 
 
 def _solve(cost, a, b, uniform: bool, config: FusionConfig, epsilon: jax.Array | None = None):
@@ -440,18 +441,22 @@ def align(
             moves[name] = ot.Permutation(jnp.arange(n), 1.0)
             continue
         if config.mode == "activations":
-            xa, xb = _act_rows(parent_acts, name, "parent"), _act_rows(target_acts, name, "target")
-            if xa.shape[1] != xb.shape[1]:
+            xa, xb = _act_columns(parent_acts, name, "parent"), _act_columns(target_acts, name, "target")
+            sizes_a = [x.size // x.shape[-1] for x in xa]
+            sizes_b = [x.size // x.shape[-1] for x in xb]
+            if sizes_a != sizes_b:
                 raise FusionError(
-                    f"layer {name!r}: activations have {xa.shape[1]} and {xb.shape[1]} values per neuron; "
-                    "compute both on the same samples"
+                    f"layer {name!r}: activations have {sum(sizes_a)} and {sum(sizes_b)} values per neuron "
+                    f"(per tensor: {sizes_a} and {sizes_b}); compute both on the same samples"
                 )
+            raw = ot.pairwise_cost_columns(xa, xb, config.ground_metric, config.squared)
         else:
             xa, xb = wa, wb
             if config.unit_norm_rows:
                 xa = xa / jnp.maximum(jnp.linalg.norm(xa, axis=1, keepdims=True), 1e-12)
                 xb = xb / jnp.maximum(jnp.linalg.norm(xb, axis=1, keepdims=True), 1e-12)
-        cost = ot.normalize_cost(ot.pairwise_cost(xa, xb, config.ground_metric, config.squared), config.normalize_cost)
+            raw = ot.pairwise_cost(xa, xb, config.ground_metric, config.squared)
+        cost = ot.normalize_cost(raw, config.normalize_cost)
         use_importance = config.importance is not None and name != spec.output_plan
         if use_importance:
             # Like the original: norms of the raw incoming weights, biases left out.

@@ -255,6 +255,40 @@ def test_missing_activations_are_rejected():
     partial = {k: v for k, v in acts.items() if k != "fc1"}
     with pytest.raises(otf.FusionError, match="no activations for layer 'fc1'"):
         otf.fuse([a, a], spec, otf.FusionConfig(mode="activations"), activations=[partial, acts])
+    fewer = capture_activations(model, a, jnp.ones((3, 4, 4, 1)))
+    with pytest.raises(otf.FusionError, match=r"layer 'fc1': activations have 3 and 4 values per neuron"):
+        otf.fuse([a, a], spec, otf.FusionConfig(mode="activations"), activations=[fewer, acts])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    m=st.integers(1, 9),
+    lead=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=3),
+    metric=st.sampled_from(["euclidean", "cosine"]),
+    squared=st.booleans(),
+    offset=st.sampled_from([0.0, 50.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_cost_from_activation_tensors_equals_cost_from_rows(n, m, lead, metric, squared, offset, seed):
+    """pairwise_cost_columns (no transposes) == pairwise_cost on each neuron's concatenated values."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(offset, 1.0, (*shape, n)).astype(np.float32) for shape in lead]
+    ys = [rng.normal(offset, 1.0, (*shape, m)).astype(np.float32) for shape in lead]
+    rows = lambda ts, k: np.concatenate([np.moveaxis(t, -1, 0).reshape(k, -1) for t in ts], axis=1)
+    want = otf.ot.pairwise_cost(jnp.asarray(rows(xs, n)), jnp.asarray(rows(ys, m)), metric, squared)
+    got = otf.ot.pairwise_cost_columns([jnp.asarray(x) for x in xs], [jnp.asarray(y) for y in ys], metric, squared)
+    assert got.shape == (n, m)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5 * (1 + float(np.max(want))))
+    # and both against float64 NumPy
+    xr, yr = rows(xs, n).astype(np.float64), rows(ys, m).astype(np.float64)
+    if metric == "euclidean":
+        exact = ((xr[:, None] - yr[None]) ** 2).sum(-1)
+        exact = exact if squared else np.sqrt(exact)
+    else:
+        norm = lambda r: r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+        exact = 1.0 - norm(xr) @ norm(yr).T
+    np.testing.assert_allclose(np.asarray(got), exact, rtol=1e-4, atol=1e-3 * (1 + np.max(np.abs(exact))))
 
 
 def test_bad_options_are_rejected():
