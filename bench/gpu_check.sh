@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #5 as one prepared call of the device tool (about 6-8 minutes):
+# The GPU checks of issue #5 as one prepared call of the device tool (at most 7 minutes):
 #   1. the auction solver's tests on the GPU (exactness against scipy, vmap, fusion);
 #   2. bench/bench_fusion.py for MLPNet and VGG11 pairs by weights: exact-device
 #      (optax Hungarian), exact-auction, Sinkhorn; vmap throughput at 1/8/64/256
@@ -7,7 +7,7 @@
 #      reference on the machine's CPU for the ratios.
 # Results land in $OUT (the device tool brings them back): log, results_gpu.json,
 # results_gpu.md. Prepare the wheels first with bench/gpu_wheels.sh, then:
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=480)
 # GPU_CHECK_QUICK=1 runs a tiny version (any machine, about 2 minutes on a 2-core CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,16 +25,16 @@ PY=${PYTHON:-python3}
 
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   tests=(tests/test_auction.py -k "integer or out_of_rounds")
-  bench=(--quick --solvers exact-auction --vmap-solvers exact-auction --k-solvers exact-auction)
+  bench=(--quick --models mlpnet --modes weights --solvers exact-auction --vmap-solvers exact-auction --k-solvers exact-auction)
 else
   tests=(tests/test_auction.py)
   bench=(--models mlpnet vgg11 --modes weights --solvers exact-device exact-auction sinkhorn
          --vmap-solvers exact-auction sinkhorn --k-solvers exact-auction sinkhorn
-         --vmap-counts 1 8 64 256 --k-values 2 4 --budget-s 6 --ref-repeats 2 --interleave-rounds 5)
+         --vmap-counts 1 8 64 256 --k-values 2 4 --budget-s 4 --ref-repeats 2 --interleave-rounds 5)
 fi
-timeout 200 "$PY" -m pytest -q -x -p no:cacheprovider "${tests[@]}" 2>&1 | tee -a "$OUT/log"
+timeout 120 "$PY" -m pytest -q -x -p no:cacheprovider "${tests[@]}" 2>&1 | tee -a "$OUT/log"
 tests_rc=${PIPESTATUS[0]}
-timeout 330 "$PY" bench/bench_fusion.py "${bench[@]}" --out "$OUT/results_gpu.json" --markdown "$OUT/results_gpu.md" 2>&1 \
+timeout 270 "$PY" bench/bench_fusion.py "${bench[@]}" --out "$OUT/results_gpu.json" --markdown "$OUT/results_gpu.md" 2>&1 \
   | tee -a "$OUT/log"
 bench_rc=${PIPESTATUS[0]}
 echo "gpu_check: tests rc=$tests_rc bench rc=$bench_rc" | tee -a "$OUT/log"

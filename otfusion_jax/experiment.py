@@ -255,7 +255,8 @@ def run_fusion_table(
 
             _, first = _timed(run_once)  # compiles
             (fused, aux), secs = _timed(run_once)
-            messages = fusion.warn_unconverged(aux, cfg.sinkhorn_threshold) if cfg.solver == "sinkhorn" else []
+            threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
+            messages = fusion.warn_unconverged(aux, threshold, config=cfg)
             aligned = _aligned_parents(variables, spec, cfg, aux, target)
             record(
                 f"OT fusion ({mode}, {cfg.solver})", method, cfg.solver, fused, aligned, secs, first, aux,

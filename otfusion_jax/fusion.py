@@ -33,6 +33,7 @@ Where we differ from the original on purpose (documented in README/docs):
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -78,11 +79,12 @@ class FusionConfig:
       solver: "exact" or "sinkhorn".
       exact_backend: square uniform problems (the rest always use the host's
         exact LP): "device" (optax Hungarian: jit/vmap-able, sequential),
-        "auction" (``ot.exact_assignment_auction``: parallel rounds on device,
-        optimal for the cost rounded to ~1e-5 of its range; the candidate for
+        "auction" (``ot.exact_assignment_auction``: parallel rounds on device;
+        optimal for the cost rounded to a grid of range / (2^26 / (n + 1)),
+        i.e. within n grid steps of the optimum in total; the candidate for
         GPUs and vmap) or "host" (scipy assignment through a host callback;
         the fastest on a CPU backend).
-      auction_bidders: "auction" only: free rows bidding per round (None: 32 on
+      auction_bidders: "auction" only: free rows bidding per round (None: 16 on
         a CPU backend, all on accelerators).
       ground_metric: "euclidean" or "cosine".
       squared: squared euclidean distance (the original's default is squared;
@@ -152,10 +154,11 @@ class FusionConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise FusionError(f"FusionConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
-        if self.auction_bidders is not None and not (
-            isinstance(self.auction_bidders, int) and self.auction_bidders >= 1
-        ):
-            raise FusionError(f"FusionConfig.auction_bidders must be None or an int >= 1, got {self.auction_bidders!r}")
+        bidders = self.auction_bidders
+        if bidders is not None:
+            if isinstance(bidders, bool) or not isinstance(bidders, numbers.Integral) or bidders < 1:
+                raise FusionError(f"FusionConfig.auction_bidders must be None or an int >= 1, got {bidders!r}")
+            object.__setattr__(self, "auction_bidders", int(bidders))
         if not self.epsilon > 0:
             raise FusionError(f"FusionConfig.epsilon must be > 0, got {self.epsilon}")
         if not 0 < self.tau <= 1:
@@ -245,8 +248,16 @@ def check_finite(parents: Sequence[Variables]) -> None:
             raise FusionError(f"parent {k}: leaf {path} has {bad} NaN/Inf values")
 
 
-def warn_unconverged(aux: FusionAux, threshold: float | None = None) -> list[str]:
-    """Warns (and returns the messages) for every Sinkhorn plan that did not converge."""
+def warn_unconverged(
+    aux: FusionAux, threshold: float | None = None, *, config: FusionConfig | None = None
+) -> list[str]:
+    """Warns (and returns the messages) for every plan whose solver did not converge.
+
+    That is Sinkhorn stopped by its iteration cap, or the auction
+    (``exact_backend="auction"``) out of rounds. ``config`` picks the message;
+    without it, a plan with marginal error 0 (exact solvers) is taken for the
+    auction's.
+    """
     messages = []
     for k, info in enumerate(aux.info):
         if info is None:
@@ -255,11 +266,19 @@ def warn_unconverged(aux: FusionAux, threshold: float | None = None) -> list[str
             conv = np.asarray(pi.converged)
             if not np.all(conv):
                 err = float(np.max(np.asarray(pi.error)))
-                msg = (
-                    f"Sinkhorn did not converge for parent {k}, layer {name!r}: marginal error {err:.3g}"
-                    + (f" > threshold {threshold:g}" if threshold is not None else "")
-                    + " (raise sinkhorn_max_iterations or epsilon)"
-                )
+                auction = err == 0.0 if config is None else config.solver == "exact"
+                if auction:
+                    rounds = int(np.max(np.asarray(pi.n_iters)))
+                    msg = (
+                        f"the auction ran out of rounds for parent {k}, layer {name!r} after {rounds}: its plan is "
+                        "a permutation but may not be optimal (use exact_backend='device' or 'host')"
+                    )
+                else:
+                    msg = (
+                        f"Sinkhorn did not converge for parent {k}, layer {name!r}: marginal error {err:.3g}"
+                        + (f" > threshold {threshold:g}" if threshold is not None else "")
+                        + " (raise sinkhorn_max_iterations or epsilon)"
+                    )
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
                 messages.append(msg)
     return messages
@@ -442,6 +461,12 @@ def align(
             continue
         if config.mode == "activations":
             xa, xb = _act_columns(parent_acts, name, "parent"), _act_columns(target_acts, name, "target")
+            for who, tensors, width in (("parent", xa, n), ("target", xb, m)):
+                if len(tensors) != len(xa) or any(t.ndim < 1 or t.shape[-1] != width for t in tensors):
+                    raise FusionError(
+                        f"layer {name!r}: {who} activations have shapes {[tuple(t.shape) for t in tensors]}; "
+                        f"expected {len(xa)} tensor(s) with the {width} neurons on the last axis"
+                    )
             sizes_a = [x.size // x.shape[-1] for x in xa]
             sizes_b = [x.size // x.shape[-1] for x in xb]
             if sizes_a != sizes_b:

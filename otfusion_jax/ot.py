@@ -102,6 +102,8 @@ def pairwise_cost_columns(
     """
     if metric not in METRICS:
         raise ValueError(f"ground_metric must be one of {METRICS}, got {metric!r}")
+    if not xs or len(xs) != len(ys):
+        raise ValueError(f"pairwise_cost_columns needs as many tensors on both sides (>= 1), got {len(xs)} and {len(ys)}")
     xs = [x.reshape(-1, x.shape[-1]) for x in xs]
     ys = [y.reshape(-1, y.shape[-1]) for y in ys]
     n, m = xs[0].shape[1], ys[0].shape[1]
@@ -239,13 +241,14 @@ _IMIN = np.iinfo(np.int32).min
 
 
 def auction_bidders_default(n: int) -> int:
-    """How many free rows bid per auction round unless told: 32 on a CPU backend, all of them elsewhere.
+    """How many free rows bid per auction round unless told: 16 on a CPU backend, all of them elsewhere.
 
     A round costs O(bidders * n). On a CPU that work is the time, and bidding in
-    small batches is 2-3x faster at n = 400-512 (``bench/RESULTS.md``); on an
-    accelerator a round is latency-bound, so every free row bids at once.
+    small batches is about 2x faster at n = 400-512 than all rows at once
+    (``bench/RESULTS.md``); on an accelerator a round is latency-bound, so every
+    free row bids. (The backend is read at trace time: ``jax.default_backend()``.)
     """
-    return min(n, 32) if jax.default_backend() == "cpu" else n
+    return min(n, 16) if jax.default_backend() == "cpu" else n
 
 
 def exact_assignment_auction(
@@ -253,54 +256,68 @@ def exact_assignment_auction(
     *,
     bidders: int | None = None,
     theta: int = 8,
-    slack: float = 0.005,
+    slack: float = 0.0,
     max_rounds: int = 100_000,
 ) -> tuple[jax.Array, jax.Array, PlanInfo]:
     """Exact assignment by Bertsekas' auction with epsilon scaling, on device, parallel.
 
     The Hungarian algorithm (:func:`exact_assignment`) is a long chain of small
     sequential steps; the auction is a few hundred rounds of O(bidders * n)
-    vectorised work, which suits accelerators and ``vmap`` (see
-    ``/work/shared/PERFORMANCE.md`` and ``bench/RESULTS.md``).
+    vectorised work, which suits accelerators and ``vmap`` (``bench/RESULTS.md``).
 
     Exactness: the cost is mapped affinely onto integers ``0..L`` with
     ``L = AUCTION_LEVELS // (n + 1)`` and multiplied by ``n + 1``; the last
     scaling phase runs with epsilon 1, which makes the assignment optimal for
     the integer costs (Bertsekas 1988). Integer arithmetic also guarantees
     termination (every bid raises a price by at least 1). Against the float
-    costs the assignment is optimal up to the rounding, a total of at most
-    ``n * (max(cost) - min(cost)) / (2 L)`` (about 1e-3 of the cost range at
-    n = 400); in the tests it finds scipy's optimum on every problem.
+    costs the assignment is optimal up to the rounding: its total cost exceeds
+    the optimum by at most ``n * (max(cost) - min(cost)) / L`` (half a grid
+    step per entry, on its assignment and on the optimal one), about 2.4e-3 of
+    the cost range at n = 400; in the tests it finds scipy's optimum on every
+    problem.
 
     Phases: epsilon starts at an eighth of the scaled cost range and is divided
-    by ``theta`` down to 1; assignments that still satisfy epsilon-complementary slackness
-    are kept from one phase to the next, and intermediate phases end once all
-    but ``slack * n`` rows are assigned (only the final phase must assign all).
+    by ``theta`` down to 1; assignments that still satisfy epsilon-complementary
+    slackness are kept from one phase to the next.
+
+    Ties are the slow case: k identical neurons (dead ReLUs, say) in both
+    models make the auction raise their prices in steps of epsilon, so such
+    problems take many more rounds (about 15,000 at n = 256-400 with 30 dead
+    neurons each, against 500-1,500 without; ``bench/RESULTS.md``), but they
+    still end optimal.
 
     Args:
       cost: (n, n) cost matrix (gradients are stopped: the plan is piecewise constant).
       bidders: free rows bidding per round (None: :func:`auction_bidders_default`).
       theta: epsilon reduction factor between phases.
-      slack: fraction of rows intermediate phases may leave unassigned.
-      max_rounds: cap on rounds. If reached, the free rows are matched to the
-        free columns in index order (still a permutation) and
-        ``info.converged`` is False, so ``fuse`` warns.
+      slack: fraction of rows intermediate phases may leave unassigned (0:
+        every phase assigns all rows). Faster on problems without ties, but
+        the rows it leaves free carry their whole price war into the final
+        phase, where epsilon is 1: with tied neurons that ran out of rounds in
+        review. Keep 0 unless measured on your costs.
+      max_rounds: cap on bidding rounds. If reached, the free rows are matched
+        to the free columns in index order (still a permutation, maybe not an
+        optimal one) and ``info.converged`` is False, which
+        ``otf.warn_unconverged`` reports (fuse.py does).
 
     Returns:
       (plan, perm, info) as :func:`exact_assignment`; ``info.n_iters`` counts rounds.
     """
     n = cost.shape[0]
-    if cost.shape != (n, n):
-        raise ValueError(f"exact_assignment_auction needs a square cost, got shape {cost.shape}")
+    if cost.ndim != 2 or cost.shape != (n, n) or n == 0:
+        raise ValueError(f"exact_assignment_auction needs a non-empty square cost, got shape {cost.shape}")
     k = min(n, auction_bidders_default(n) if bidders is None else int(bidders))
     if k < 1 or theta < 2 or not 0 <= slack < 1:
         raise ValueError(f"auction: need bidders >= 1, theta >= 2 and 0 <= slack < 1; got {bidders}, {theta}, {slack}")
     levels = max(1, AUCTION_LEVELS // (n + 1))
-    c = jnp.nan_to_num(jax.lax.stop_gradient(cost).astype(jnp.float32))
-    lo, hi = jnp.min(c), jnp.max(c)
-    to_int = jnp.where(hi > lo, levels / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
+    c = jnp.nan_to_num(jax.lax.stop_gradient(cost).astype(jnp.float32))  # fuse rejects NaN/Inf parents first
+    lo = jnp.min(c)
+    span = jnp.max(c) - lo
+    usable = jnp.isfinite(span) & (span > 0)  # constant (or overflowing) costs: every permutation is optimal
+    # Divide by the span before scaling: levels / span can overflow for tiny spans.
+    grid = jnp.clip(jnp.round((c - lo) / jnp.where(usable, span, 1.0) * levels), 0, levels)
     # Persons are the rows (source neurons), objects the columns (target neurons).
-    benefit = -jnp.round((c - lo) * to_int).astype(jnp.int32) * (n + 1)
+    benefit = -jnp.where(usable, grid, 0).astype(jnp.int32) * (n + 1)
     owner, holds, rounds = _auction_solver(n, k, theta, int(slack * n), max_rounds, levels)(benefit)
     ar = jnp.arange(n, dtype=jnp.int32)
     converged = jnp.all(holds >= 0)
@@ -341,7 +358,8 @@ def _auction_solver(n: int, k: int, theta: int, allowed_free: int, max_rounds: i
             values = benefit - s.prices[None, :]
             best = jnp.max(values, axis=1)
             mine = jnp.take_along_axis(values, jnp.maximum(s.holds, 0)[:, None], axis=1)[:, 0]
-            keep = (s.holds >= 0) & (mine >= best - eps)  # still eps-complementary slack
+            # Still eps-complementary slack; out of rounds, keep what is assigned.
+            keep = (s.holds >= 0) & ((mine >= best - eps) | (s.rounds >= max_rounds))
             holds = jnp.where(keep, s.holds, -1)
             owner = none.at[jnp.where(keep, holds, n)].set(ar, mode="drop")
             # Prices only matter up to a constant: shifting keeps them far from int32 limits.

@@ -62,11 +62,12 @@ def test_float_costs_match_scipy(n, d):
     x, y = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(n, d)).astype(np.float32)
     cost = np.asarray(ot.pairwise_cost(jnp.asarray(x), jnp.asarray(y)))
     _, perm, info = _auction(jnp.asarray(cost))
-    bound = n * float(cost.max() - cost.min()) / (2 * (ot.AUCTION_LEVELS // (n + 1)))
+    bound = n * float(cost.max() - cost.min()) / (ot.AUCTION_LEVELS // (n + 1))
     gap = _total(cost, perm) - _optimum(cost)
     assert -1e-3 <= gap <= bound + 1e-3
-    rows, cols = linear_sum_assignment(cost)
-    np.testing.assert_array_equal(np.asarray(perm), rows[np.argsort(cols)])  # in practice: scipy's assignment
+    if jax.default_backend() == "cpu":  # in practice scipy's very assignment (another backend's costs may near-tie)
+        rows, cols = linear_sum_assignment(cost)
+        np.testing.assert_array_equal(np.asarray(perm), rows[np.argsort(cols)])
     assert 0 < int(info.n_iters) < 100_000
 
 
@@ -88,9 +89,41 @@ def test_lockstep_vmap_of_accelerators_gives_the_same_plans(monkeypatch):
     lockstep = jax.jit(jax.vmap(lambda c: ot.exact_assignment_auction(c, bidders=24, theta=9)[1]))(costs)
     np.testing.assert_array_equal(np.asarray(lockstep), np.asarray(on_cpu))
     jaxpr = str(jax.make_jaxpr(jax.vmap(lambda c: ot.exact_assignment_auction(c, theta=9)[1]))(costs))
-    monkeypatch.undo()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     cpu_jaxpr = str(jax.make_jaxpr(jax.vmap(lambda c: ot.exact_assignment_auction(c, theta=9)[1]))(costs))
     assert cpu_jaxpr.count("scan[") == jaxpr.count("scan[") + 1  # the lax.map, on the CPU only
+
+
+@pytest.mark.parametrize("n", [256, 400])
+def test_tied_neurons_are_slow_but_optimal(n):
+    """Dead ReLUs: 30 identical neurons in each model (regression: a slack > 0 ran out of rounds here)."""
+    rng = np.random.default_rng(n)
+
+    def acts():
+        a = np.maximum(rng.normal(size=(200, n)) + rng.normal(size=(1, n)), 0).astype(np.float32)
+        a[:, :30] = 0.0
+        return jnp.asarray(a)
+
+    cost = np.asarray(ot.pairwise_cost(acts().T, acts().T))
+    _, perm, info = _auction(jnp.asarray(cost))
+    assert bool(info.converged)
+    assert _total(cost, perm) - _optimum(cost) <= 1e-3
+
+
+def test_tiny_cost_ranges_are_not_overflowed():
+    """levels / span would overflow float32 for a span of 1e-32; the optimum must still come out."""
+    cost = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], np.float32) * np.float32(1e-32)
+    _, perm, info = _auction(jnp.asarray(cost))
+    np.testing.assert_array_equal(np.asarray(perm), [1, 0, 2])
+    assert bool(info.converged)
+
+
+def test_warn_unconverged_names_the_auction():
+    info = ot.PlanInfo(jnp.array(0.1), jnp.array(False), jnp.array(123, jnp.int32), jnp.array(0.0))
+    aux = otf.FusionAux(plans=[{"fc1": None}, None], info=[{"fc1": info}, None], weights=jnp.ones(2) / 2)
+    with pytest.warns(RuntimeWarning, match=r"auction ran out of rounds for parent 0, layer 'fc1' after 123"):
+        messages = otf.warn_unconverged(aux, config=otf.FusionConfig(exact_backend="auction"))
+    assert len(messages) == 1
 
 
 def test_out_of_rounds_still_gives_a_permutation_and_says_so():
@@ -104,7 +137,7 @@ def test_out_of_rounds_still_gives_a_permutation_and_says_so():
 def test_constant_and_non_square_costs():
     _, perm, info = ot.exact_assignment_auction(jnp.ones((5, 5)))
     assert bool(info.converged) and sorted(np.asarray(perm).tolist()) == list(range(5))
-    with pytest.raises(ValueError, match=r"square cost, got shape \(4, 5\)"):
+    with pytest.raises(ValueError, match=r"non-empty square cost, got shape \(4, 5\)"):
         ot.exact_assignment_auction(jnp.ones((4, 5)))
     with pytest.raises(ValueError, match="bidders >= 1"):
         ot.exact_assignment_auction(jnp.ones((4, 4)), bidders=0)
@@ -142,8 +175,10 @@ def test_auction_backend_fuses_like_scipy(name, shape, opts):
 
 
 def test_config_rejects_bad_bidders():
-    with pytest.raises(otf.FusionError, match="auction_bidders"):
-        otf.FusionConfig(exact_backend="auction", auction_bidders=0)
+    for bad in (0, True, 2.5, "8"):
+        with pytest.raises(otf.FusionError, match="auction_bidders"):
+            otf.FusionConfig(exact_backend="auction", auction_bidders=bad)
+    assert otf.FusionConfig(exact_backend="auction", auction_bidders=np.int64(4)).auction_bidders == 4
 
 
 def test_weight_matching_with_the_auction():

@@ -258,9 +258,12 @@ def test_missing_activations_are_rejected():
     fewer = capture_activations(model, a, jnp.ones((3, 4, 4, 1)))
     with pytest.raises(otf.FusionError, match=r"layer 'fc1': activations have 3 and 4 values per neuron"):
         otf.fuse([a, a], spec, otf.FusionConfig(mode="activations"), activations=[fewer, acts])
+    channels_first = {**acts, "fc1": tuple(t.T for t in acts["fc1"])}  # (8, 4): neurons first
+    with pytest.raises(otf.FusionError, match=r"layer 'fc1': target activations have shapes \[\(8, 4\)\].*8 neurons on the last"):
+        otf.fuse([a, a], spec, otf.FusionConfig(mode="activations"), activations=[acts, channels_first])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     n=st.integers(1, 9),
     m=st.integers(1, 9),
