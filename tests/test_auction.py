@@ -189,3 +189,26 @@ def test_weight_matching_with_the_auction():
     for name in spec.plans:
         np.testing.assert_array_equal(host[name], auc[name])
     np.testing.assert_allclose(info_a.objective, info_h.objective, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["device", "auction"])
+def test_vmap_of_grad_through_the_batched_exact_solvers(backend):
+    """The solvers' custom vmap rule (lax.map on a CPU) must not break vmap(grad(fuse)): the plan is constant."""
+    model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=5, widths=(8,), bias=True)
+    vs = [init(model, jax.random.key(i), (4, 4, 1)) for i in range(4)]
+    stack = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
+    pa, pb = stack(vs[:2]), stack(vs[2:])
+    x = jnp.ones((3, 4, 4, 1))
+    cfg = otf.FusionConfig(exact_backend=backend)
+
+    def loss(w, a, b):
+        fused, _ = otf.fuse([a, b], spec, cfg, weights=w)
+        return jnp.sum(model.apply(fused, x) ** 2)
+
+    w = jnp.array([0.5, 0.5])
+    per_pair = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(w, pa, pb)
+    total = jax.grad(lambda w: jnp.sum(jax.vmap(loss, in_axes=(None, 0, 0))(w, pa, pb)))(w)
+    one = [jax.grad(loss)(w, vs[i], vs[2 + i]) for i in range(2)]
+    np.testing.assert_allclose(np.asarray(per_pair), np.stack(one), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(per_pair).sum(0), np.asarray(total), rtol=1e-4, atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(per_pair))) and np.any(np.asarray(per_pair) != 0)
