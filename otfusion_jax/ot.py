@@ -313,7 +313,8 @@ def exact_assignment_auction(
     c = jnp.nan_to_num(jax.lax.stop_gradient(cost).astype(jnp.float32))  # fuse rejects NaN/Inf parents first
     lo = jnp.min(c)
     span = jnp.max(c) - lo
-    usable = jnp.isfinite(span) & (span > 0)  # constant (or overflowing) costs: every permutation is optimal
+    # A constant cost: every permutation is optimal. A span overflowing float32: no grid; any permutation.
+    usable = jnp.isfinite(span) & (span > 0)
     # Divide by the span before scaling: levels / span can overflow for tiny spans.
     grid = jnp.clip(jnp.round((c - lo) / jnp.where(usable, span, 1.0) * levels), 0, levels)
     # Persons are the rows (source neurons), objects the columns (target neurons).
