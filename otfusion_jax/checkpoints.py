@@ -229,6 +229,9 @@ def save(
     renamed into place. An existing checkpoint at ``path`` is first renamed
     aside, then deleted once the new one is in place; if anything fails the
     temporary directory is removed and the previous checkpoint restored.
+    Hidden leftovers of earlier saves of ``path`` that were killed midway
+    (``.<name>.tmp-*``, ``.<name>.old-*``, untouched for an hour) are removed
+    after a successful save.
 
     Args:
       path: Target directory (its parent is created if missing). If it exists
@@ -302,6 +305,9 @@ def save(
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    # Leftovers of earlier saves killed midway (a partial new version, the previous version renamed aside):
+    # superseded by the checkpoint just written.
+    io_utils.remove_stale_temps(path, ("tmp", "old"))
     return path
 
 

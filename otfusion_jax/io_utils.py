@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import secrets
+import shutil
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "atomic_write_json", "fsync_dir", "temp_name", "to_jsonable"]
+__all__ = ["atomic_write_text", "atomic_write_json", "fsync_dir", "remove_stale_temps", "temp_name", "to_jsonable"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -99,6 +102,45 @@ def temp_name(path: str | os.PathLike, tag: str = "tmp") -> str:
             return candidate
 
 
+STALE_SECONDS = 3600.0
+
+
+def remove_stale_temps(
+    path: str | os.PathLike, tags: tuple[str, ...] = ("tmp",), older_than: float = STALE_SECONDS
+) -> list[str]:
+    """Removes the hidden siblings ``.<name>.<tag>-<hex>`` of ``path`` that a killed writer left behind.
+
+    Called after a successful write of ``path``, whose data then supersede
+    them. Only siblings untouched for ``older_than`` seconds go, so a write of
+    the same path in progress in another process keeps its temporary.
+
+    Args:
+      path: The final path.
+      tags: Which kinds of temporaries (see :func:`temp_name`).
+      older_than: Minimum age in seconds (modification time).
+
+    Returns:
+      The paths removed.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, base = os.path.split(path)
+    removed = []
+    now = time.time()
+    for tag in tags:
+        for candidate in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.{tag}-*")):
+            try:
+                if now - os.lstat(candidate).st_mtime < older_than:
+                    continue
+                if os.path.isdir(candidate) and not os.path.islink(candidate):
+                    shutil.rmtree(candidate)
+                else:
+                    os.unlink(candidate)
+                removed.append(candidate)
+            except OSError:
+                continue  # gone already, or not ours to remove: leave it
+    return removed
+
+
 def _create_temp_file(path: str) -> tuple[str, int]:
     """Creates a new temp file next to ``path`` (mode 0o666 minus the umask); returns (name, fd)."""
     while True:
@@ -140,6 +182,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "ut
             os.unlink(tmp)
         raise
     fsync_dir(folder)
+    remove_stale_temps(path)
     return path
 
 

@@ -100,6 +100,33 @@ def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path):
     assert _siblings(path) == []
 
 
+def test_a_save_removes_leftovers_of_killed_saves_once_they_are_an_hour_old(tmp_path):
+    """Hidden .tmp-/.old- siblings of a killed save go with the next save; a fresh one (a save in progress) stays."""
+    path = tmp_path / "ckpt"
+    checkpoints.save(path, {"params": {"w": np.ones(3, np.float32)}})
+    stale_dir, stale_old = tmp_path / ".ckpt.tmp-00aa11bb", tmp_path / ".ckpt.old-22cc33dd"
+    fresh_dir, other = tmp_path / ".ckpt.tmp-44ee55ff", tmp_path / ".ckpt2.tmp-66aa77bb"
+    for d in (stale_dir, stale_old, fresh_dir, other):
+        d.mkdir()
+        (d / "partial").write_text("x")
+    hour_ago = time.time() - 2 * 3600
+    for d in (stale_dir, stale_old, other):
+        os.utime(d, (hour_ago, hour_ago))
+    checkpoints.save(path, {"params": {"w": np.zeros(3, np.float32)}})
+    assert not stale_dir.exists() and not stale_old.exists()
+    assert fresh_dir.exists() and other.exists()  # too young / another path's
+    np.testing.assert_array_equal(checkpoints.load(path)[0]["params"]["w"], np.zeros(3, np.float32))
+    # the same for the atomic text writer's temp files
+    results = tmp_path / "results.json"
+    stale_file, fresh_file = tmp_path / ".results.json.tmp-0badf00d", tmp_path / ".results.json.tmp-1badf00d"
+    stale_file.write_text("{")
+    fresh_file.write_text("{")
+    os.utime(stale_file, (hour_ago, hour_ago))
+    io_utils.atomic_write_json(results, {"ok": 1})
+    assert not stale_file.exists() and fresh_file.exists()
+    assert json.loads(results.read_text()) == {"ok": 1}
+
+
 def test_failure_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     checkpoints.save(path, _variables(0), {"v": 1})

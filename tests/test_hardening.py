@@ -264,7 +264,8 @@ def test_atomic_writers_survive_sigkill(tmp_path):
     What may remain after a kill: hidden siblings `.results.json.tmp-<hex>` (a partial temp file),
     `.ckpt.tmp-<hex>/` (a partial checkpoint dir) and `.ckpt.old-<hex>/` (the previous checkpoint, renamed
     aside just before the new one was renamed in). None of them is named results.json / ckpt, so no
-    reader mistakes them for results; the next successful save of the same path does not remove them.
+    reader mistakes them for results; a later successful save of the same path removes them once they are an
+    hour old (tests/test_checkpoints.py).
     """
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
