@@ -449,8 +449,8 @@ def _make_options(
     )
     if start not in ("greedy", "identity"):
         raise ValueError(f"start must be 'greedy' or 'identity', got {start!r}")
-    if opts.backend not in ("device", "auction", "host"):
-        raise ValueError(f"backend must be 'device', 'auction' or 'host', got {backend!r}")
+    if opts.backend not in fusion.EXACT_BACKENDS:
+        raise ValueError(f"backend must be one of {fusion.EXACT_BACKENDS}, got {backend!r}")
     if opts.max_sweeps < 0:
         raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
     unknown = set(opts.roles) - set(spec_lib.ROLES)
