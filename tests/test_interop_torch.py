@@ -396,3 +396,24 @@ def test_missing_torch_gives_clear_error(tmp_path, monkeypatch):
     assert torch_checkpoints.variables_from_state_dict(
         {k: v.numpy() for k, v in module.state_dict().items()}
     )[0] == "mlpnet"
+
+
+@pytest.mark.parametrize(
+    "name,options,torch_module",
+    [
+        ("mlpnet", dict(bias=True, widths=(16, 8)), lambda: TorchMLPNet(widths=(16, 8), bias=True)),
+        ("vgg11", dict(norm=True, width=0.125), lambda: TorchVGG(width=0.125, batch_norm=True)),
+        ("resnet18", dict(norm=True, width=0.125), lambda: TorchResNet18(width=0.125, use_batchnorm=True)),
+    ],
+)
+def test_layouts_come_from_the_model_records(name, options, torch_module):
+    with_layout = {r.name for r in models.records() if r.torch is not None}
+    assert set(torch_checkpoints.supported_models()) == with_layout >= {"mlpnet", "vgg11", "resnet18"}
+    assert torch_checkpoints.SUPPORTED_MODELS == torch_checkpoints.supported_models()
+    record = models.get(name)
+    input_shape = (28, 28, 1) if name == "mlpnet" else (32, 32, 3)
+    entries = record.torch.entries(record.make_options(**options), input_shape, 10)
+    state_dict = torch_module().state_dict()
+    assert [e.key for e in entries] == list(state_dict)  # the original's keys, in its state_dict() order
+    assert [e.shape for e in entries] == [tuple(v.shape) for v in state_dict.values()]
+    assert torch_checkpoints.detect_model(list(state_dict)) == name

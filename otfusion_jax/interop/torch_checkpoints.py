@@ -7,22 +7,17 @@ reads such a file (or a bare state dict), recognises the architecture from the
 state dict's keys, infers its widths and converts the weights to our Flax
 variables; :func:`save_torch_checkpoint` writes the exact inverse.
 
-Key correspondence (torch -> Flax, ``{"params": ..., "batch_stats": ...}``):
-
-* MLPNet (``model.py``): ``fc{i}.weight`` (out, in) -> ``params/fc{i}/kernel``
-  (in, out), ``fc{i}.bias`` -> ``params/fc{i}/bias``. The original flattens
-  NCHW images as (C, H, W), ours NHWC images as (H, W, C): identical for
-  1-channel images (MNIST), converted exactly otherwise.
-* VGG11 (``cifar/models/vgg.py``): ``features.{j}`` conv (OIHW) ->
-  ``params/conv{i}/kernel`` (HWIO); with BatchNorm, ``features.{j+1}`` ->
-  ``bn{i}``; ``classifier`` -> ``fc`` (its input is the flattened last map,
-  1x1 for 32x32 inputs; converted generally for larger inputs).
-* ResNet18 (``cifar/models/resnet.py``): ``conv1``/``bn1``,
-  ``layer{s}.{b}.conv1|bn1|conv2|bn2``, ``layer{s}.0.shortcut.0|1`` ->
-  ``layer{s}_{b}/shortcut_conv|shortcut_bn``, ``linear`` -> ``fc``.
-* BatchNorm: ``weight`` -> ``params/.../scale``, ``bias`` -> ``params/.../bias``,
-  ``running_mean`` / ``running_var`` -> ``batch_stats/.../mean`` / ``var``;
-  ``num_batches_tracked`` is kept only in the metadata (for the round trip).
+The architecture comes from the model registry: each
+:class:`~otfusion_jax.models.ModelRecord` with a ``torch`` layout
+(:class:`~otfusion_jax.models.TorchLayout`) says which state dicts are its own,
+every key with the Flax leaf it becomes (e.g. MLPNet ``fc{i}.weight`` (out, in)
+-> ``params/fc{i}/kernel`` (in, out); the key correspondence of each model is in
+its module's docstring: ``otfusion_jax/models/mlp.py``, ``vgg.py``,
+``resnet.py``), and how to read its options back from the shapes. BatchNorm:
+``weight`` -> ``params/.../scale``, ``bias`` -> ``params/.../bias``,
+``running_mean`` / ``running_var`` -> ``batch_stats/.../mean`` / ``var``;
+``num_batches_tracked`` is kept only in the metadata (for the round trip).
+This module holds no model-specific code.
 
 All layout changes are transposes, so both directions are bit exact. The
 conversion itself is NumPy only (:func:`variables_from_state_dict`,
@@ -35,8 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
-import math
 import numbers
 import os
 import re
@@ -49,12 +42,11 @@ import numpy as np
 from otfusion_jax import io_utils, models
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.interop import layouts
-from otfusion_jax.models import resnet as resnet_lib
-from otfusion_jax.models import vgg as vgg_lib
+from otfusion_jax.models import torch_layout as tl
 
 __all__ = [
     "TorchCheckpointError",
-    "SUPPORTED_MODELS",
+    "supported_models",
     "is_torch_checkpoint",
     "detect_model",
     "load_torch_checkpoint",
@@ -62,8 +54,6 @@ __all__ = [
     "variables_from_state_dict",
     "state_dict_from_variables",
 ]
-
-SUPPORTED_MODELS = ("mlpnet", "vgg11", "resnet18")
 
 # torch.save's legacy (pre-1.6, non-zip) format starts with this pickled magic number.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little") + b"."
@@ -116,217 +106,71 @@ def is_torch_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def detect_model(keys: Sequence[str]) -> str | None:
-    """The architecture a state dict's keys belong to: a name in SUPPORTED_MODELS, or None.
+    """The registered architecture a state dict's keys belong to (its layout's ``detect``), or None.
 
     Args:
       keys: State-dict keys (without a ``module.`` prefix).
 
     Returns:
-      "mlpnet" (only ``fc{i}.weight|bias``), "vgg11" (``features.*`` and
+      A name in :func:`supported_models`, e.g. "mlpnet" (only
+      ``fc{i}.weight|bias``), "vgg11" (``features.*`` and
       ``classifier.weight``), "resnet18" (``conv1.weight``, ``layer1.*`` and
       ``linear.weight``), or None.
     """
-    keys = set(keys)
-    if "classifier.weight" in keys and any(k.startswith("features.") for k in keys):
-        return "vgg11"
-    if {"conv1.weight", "linear.weight"} <= keys and any(k.startswith("layer1.") for k in keys):
-        return "resnet18"
-    if keys and all(re.fullmatch(r"fc[1-9]\d*\.(weight|bias)", k) for k in keys):
-        return "mlpnet"
-    return None
+    keys = frozenset(keys)
+    return next((name for name, layout in _layouts().items() if layout.detect(keys)), None)
 
 
-# ----------------------------------------------------------------------------- key plans
+def supported_models() -> tuple[str, ...]:
+    """The registered models that have a PyTorch layout (``models.get(name).torch``)."""
+    return tuple(_layouts())
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    """One state-dict entry: its torch key and shape, the Flax leaf and how to convert."""
-
-    key: str
-    path: str | None  # Flax leaf path; None for num_batches_tracked (metadata only)
-    kind: str  # "dense" | "flatten_dense" | "conv" | "vector" | "count"
-    shape: tuple[int, ...]  # torch shape
-    hw: tuple[int, int] | None = None  # flatten_dense: spatial size of the flattened map
+def __getattr__(name: str) -> Any:
+    """``SUPPORTED_MODELS``, the former constant, now :func:`supported_models` (it follows the registry)."""
+    if name == "SUPPORTED_MODELS":
+        return supported_models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _dense(out: list, key: str, name: str, n_in: int, n_out: int, bias: bool, hw=None) -> None:
-    kind = "dense" if hw is None else "flatten_dense"
-    out.append(_Entry(f"{key}.weight", f"params/{name}/kernel", kind, (n_out, n_in), hw))
-    if bias:
-        out.append(_Entry(f"{key}.bias", f"params/{name}/bias", "vector", (n_out,)))
+def _layouts() -> dict[str, models.TorchLayout]:
+    return {r.name: r.torch for r in models.records() if r.torch is not None}
 
 
-def _conv(out: list, key: str, name: str, c_in: int, c_out: int, k: int, bias: bool) -> None:
-    out.append(_Entry(f"{key}.weight", f"params/{name}/kernel", "conv", (c_out, c_in, k, k)))
-    if bias:
-        out.append(_Entry(f"{key}.bias", f"params/{name}/bias", "vector", (c_out,)))
+def _record(name: str, where: str) -> models.ModelRecord:
+    """The record of a model with a torch layout."""
+    layouts_ = _layouts()
+    if name not in layouts_:
+        raise TorchCheckpointError(f"{where}: unknown model {name!r}; supported: {tuple(layouts_)}")
+    return models.get(name)
 
 
-def _bn(out: list, key: str, name: str, c: int) -> None:
-    out.append(_Entry(f"{key}.weight", f"params/{name}/scale", "vector", (c,)))
-    out.append(_Entry(f"{key}.bias", f"params/{name}/bias", "vector", (c,)))
-    out.append(_Entry(f"{key}.running_mean", f"batch_stats/{name}/mean", "vector", (c,)))
-    out.append(_Entry(f"{key}.running_var", f"batch_stats/{name}/var", "vector", (c,)))
-    out.append(_Entry(f"{key}.num_batches_tracked", None, "count", ()))
+# ----------------------------------------------------------------------------- inference (the record's layout)
 
 
-def _scaled(c: int, width: float) -> int:
-    """A standard width times the multiplier, rounded like the models do."""
-    return max(1, int(round(c * width)))
+def _describe(record: models.ModelRecord, options: Any, input_shape, num_classes) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(record.options_dict(options).items()))
+    return f"{record.name}({opts}; input {tuple(input_shape)}, {num_classes} classes)"
 
 
-def _plan(
-    name: str, options: Mapping[str, Any], input_shape: tuple[int, int, int], num_classes: int
-) -> list[_Entry]:
-    """All state-dict entries of a model, in the order torch's ``state_dict()`` lists them."""
-    out: list[_Entry] = []
-    bias = bool(options.get("bias", False))
-    h, w, c_in = input_shape
-    if name == "mlpnet":
-        widths = [int(x) for x in options.get("widths", (400, 200, 100))]
-        n_in = h * w * c_in
-        for i, n_out in enumerate([*widths, num_classes]):
-            _dense(out, f"fc{i + 1}", f"fc{i + 1}", n_in, n_out, bias, hw=(h, w) if i == 0 else None)
-            n_in = n_out
-    elif name == "vgg11":
-        width, norm = float(options.get("width", 1.0)), bool(options.get("norm", False))
-        j = i = 0
-        for item in vgg_lib.VGG11_CFG:
-            if item == "M":
-                j += 1  # MaxPool2d: no parameters
-                continue
-            i += 1
-            c = _scaled(item, width)
-            _conv(out, f"features.{j}", f"conv{i}", c_in, c, 3, bias)
-            if norm:
-                _bn(out, f"features.{j + 1}", f"bn{i}", c)
-            j += 3 if norm else 2  # conv, [bn,] relu
-            c_in = c
-        hw = (h // 32, w // 32)
-        _dense(out, "classifier", "fc", c_in * hw[0] * hw[1], num_classes, bias, hw=hw)
-    elif name == "resnet18":
-        width, norm = float(options.get("width", 1.0)), bool(options.get("norm", True))
-        c0 = _scaled(resnet_lib.STAGES[0][0], width)
-        _conv(out, "conv1", "conv1", c_in, c0, 3, bias)
-        if norm:
-            _bn(out, "bn1", "bn1", c0)
-        c_in = c0
-        for s, (features, _) in enumerate(resnet_lib.STAGES):
-            c = _scaled(features, width)
-            for b in range(resnet_lib.BLOCKS_PER_STAGE):
-                key, block = f"layer{s + 1}.{b}", f"layer{s + 1}_{b}"
-                _conv(out, f"{key}.conv1", f"{block}/conv1", c_in, c, 3, bias)
-                if norm:
-                    _bn(out, f"{key}.bn1", f"{block}/bn1", c)
-                _conv(out, f"{key}.conv2", f"{block}/conv2", c, c, 3, bias)
-                if norm:
-                    _bn(out, f"{key}.bn2", f"{block}/bn2", c)
-                if b == 0 and s > 0:  # projection shortcut (the models' _needs_projection)
-                    _conv(out, f"{key}.shortcut.0", f"{block}/shortcut_conv", c_in, c, 1, bias)
-                    if norm:
-                        _bn(out, f"{key}.shortcut.1", f"{block}/shortcut_bn", c)
-                c_in = c
-        _dense(out, "linear", "fc", c_in, num_classes, bias)
-    else:
-        raise ValueError(f"unknown model {name!r}; supported: {SUPPORTED_MODELS}")
-    return out
-
-
-def _describe(name: str, options: Mapping[str, Any], input_shape, num_classes) -> str:
-    opts = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
-    return f"{name}({opts}; input {tuple(input_shape)}, {num_classes} classes)"
-
-
-# ----------------------------------------------------------------------------- inference
-
-
-def _get(sd: Mapping[str, Any], key: str, ndim: int, where: str, model: str) -> tuple[int, ...]:
-    """The shape of ``sd[key]``, which must exist with ``ndim`` axes."""
-    if key not in sd:
-        raise TorchCheckpointError(
-            f"{where}: missing key {key!r} for {model} (found keys: {_preview(sd)})"
-        )
-    shape = tuple(np.shape(sd[key]))
-    if len(shape) != ndim:
-        raise TorchCheckpointError(
-            f"{where}: key {key!r} has shape {shape}, expected {ndim} axes for {model}"
-        )
+def _input_shape(input_shape, where: str) -> tuple[int, int, int]:
+    shape = tuple(int(x) for x in input_shape)
+    if len(shape) != 3:
+        raise TorchCheckpointError(f"{where}: input_shape must be (H, W, C), got {shape}")
     return shape
 
 
-def _preview(keys, n: int = 8) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
-def _width(c0: int, standard: int, key: str, where: str, model: str) -> float:
-    width = c0 / standard
-    if _scaled(standard, width) != c0:
-        raise TorchCheckpointError(f"{where}: key {key!r}: {c0} channels is not a width multiple for {model}")
-    return width
-
-
 def _infer(
-    name: str, sd: Mapping[str, Any], where: str, input_shape, num_classes
-) -> tuple[dict[str, Any], tuple[int, int, int], int]:
-    """Model options, input shape and class count implied by a (torch-layout) state dict."""
-    if name == "mlpnet":
-        found = [re.fullmatch(r"fc([1-9]\d*)\.(?:weight|bias)", k) for k in sd]
-        n = max([int(m.group(1)) for m in found if m] or [1])
-        shapes = [_get(sd, f"fc{i}.weight", 2, where, name) for i in range(1, n + 1)]
-        options = {"bias": "fc1.bias" in sd, "widths": [s[0] for s in shapes[:-1]]}
-        n_in, classes = shapes[0][1], shapes[-1][0]
-        if input_shape is None:
-            input_shape = {784: (28, 28, 1), 3072: (32, 32, 3)}.get(n_in, (1, 1, n_in))
-        elif math.prod(input_shape) != n_in:
-            raise TorchCheckpointError(
-                f"{where}: key 'fc1.weight' reads {n_in} inputs but input_shape {tuple(input_shape)} has "
-                f"{math.prod(input_shape)}"
-            )
-    elif name == "vgg11":
-        convs = [k for k in sd if re.fullmatch(r"features\.\d+\.weight", k) and np.ndim(sd[k]) == 4]
-        if len(convs) != 8:
-            raise TorchCheckpointError(
-                f"{where}: a VGG with {len(convs)} conv layers; only VGG11 (8 convs) is supported"
-            )
-        c0, c_in = _get(sd, "features.0.weight", 4, where, name)[:2]
-        width = _width(c0, vgg_lib.VGG11_CFG[0], "features.0.weight", where, name)
-        norm = "features.1.running_mean" in sd or "features.1.weight" in sd
-        options = {"bias": "features.0.bias" in sd, "norm": norm, "width": width}
-        classes, n_in = _get(sd, "classifier.weight", 2, where, name)
-        c_last = _scaled(512, width)
-        if input_shape is None:
-            k = n_in // c_last if n_in % c_last == 0 else 0
-            s = math.isqrt(k)
-            if s * s != k or k == 0:
-                raise TorchCheckpointError(
-                    f"{where}: key 'classifier.weight' reads {n_in} inputs, not {c_last} channels times a "
-                    "square map; pass input_shape"
-                )
-            input_shape = (32 * s, 32 * s, c_in)
-    elif name == "resnet18":
-        c0, c_in = _get(sd, "conv1.weight", 4, where, name)[:2]
-        width = _width(c0, resnet_lib.STAGES[0][0], "conv1.weight", where, name)
-        norm = "bn1.weight" in sd or "bn1.running_mean" in sd
-        options = {"bias": "conv1.bias" in sd, "norm": norm, "width": width}
-        classes = _get(sd, "linear.weight", 2, where, name)[0]
-        if input_shape is None:
-            input_shape = (32, 32, c_in)
-    else:
-        raise TorchCheckpointError(f"{where}: unknown model {name!r}; supported: {SUPPORTED_MODELS}")
-    input_shape = tuple(int(x) for x in input_shape)
-    if len(input_shape) != 3:
-        raise TorchCheckpointError(f"{where}: input_shape must be (H, W, C), got {input_shape}")
-    if name in ("vgg11", "resnet18") and input_shape[2] != c_in:
-        raise TorchCheckpointError(
-            f"{where}: the first conv reads {c_in} channels but input_shape {input_shape} "
-            f"has {input_shape[2]}"
-        )
-    if name == "vgg11" and (input_shape[0] % 32 or input_shape[1] % 32):
-        raise TorchCheckpointError(
-            f"{where}: vgg11 needs H and W divisible by 32, got input_shape {input_shape}"
-        )
+    record: models.ModelRecord, shapes: Mapping[str, tuple[int, ...]], where: str, input_shape, num_classes
+) -> tuple[Any, tuple[int, int, int], int]:
+    """Options, input shape and class count implied by a state dict's torch shapes (the layout's ``infer``)."""
+    if input_shape is not None:
+        input_shape = _input_shape(input_shape, where)
+    try:
+        options, input_shape, classes = record.torch.infer(shapes, input_shape)
+    except tl.LayoutError as e:
+        raise TorchCheckpointError(f"{where}: {e}") from None
+    input_shape = _input_shape(input_shape, where)
     if num_classes is not None and int(num_classes) != classes:
         raise TorchCheckpointError(
             f"{where}: the last layer has {classes} outputs but num_classes={num_classes} was asked for"
@@ -335,45 +179,16 @@ def _infer(
 
 
 def _infer_from_variables(
-    name: str, flat: Mapping[str, Any], where: str, input_shape
-) -> tuple[dict[str, Any], tuple[int, int, int], int]:
-    """Like :func:`_infer`, from Flax variables (via the torch shapes of the leaves it reads)."""
-    proxy: dict[str, Any] = {}
-
-    def put(path: str, key: str, convert, required: bool = True):
+    record: models.ModelRecord, flat: Mapping[str, Any], where: str, input_shape
+) -> tuple[Any, tuple[int, int, int], int]:
+    """Like :func:`_infer`, from Flax variables (via the torch shapes of the leaves the layout reads)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, key, required in record.torch.reads(list(flat)):
         if path in flat:
-            proxy[key] = np.empty(convert(np.shape(flat[path])), np.float32)
+            shapes[key] = tl.torch_shape(np.shape(flat[path]))
         elif required:
-            raise TorchCheckpointError(f"{where}: variables do not match {name}; missing leaves: {path}")
-
-    dense = lambda s: s[::-1]  # noqa: E731
-    conv = lambda s: (s[3], s[2], s[0], s[1]) if len(s) == 4 else s  # noqa: E731
-    if name == "mlpnet":
-        found = [re.fullmatch(r"params/fc([1-9]\d*)/(?:kernel|bias)", p) for p in flat]
-        for i in range(1, max([int(m.group(1)) for m in found if m] or [1]) + 1):
-            put(f"params/fc{i}/kernel", f"fc{i}.weight", dense)
-        put("params/fc1/bias", "fc1.bias", tuple, required=False)
-    elif name == "vgg11":
-        j = i = 0
-        norm = "params/bn1/scale" in flat
-        for item in vgg_lib.VGG11_CFG:
-            if item == "M":
-                j += 1
-                continue
-            i += 1
-            put(f"params/conv{i}/kernel", f"features.{j}.weight", conv)
-            j += 3 if norm else 2
-        put("params/conv1/bias", "features.0.bias", tuple, required=False)
-        put("params/bn1/scale", "features.1.weight", tuple, required=False)
-        put("params/fc/kernel", "classifier.weight", dense)
-    elif name == "resnet18":
-        put("params/conv1/kernel", "conv1.weight", conv)
-        put("params/conv1/bias", "conv1.bias", tuple, required=False)
-        put("params/bn1/scale", "bn1.weight", tuple, required=False)
-        put("params/fc/kernel", "linear.weight", dense)
-    else:
-        raise TorchCheckpointError(f"{where}: unknown model {name!r}; supported: {SUPPORTED_MODELS}")
-    return _infer(name, proxy, where, input_shape, None)
+            raise TorchCheckpointError(f"{where}: variables do not match {record.name}; missing leaves: {path}")
+    return _infer(record, shapes, where, input_shape, None)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -382,6 +197,22 @@ def _infer_from_variables(
 def _check_floating(key: str, arr: np.ndarray, where: str) -> None:
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
         raise TorchCheckpointError(f"{where}: key {key!r} has dtype {arr.dtype.name}, expected a float dtype")
+
+
+# entry kind -> (Flax -> torch, torch -> Flax); "vector" entries keep their layout.
+_CONVERT = {
+    "dense": (layouts.dense_to_torch, layouts.dense_from_torch),
+    "conv": (layouts.conv_to_torch, layouts.conv_from_torch),
+    "flatten_dense": (layouts.flatten_dense_to_torch, layouts.flatten_dense_from_torch),
+}
+
+
+def _convert(e: tl.TorchEntry, arr: np.ndarray, to_torch: bool) -> np.ndarray:
+    pair = _CONVERT.get(e.kind)
+    if pair is None:
+        return arr
+    fn = pair[0 if to_torch else 1]
+    return fn(arr, e.hw) if e.kind == "flatten_dense" else fn(arr)
 
 
 def variables_from_state_dict(
@@ -396,7 +227,8 @@ def variables_from_state_dict(
 
     Args:
       state_dict: key -> array in torch layouts (keys without a ``module.`` prefix).
-      model: "mlpnet", "vgg11" or "resnet18"; None detects it from the keys.
+      model: a registered model with a torch layout ("mlpnet", "vgg11",
+        "resnet18"); None detects it from the keys.
       input_shape: (H, W, C) of one input; None infers it (MLPNet: 784 ->
         (28, 28, 1), 3072 -> (32, 32, 3); conv nets: 32x32 with the first
         conv's channels, VGG11 larger if its classifier reads a larger map).
@@ -417,14 +249,14 @@ def variables_from_state_dict(
     name = model if model is not None else detect_model(list(state_dict))
     if name is None:
         raise TorchCheckpointError(
-            f"{where}: unknown architecture: the state dict's keys ({_preview(state_dict)}) match none of "
-            f"{SUPPORTED_MODELS} as written by the original OTFusion"
+            f"{where}: unknown architecture: the state dict's keys ({tl.preview(state_dict)}) match none of "
+            f"{supported_models()} as written by the original OTFusion"
         )
-    if name not in SUPPORTED_MODELS:
-        raise TorchCheckpointError(f"{where}: unknown model {name!r}; supported: {SUPPORTED_MODELS}")
-    options, input_shape, classes = _infer(name, state_dict, where, input_shape, num_classes)
-    plan = _plan(name, options, input_shape, classes)
-    desc = _describe(name, options, input_shape, classes)
+    record = _record(name, where)
+    shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+    options, input_shape, classes = _infer(record, shapes, where, input_shape, num_classes)
+    plan = record.torch.entries(options, input_shape, classes)
+    desc = _describe(record, options, input_shape, classes)
     want = {e.key for e in plan}
     optional = {e.key for e in plan if e.kind == "count"}
     missing = [e.key for e in plan if e.key not in state_dict and e.key not in optional]
@@ -432,8 +264,8 @@ def variables_from_state_dict(
     if missing or extra:
         raise TorchCheckpointError(
             f"{where}: state dict does not match {desc}"
-            + (f"; missing keys: {_preview(missing, 5)}" if missing else "")
-            + (f"; unexpected keys: {_preview(extra, 5)}" if extra else "")
+            + (f"; missing keys: {tl.preview(missing, 5)}" if missing else "")
+            + (f"; unexpected keys: {tl.preview(extra, 5)}" if extra else "")
         )
     flat: dict[str, Any] = {}
     counts: dict[str, int] = {}
@@ -453,14 +285,13 @@ def variables_from_state_dict(
                 f"{where}: key {e.key!r} has shape {arr.shape}, expected {e.shape} for {desc}"
             )
         _check_floating(e.key, arr, where)
-        if e.kind == "dense":
-            arr = layouts.dense_from_torch(arr)
-        elif e.kind == "flatten_dense":
-            arr = layouts.flatten_dense_from_torch(arr, e.hw)
-        elif e.kind == "conv":
-            arr = layouts.conv_from_torch(arr)
-        flat[e.path] = np.array(arr, order="C", copy=True)
-    info = {"name": name, "options": options, "input_shape": list(input_shape), "num_classes": classes}
+        flat[e.path] = np.array(_convert(e, arr, to_torch=False), order="C", copy=True)
+    info = {
+        "name": name,
+        "options": record.options_dict(options),
+        "input_shape": list(input_shape),
+        "num_classes": classes,
+    }
     return name, info, spec_lib.unflatten_paths(flat), counts
 
 
@@ -475,7 +306,7 @@ def state_dict_from_variables(
     """Converts our Flax variables to the original's state dict (NumPy arrays; no torch needed).
 
     Args:
-      model_name: "mlpnet", "vgg11" or "resnet18".
+      model_name: a registered model with a torch layout ("mlpnet", "vgg11", "resnet18").
       variables: ``{"params": ..., ["batch_stats": ...]}`` of that model.
       input_shape: (H, W, C) of one input (needed for an MLPNet on
         multi-channel images or a VGG11 on inputs larger than 32x32); None
@@ -491,20 +322,19 @@ def state_dict_from_variables(
       TorchCheckpointError: unknown model, missing or extra leaves, wrong
         shapes or non-float dtypes.
     """
-    if model_name not in SUPPORTED_MODELS:
-        raise TorchCheckpointError(f"{where}: unknown model {model_name!r}; supported: {SUPPORTED_MODELS}")
+    record = _record(model_name, where)
     flat = {p: np.asarray(jax.device_get(v)) for p, v in spec_lib.flatten_paths(dict(variables)).items()}
-    options, input_shape, classes = _infer_from_variables(model_name, flat, where, input_shape)
-    plan = _plan(model_name, options, input_shape, classes)
-    desc = _describe(model_name, options, input_shape, classes)
+    options, input_shape, classes = _infer_from_variables(record, flat, where, input_shape)
+    plan = record.torch.entries(options, input_shape, classes)
+    desc = _describe(record, options, input_shape, classes)
     want = {e.path for e in plan if e.path is not None}
     missing = [e.path for e in plan if e.path is not None and e.path not in flat]
     extra = [p for p in flat if p not in want]
     if missing or extra:
         raise TorchCheckpointError(
             f"{where}: variables do not match {desc}"
-            + (f"; missing leaves: {_preview(missing, 5)}" if missing else "")
-            + (f"; unexpected leaves: {_preview(extra, 5)}" if extra else "")
+            + (f"; missing leaves: {tl.preview(missing, 5)}" if missing else "")
+            + (f"; unexpected leaves: {tl.preview(extra, 5)}" if extra else "")
         )
     counts = dict(num_batches_tracked or {})
     out: collections.OrderedDict = collections.OrderedDict()
@@ -514,29 +344,13 @@ def state_dict_from_variables(
             continue
         arr = flat[e.path]
         _check_floating(e.path, arr, where)
-        expected = _flax_shape(e)
+        expected = tl.flax_shape(e)
         if arr.shape != expected:
             raise TorchCheckpointError(
                 f"{where}: leaf {e.path!r} has shape {arr.shape}, expected {expected} for {desc}"
             )
-        if e.kind == "dense":
-            arr = layouts.dense_to_torch(arr)
-        elif e.kind == "flatten_dense":
-            arr = layouts.flatten_dense_to_torch(arr, e.hw)
-        elif e.kind == "conv":
-            arr = layouts.conv_to_torch(arr)
-        out[e.key] = np.array(arr, order="C", copy=True)
+        out[e.key] = np.array(_convert(e, arr, to_torch=True), order="C", copy=True)
     return out
-
-
-def _flax_shape(e: _Entry) -> tuple[int, ...]:
-    """The Flax shape of a plan entry's leaf."""
-    if e.kind in ("dense", "flatten_dense"):
-        return e.shape[::-1]
-    if e.kind == "conv":
-        o, i, kh, kw = e.shape
-        return (kh, kw, i, o)
-    return e.shape
 
 
 def _check_against_model(info: Mapping[str, Any], variables: Mapping[str, Any], where: str) -> None:
@@ -629,7 +443,7 @@ def load_torch_checkpoint(
         ``model_state_dict`` (``test_accuracy``, ``args``, ``epoch`` ... are
         kept in the metadata), or a bare state dict. Keys may carry the
         ``module.`` prefix of ``nn.DataParallel``.
-      model: "mlpnet", "vgg11" or "resnet18"; None detects it from the keys.
+      model: a model with a torch layout ("mlpnet", "vgg11", "resnet18"); None detects it from the keys.
       input_shape: (H, W, C) of one input; None infers it (see
         :func:`variables_from_state_dict`).
       num_classes: if given, checked against the last layer.
@@ -698,7 +512,7 @@ def load_torch_checkpoint(
     else:
         raise TorchCheckpointError(
             f"{where}: no state dict: expected a 'model_state_dict' entry or a bare state dict, "
-            f"found entries {_preview(obj)}"
+            f"found entries {tl.preview(obj)}"
         )
     if not raw_sd:
         raise TorchCheckpointError(f"{where}: the state dict is empty")
@@ -758,7 +572,7 @@ def save_torch_checkpoint(
 
     Args:
       path: Destination file (parents are created; an existing file is replaced).
-      model_name: "mlpnet", "vgg11" or "resnet18".
+      model_name: a model with a torch layout ("mlpnet", "vgg11", "resnet18").
       variables: ``{"params": ..., ["batch_stats": ...]}`` of that model.
       metadata: the loader's metadata (its ``"torch"`` section is replayed) or
         ours (``test_accuracy`` as a fraction is written as a percentage;

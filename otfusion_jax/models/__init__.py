@@ -1,12 +1,17 @@
-"""Model registry: build a Flax module and its alignment spec by name.
+"""Model registry: each architecture is one :class:`ModelRecord`; build its module and spec by name.
 
 >>> model, spec = build("mlpnet", input_shape=(28, 28, 1), num_classes=10, bias=False)
 >>> variables = init(model, jax.random.key(0), (28, 28, 1))
+>>> get("mlpnet").options          # MLPNetOptions(bias: bool = False, widths: tuple[int, ...] = ...)
+
+Adding an architecture is writing one record and registering it
+(``docs/ADDING_A_MODEL.md``). A record is checked against the module contract
+(:func:`check_record`, on abstract shapes) the first time it is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -14,43 +19,93 @@ import jax
 import jax.numpy as jnp
 
 from otfusion_jax import spec as spec_lib
-from otfusion_jax.models.common import ACT_PREFIX
-from otfusion_jax.models.mlp import MLPNet, mlpnet_spec
-from otfusion_jax.models.resnet import ResNet18, resnet18_spec
-from otfusion_jax.models.vgg import VGG11, vgg11_spec
+from otfusion_jax.models import mlp, resnet, vgg
+from otfusion_jax.models.common import ACT_COLLECTIONS, ACT_PREFIX, sow_acts
+from otfusion_jax.models.mlp import MLPNet, MLPNetOptions
+from otfusion_jax.models.record import ModelRecord, RecordError, check_record, sown_activations
+from otfusion_jax.models.resnet import ResNet18, ResNet18Options
+from otfusion_jax.models.torch_layout import LayoutError, TorchEntry, TorchLayout
+from otfusion_jax.models.vgg import VGG11, VGG11Options
 
 __all__ = [
     "MLPNet",
     "VGG11",
     "ResNet18",
+    "MLPNetOptions",
+    "VGG11Options",
+    "ResNet18Options",
+    "ModelRecord",
+    "RecordError",
+    "TorchLayout",
+    "TorchEntry",
+    "LayoutError",
     "build",
     "init",
     "capture_activations",
     "recompute_batch_stats",
     "available",
     "register",
+    "get",
+    "records",
+    "check_record",
+    "sow_acts",
     "ACT_COLLECTIONS",
+    "ACT_PREFIX",
 ]
 
-ACT_COLLECTIONS = {"pre": "acts_pre", "post": "acts_post"}
-
-Builder = Callable[..., tuple[nn.Module, spec_lib.AlignmentSpec]]
-_REGISTRY: dict[str, Builder] = {}
+_REGISTRY: dict[str, ModelRecord] = {}
+_CHECKED: set[str] = set()  # names whose record passed check_record in this process
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a builder ``f(input_shape, num_classes, **options) -> (module, spec)``."""
+def register(record: ModelRecord, *, replace: bool = False) -> ModelRecord:
+    """Registers a model record under ``record.name``.
 
-    def deco(fn: Builder) -> Builder:
-        _REGISTRY[name] = fn
-        return fn
+    The record is checked (:func:`check_record`) lazily, the first time it is
+    built, so registering costs nothing at import.
 
-    return deco
+    Args:
+      record: the architecture (see ``docs/ADDING_A_MODEL.md``).
+      replace: allow replacing a different record of the same name.
+
+    Returns:
+      The record (so ``register`` can wrap its definition).
+
+    Raises:
+      TypeError: ``record`` is not a :class:`ModelRecord`.
+      ValueError: the name is taken by a different record and ``replace`` is False.
+    """
+    if not isinstance(record, ModelRecord):
+        raise TypeError(
+            f"models.register takes a ModelRecord, got {type(record).__name__} (see docs/ADDING_A_MODEL.md)"
+        )
+    old = _REGISTRY.get(record.name)
+    if old is not None and old != record and not replace:
+        raise ValueError(f"model {record.name!r} is already registered (pass replace=True to replace it)")
+    if old != record:
+        _CHECKED.discard(record.name)
+    _REGISTRY[record.name] = record
+    return record
 
 
 def available() -> list[str]:
     """Names of the registered models."""
     return sorted(_REGISTRY)
+
+
+def records() -> list[ModelRecord]:
+    """The registered records, sorted by name."""
+    return [_REGISTRY[name] for name in available()]
+
+
+def get(name: str) -> ModelRecord:
+    """The record of a registered model.
+
+    Raises:
+      ValueError: no model of that name is registered.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {available()}")
+    return _REGISTRY[name]
 
 
 def build(
@@ -59,42 +114,27 @@ def build(
     """Builds a registered model and its alignment spec.
 
     Args:
-      name: "mlpnet", "vgg11" or "resnet18" (see ``available()``).
+      name: a registered model, e.g. "mlpnet", "vgg11" or "resnet18" (see ``available()``).
       input_shape: (H, W, C) of one input.
       num_classes: number of output classes.
-      **options: model options: ``bias`` (bool), ``norm`` (bool, conv nets),
-        ``width`` (float multiplier, conv nets), ``widths`` (tuple, mlpnet).
+      **options: the fields of the model's options dataclass
+        (``get(name).options``), e.g. mlpnet ``bias``, ``widths``; vgg11 and
+        resnet18 ``bias``, ``norm``, ``width``.
 
     Returns:
       (module, spec).
+
+    Raises:
+      ValueError: unknown model, or an unknown or ill-typed option (the
+        message names the model and the option).
+      RecordError: the model's record breaks the module contract.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {available()}")
-    try:
-        return _REGISTRY[name](tuple(input_shape), num_classes, **options)
-    except TypeError as e:
-        raise ValueError(f"model {name!r}: bad options {sorted(options)}: {e}") from None
-
-
-@register("mlpnet")
-def _mlpnet(input_shape, num_classes, *, bias: bool = False, widths=(400, 200, 100)):
-    widths = tuple(int(w) for w in widths)
-    return (
-        MLPNet(widths=widths, num_classes=num_classes, use_bias=bias),
-        mlpnet_spec(len(widths), bias=bias),
-    )
-
-
-@register("vgg11")
-def _vgg11(input_shape, num_classes, *, bias: bool = False, norm: bool = False, width: float = 1.0):
-    module = VGG11(num_classes=num_classes, use_bias=bias, use_norm=norm, width=width)
-    return module, vgg11_spec(input_shape[:2], bias=bias, norm=norm)
-
-
-@register("resnet18")
-def _resnet18(input_shape, num_classes, *, bias: bool = False, norm: bool = True, width: float = 1.0):
-    module = ResNet18(num_classes=num_classes, use_bias=bias, use_norm=norm, width=width)
-    return module, resnet18_spec(bias=bias, norm=norm)
+    record = get(name)
+    opts = record.make_options(**options)
+    if name not in _CHECKED:
+        check_record(record)
+        _CHECKED.add(name)
+    return record.build(opts, input_shape, num_classes)
 
 
 def init(module: nn.Module, rng: jax.Array, input_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -122,18 +162,7 @@ def capture_activations(
         raise ValueError(f"activation kind must be 'pre' or 'post', got {kind!r}")
     coll = ACT_COLLECTIONS[kind]
     _, state = module.apply(dict(variables), x, train=False, mutable=[coll])
-    out: dict[str, tuple] = {}
-
-    def walk(node):
-        for key, value in node.items():
-            if isinstance(value, tuple):
-                plan = key.removeprefix(ACT_PREFIX)
-                out[plan] = out.get(plan, ()) + value
-            else:
-                walk(value)
-
-    walk(state.get(coll, {}))
-    return out
+    return sown_activations(state.get(coll, {}))
 
 
 def recompute_batch_stats(module: nn.Module, variables: Mapping[str, Any], x: jnp.ndarray) -> dict[str, Any]:
@@ -157,3 +186,8 @@ def recompute_batch_stats(module: nn.Module, variables: Mapping[str, Any], x: jn
     fresh = module.clone(bn_momentum=0.0)
     _, state = fresh.apply(dict(variables), x, train=True, mutable=["batch_stats"])
     return {**variables, "batch_stats": state["batch_stats"]}
+
+
+for _record in (mlp.RECORD, vgg.RECORD, resnet.RECORD):
+    register(_record)
+del _record
