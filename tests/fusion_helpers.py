@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
+import os
+import re
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from otfusion_jax import fusion
-from otfusion_jax import spec as spec_lib
 from otfusion_jax.interop import layouts
-from otfusion_jax.models.common import ACT_PREFIX
 
 
 def random_permutation_plans(spec, sizes, seed, keep_output=True):
@@ -35,41 +37,44 @@ def max_abs_diff(a, b):
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-class SmallCNN(nn.Module):
-    """conv-relu-pool-conv-relu-flatten-dense-relu-dense: the minimal model with a conv->dense flatten.
+# ----------------------------------------------------------------------------- SmallCNN: the docs' example
 
-    Written here, outside the library, as the example of adding an
-    architecture: a module that sows its activations and a spec.
+DOC_EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "ADDING_A_MODEL.md")
+_DOC_MODULE = "adding_a_model_example"
+
+
+def doc_example_code(path=DOC_EXAMPLE):
+    """The one ```python code block of docs/ADDING_A_MODEL.md."""
+    with open(path, encoding="utf-8") as f:
+        blocks = re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.DOTALL | re.MULTILINE)
+    if len(blocks) != 1:
+        raise AssertionError(f"{path} must hold exactly one ```python block, found {len(blocks)}")
+    return blocks[0]
+
+
+def load_doc_example():
+    """Executes the docs' code block once per process, as module ``adding_a_model_example``.
+
+    The block defines and registers the "small_cnn" model; a second call
+    returns the same module (registering twice would be an error).
     """
-
-    c1: int = 6
-    c2: int = 8
-    hidden: int = 12
-    num_classes: int = 5
-    use_bias: bool = False
-
-    @nn.compact
-    def __call__(self, x, train=False):
-        x = nn.Conv(self.c1, (3, 3), padding=1, use_bias=self.use_bias, name="conv1")(x)
-        self.sow("acts_pre", ACT_PREFIX + "conv1", x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        x = nn.Conv(self.c2, (3, 3), padding=1, use_bias=self.use_bias, name="conv2")(x)
-        self.sow("acts_pre", ACT_PREFIX + "conv2", x)
-        x = nn.relu(x).reshape(x.shape[0], -1)
-        x = nn.Dense(self.hidden, use_bias=self.use_bias, name="fc1")(x)
-        self.sow("acts_pre", ACT_PREFIX + "fc1", x)
-        x = nn.Dense(self.num_classes, use_bias=self.use_bias, name="fc2")(nn.relu(x))
-        self.sow("acts_pre", ACT_PREFIX + "fc2", x)
-        return x
+    if _DOC_MODULE in sys.modules:
+        return sys.modules[_DOC_MODULE]
+    module = types.ModuleType(_DOC_MODULE)
+    module.__file__ = DOC_EXAMPLE
+    sys.modules[_DOC_MODULE] = module  # dataclasses and typing resolve annotations through it
+    try:
+        exec(compile(doc_example_code(), DOC_EXAMPLE, "exec"), module.__dict__)  # noqa: S102 - our own docs
+    except BaseException:
+        del sys.modules[_DOC_MODULE]
+        raise
+    return module
 
 
-def small_cnn_spec(hw, bias):
-    leaves = {}
-    leaves.update(spec_lib.conv("conv1", None, "conv1", bias=bias))
-    leaves.update(spec_lib.conv("conv2", "conv1", "conv2", bias=bias))
-    leaves.update(spec_lib.flatten_dense("fc1", hw, "conv2", "fc1", bias=bias))
-    leaves.update(spec_lib.dense("fc2", "fc1", "fc2", bias=bias))
-    return spec_lib.AlignmentSpec.build(leaves, ["conv1", "conv2", "fc1", "fc2"], output_plan="fc2")
+_EXAMPLE = load_doc_example()
+SmallCNN = _EXAMPLE.SmallCNN  # conv-relu-pool-conv-relu-flatten-dense-relu-dense, sows acts_pre and acts_post
+SMALL_CNN = _EXAMPLE.SMALL_CNN  # its registered record, "small_cnn"
+small_cnn_spec = _EXAMPLE.small_cnn_spec  # small_cnn_spec(hw, bias): hw is conv2's map, flattened into fc1
 
 
 def to_torch_layers(variables, kinds, flatten_hw=None):
