@@ -51,12 +51,27 @@ SCHEMA: dict[str | None, tuple[str, ...]] = {
     "train": _TRAIN_FIELDS,
 }
 
-# Which config.model fields each registered model takes as build() options.
-MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
-    "mlpnet": ("bias", "widths"),
-    "vgg11": ("bias", "norm", "width"),
-    "resnet18": ("bias", "norm", "width"),
-}
+class _ModelOptions(Mapping):
+    """Model name -> the config.model fields it takes: its record's option fields (a live view of the registry)."""
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        if name not in models.available():
+            raise KeyError(name)
+        return models.get(name).option_names
+
+    def __iter__(self):
+        return iter(models.available())
+
+    def __len__(self) -> int:
+        return len(models.available())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+# Which config.model fields each registered model takes as build() options:
+# the fields of its options dataclass (models.get(name).options), e.g. mlpnet: bias, widths.
+MODEL_OPTIONS: Mapping[str, tuple[str, ...]] = _ModelOptions()
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -153,24 +168,34 @@ def model_options_from(config: Any, k: int | None = None) -> tuple[str, dict[str
     Args:
       config: The experiment config.
       k: Parent index: its factor in ``config.parent_widths`` scales the widths
-        (mlpnet hidden widths, conv nets' width multiplier). None: factor 1.
+        (the record's ``scale_width``: mlpnet hidden widths, conv nets' width
+        multiplier). None: factor 1.
 
     Returns:
-      ``(name, options)``, e.g. ``("mlpnet", {"bias": False, "widths": [400, 200, 100]})``;
-      options are JSON-friendly (lists, not tuples) for checkpoint metadata.
+      ``(name, options)``, e.g. ``("mlpnet", {"bias": False, "widths": [400, 200, 100]})``:
+      every field of the model's options dataclass (``models.get(name).options``),
+      from ``config.model`` where it has the field, else the default; JSON-friendly
+      (lists, not tuples) for checkpoint metadata.
+
+    Raises:
+      ValueError: An unknown model, an option value of the wrong type, or a
+        width factor for a model without a width option.
     """
     cfg = to_dict(config)
     model = cfg["model"]
     name = model["name"]
-    keys = MODEL_OPTIONS.get(name, tuple(k for k in SCHEMA["model"] if k != "name"))
-    options = {key: model[key] for key in keys}
+    record = models.get(name)
+    try:
+        options = record.make_options(**{key: model[key] for key in record.option_names if key in model})
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None
     factors = tuple(cfg.get("parent_widths") or ())
     factor = float(factors[k]) if k is not None and k < len(factors) else 1.0
-    if "widths" in options:
-        options["widths"] = [max(1, int(round(int(w) * factor))) for w in options["widths"]]
-    elif "width" in options:
-        options["width"] = float(options["width"]) * factor
-    return name, options
+    if factor != 1.0:
+        if record.scale_width is None:
+            raise ValueError(f"config.parent_widths: model {name!r} has no width option to scale")
+        options = record.scale_width(options, factor)
+    return name, record.options_dict(options)
 
 
 def model_from(
