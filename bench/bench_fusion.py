@@ -70,7 +70,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import otfusion_jax as otf  # noqa: E402
-from otfusion_jax import fusion  # noqa: E402
 from otfusion_jax.interop import layouts  # noqa: E402
 from otfusion_jax.models import build, capture_activations, init  # noqa: E402
 
@@ -341,7 +340,7 @@ def _pair_fn(spec, cfg: otf.FusionConfig) -> Callable[[Any, Any], Any]:
     return fn
 
 
-def _sinkhorn_summary(aux: fusion.FusionAux) -> dict[str, Any]:
+def _sinkhorn_summary(aux: otf.FusionAux) -> dict[str, Any]:
     iters, conv = [], []
     for info in aux.info:
         if info is None:
@@ -352,7 +351,7 @@ def _sinkhorn_summary(aux: fusion.FusionAux) -> dict[str, Any]:
     return {"sinkhorn_max_iters": max(iters) if iters else None, "sinkhorn_all_converged": all(conv)}
 
 
-def _auction_summary(aux: fusion.FusionAux) -> dict[str, Any]:
+def _auction_summary(aux: otf.FusionAux) -> dict[str, Any]:
     """Bidding rounds per layer of the first aligned parent (``PlanInfo.n_iters``) and convergence."""
     first = next(info for info in aux.info if info is not None)
     rounds = {name: int(np.max(np.asarray(pi.n_iters))) for name, pi in first.items()}
@@ -449,7 +448,7 @@ def bench_pair(
         }
     # Host-side checks that otf.fuse runs on concrete inputs (outside any jit).
     check = time_calls(
-        lambda: (fusion.check_parents(parents, spec), fusion.check_finite(parents)), args.repeats, args.budget_s
+        lambda: (otf.check_parents(parents, spec), otf.check_finite(parents)), args.repeats, args.budget_s
     )
     jax_times: dict[str, float] = {}
     jax_calls: dict[str, Callable[[], Any]] = {}

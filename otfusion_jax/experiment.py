@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from otfusion_jax import data as data_lib
-from otfusion_jax import fusion, learned, matching, models, repair, training
+from otfusion_jax import engine, fusion, learned, matching, models, repair, training
 from otfusion_jax import spec as spec_lib
 
 __all__ = [
     "METHODS",
     "FUSION_FIELDS",
     "fusion_config_from",
+    "averaging_weights_from",
     "parse_methods",
     "sample_inputs",
     "ensemble_metrics",
@@ -60,9 +61,23 @@ class Parent:
 def fusion_config_from(fusion_cfg: Mapping[str, Any], mode: str) -> fusion.FusionConfig:
     """The FusionConfig for ``mode`` from a config's ``fusion`` section (unknown keys ignored here)."""
     kwargs = {k: fusion_cfg[k] for k in FUSION_FIELDS if k in fusion_cfg and k != "mode"}
-    if kwargs.get("weights") is not None:
-        kwargs["weights"] = tuple(kwargs["weights"]) or None
     return fusion.FusionConfig(mode=mode, **kwargs)
+
+
+def averaging_weights_from(fusion_cfg: Mapping[str, Any], k: int) -> tuple[float, ...] | None:
+    """The averaging weights of ``fusion.weights`` / ``fusion.ensemble_step`` for K parents (None: 1/K).
+
+    ``ensemble_step`` (two parents, the original's flag) takes precedence over ``weights``.
+    """
+    target = fusion_cfg.get("target", -1)
+    if fusion_cfg.get("ensemble_step") is not None:
+        return engine.ensemble_weights(fusion_cfg["ensemble_step"], k, target)
+    weights = fusion_cfg.get("weights")
+    if weights:
+        if len(weights) != k:
+            raise engine.FusionError(f"fusion.weights has {len(weights)} entries for {k} parents")
+        return tuple(float(w) for w in weights)
+    return None
 
 
 def parse_methods(method: str | Sequence[str]) -> list[tuple[str, str | None]]:
@@ -105,22 +120,15 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def _aligned_parents(variables, spec, cfg, aux, target):
-    """The parents in the target's neuron order (for REPAIR), moved by the plans of ``aux``."""
-    return [
-        v if i == target else fusion.apply_plans(v, spec, aux.plans[i], incoming=cfg.past_correction)
-        for i, v in enumerate(variables)
-    ]
-
-
 def repair_fused(
     module: nn.Module,
     spec: spec_lib.AlignmentSpec,
     fused: Mapping[str, Any],
     aligned: Sequence[Mapping[str, Any]],
     x: np.ndarray,
+    weights: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """REPAIR a fused model; a bias-free model without BatchNorm gets zero biases first.
+    """REPAIR a fused model (``weights``: the fusion's); a bias-free model without BatchNorm gets zero biases first.
 
     Returns:
       (the module to evaluate the result with, the repaired variables).
@@ -131,7 +139,7 @@ def repair_fused(
         fused = repair.add_zero_biases(fused, spec_b)
         aligned = [repair.add_zero_biases(a, spec_b) for a in aligned]
         spec = spec_b
-    return module, repair.repair(module, fused, aligned, spec, jnp.asarray(x))
+    return module, repair.repair(module, fused, aligned, spec, jnp.asarray(x), weights=weights)
 
 
 def _has_bias(spec: spec_lib.AlignmentSpec, kernel_path: str) -> bool:
@@ -145,7 +153,7 @@ def interpolation_curve(
     ts = np.linspace(0.0, 1.0, num)
     losses, accs = [], []
     for t in ts:
-        m = training.evaluate(module, fusion.vanilla_average([a, b], [1.0 - t, t]), x, y)
+        m = training.evaluate(module, engine.vanilla_average([a, b], [1.0 - t, t]), x, y)
         losses.append(m["loss"])
         accs.append(m["accuracy"])
     return {"t": ts.tolist(), "loss": losses, "accuracy": accs}
@@ -187,6 +195,7 @@ def run_fusion_table(
         raise ValueError(f"fusion.bn_stats must be 'align' or 'recompute', got {bn_stats!r}")
     x_test, y_test = dataset.x_test, dataset.y_test
     target = fusion_cfg.get("target", -1) % len(parents)
+    weights = averaging_weights_from(fusion_cfg, len(parents))
     t_module = parents[target].module
     samples = sample_inputs(dataset.x_train, fusion_cfg.get("num_samples", 200), fusion_cfg.get("sample_seed", 0))
 
@@ -218,7 +227,7 @@ def run_fusion_table(
     shapes = [jax.tree_util.tree_map(jnp.shape, p.variables) for p in parents]
     say("vanilla averaging")
     if all(s == shapes[0] for s in shapes):
-        avg, secs = _timed(lambda: finish(fusion.vanilla_average([p.variables for p in parents])))
+        avg, secs = _timed(lambda: finish(engine.vanilla_average([p.variables for p in parents], weights)))
         add("vanilla averaging", avg, seconds=secs)
     else:
         rows.append({"method": "vanilla averaging", "accuracy": None, "loss": None, "note": "parents differ in width"})
@@ -227,17 +236,39 @@ def run_fusion_table(
     variables = [p.variables for p in parents]
     use_repair = bool(fusion_cfg.get("repair", False))
 
-    def record(label, method, solver, fused, aligned, secs, first, aux=None, **extra):
+    def record(label, method, solver, fused, align, secs, first, aux=None, **extra):
+        """Adds the rows of one fused model; ``align()`` gives the aligned parents (REPAIR only)."""
         fused = finish(fused)
         add(label, fused, seconds=secs, compile_seconds=max(first - secs, 0.0), **extra)
         fused_out[label] = {"variables": fused, "aux": aux, "label": label, "method": method, "solver": solver}
         if use_repair:
             say(f"REPAIR of {label}")
-            (module_r, repaired), rsecs = _timed(lambda: repair_fused(t_module, spec, fused, aligned, samples))
+            (module_r, repaired), rsecs = _timed(
+                lambda: repair_fused(t_module, spec, fused, align(), samples, weights)
+            )
             rows.append(
                 {"method": f"{label} + REPAIR", **training.evaluate(module_r, repaired, x_test, y_test), "seconds": secs + rsecs}
             )
 
+    def run_aligner(aligner, key=None):
+        """(fused, aux, secs, first-call secs, align) of one aligner on the group's parents."""
+        acts = None
+        if aligner.needs_activations:
+            kind = fusion_cfg.get("acts_kind", "pre")
+            acts = [models.capture_activations(p.module, p.variables, jnp.asarray(samples), kind) for p in parents]
+
+        def once():
+            return engine.fuse(variables, spec, aligner, activations=acts, weights=weights, target=target, key=key)
+
+        _, first = _timed(once)  # compiles
+        (fused, aux), secs = _timed(once)
+
+        def align():
+            return engine.align_parents(variables, spec, aligner, activations=acts, target=target, key=key)[0]
+
+        return fused, aux, secs, first, align
+
+    backend = fusion_config_from(fusion_cfg, "weights").exact_backend
     for method, solver in [m for m in methods if m[0] not in ("vanilla", "ensemble")]:
         if method in ("ot-weights", "ot-acts"):
             mode = "weights" if method == "ot-weights" else "activations"
@@ -245,61 +276,48 @@ def run_fusion_table(
             if solver is not None:
                 cfg = dataclasses.replace(cfg, solver=solver)
             say(f"OT fusion by {mode} ({cfg.solver})")
-
-            def run_once(cfg=cfg, mode=mode):
-                acts = None
-                if mode == "activations":
-                    kind = fusion_cfg.get("acts_kind", "pre")
-                    acts = [models.capture_activations(p.module, p.variables, jnp.asarray(samples), kind) for p in parents]
-                return fusion.fuse(variables, spec, cfg, activations=acts)
-
-            _, first = _timed(run_once)  # compiles
-            (fused, aux), secs = _timed(run_once)
+            fused, aux, secs, first, align = run_aligner(cfg)
             threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
-            messages = fusion.warn_unconverged(aux, threshold, config=cfg)
-            aligned = _aligned_parents(variables, spec, cfg, aux, target)
+            messages = engine.warn_unconverged(aux, threshold, config=cfg)
             record(
-                f"OT fusion ({mode}, {cfg.solver})", method, cfg.solver, fused, aligned, secs, first, aux,
+                f"OT fusion ({mode}, {cfg.solver})", method, cfg.solver, fused, align, secs, first, aux,
                 warnings=messages, ot_cost=mean_costs(aux),
             )
         elif method.startswith("wm"):
             say(f"weight matching ({method})")
-            init = None
+            wm = matching.WeightMatching(soft=method == "wm-soft", backend=backend)
             if method == "wm-refine":
-                cfg = dataclasses.replace(fusion_config_from(fusion_cfg, "weights"), solver="exact")
-                _, ot_aux = fusion.fuse(variables, spec, cfg)
-                init = [None if pl is None else matching.plans_to_perms(pl) for pl in ot_aux.plans]
-            opts = {"soft": method == "wm-soft", "seed": int(fusion_cfg.get("sample_seed", 0))}
-
-            def run_wm(init=init, opts=opts):
-                return matching.fuse_weight_matching(variables, spec, target=target, init_plans=init, **opts)
-
-            _, first = _timed(run_wm)
-            (fused, wm_aux), secs = _timed(run_wm)
-            aligned = [
-                v if i == target else matching.apply_perms(v, spec, wm_aux.perms[i]) for i, v in enumerate(variables)
-            ]
+                first_cfg = dataclasses.replace(fusion_config_from(fusion_cfg, "weights"), solver="exact")
+                wm = matching.Refine(first_cfg, wm)
+            fused, _, secs, first, align = run_aligner(wm, key=int(fusion_cfg.get("sample_seed", 0)))
             label = {"wm": "weight matching", "wm-refine": "weight matching from OTFusion plans", "wm-soft": "soft weight matching"}[method]
-            record(label, method, "exact" if method != "wm-soft" else "sinkhorn", fused, aligned, secs, first)
+            record(label, method, "exact" if method != "wm-soft" else "sinkhorn", fused, align, secs, first)
         elif method == "learned":
             cfg = dataclasses.replace(fusion_config_from(fusion_cfg, "weights"), solver="sinkhorn", implicit_diff=False)
             steps = int(fusion_cfg.get("learn_steps", 60))
+            learn_weights = bool(fusion_cfg.get("learn_weights", False))
             say(f"learned fusion ({steps} Adam steps through Sinkhorn)")
-            (fused, params, hist), secs = _timed(
+            (fused, aux), secs = _timed(
                 lambda: learned.learn_fusion(
-                    t_module, variables, spec, cfg, dataset.x_train, dataset.y_train, learned.LearnConfig(steps=steps, learn_weights=bool(fusion_cfg.get("learn_weights", False)))
+                    t_module, variables, spec, cfg, dataset.x_train, dataset.y_train,
+                    learned.LearnConfig(steps=steps, learn_weights=learn_weights), target=target,
                 )
             )
+            report = next(s for s in aux.stats if s is not None)
+            params, hist = report.params, report.history
             eps = {p: float(jnp.exp(v)) for p, v in params["log_eps"].items()}
-            aligned = jax.jit(lambda p: learned.aligned_from_params(p, variables, spec, cfg))(params)
-            what = "Sinkhorn eps + layer weights" if fusion_cfg.get("learn_weights", False) else "Sinkhorn eps"
-            record(f"learned fusion ({what})", method, "sinkhorn", fused, aligned, secs, secs,
+
+            def align(params=params):
+                return learned.aligned_from_params(params, variables, spec, cfg, target=target)[0]
+
+            what = "Sinkhorn eps + layer weights" if learn_weights else "Sinkhorn eps"
+            record(f"learned fusion ({what})", method, "sinkhorn", fused, align, secs, secs,
                    learned_epsilon=eps, learn_loss=[hist[0], hist[-1]],
                    learned_weights={p: np.asarray(jax.nn.softmax(v)).tolist() for p, v in params["logits"].items()})
     return rows, fused_out
 
 
-def mean_costs(aux: fusion.FusionAux) -> dict[str, float]:
+def mean_costs(aux: engine.FusionAux) -> dict[str, float]:
     """Per plan, the transport cost averaged over the non-target parents."""
     infos = [info for info in aux.info if info is not None]
     return {name: float(np.mean([float(info[name].cost) for info in infos])) for name in infos[0]}

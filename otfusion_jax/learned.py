@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from otfusion_jax import fusion
+from otfusion_jax import engine, fusion
 from otfusion_jax import spec as spec_lib
 
-__all__ = ["LearnConfig", "init_params", "aligned_from_params", "fused_from_params", "learn_fusion"]
+__all__ = ["LearnConfig", "LearnedStats", "init_params", "aligned_from_params", "fused_from_params", "learn_fusion"]
 
 Params = dict[str, dict[str, jax.Array]]
 
@@ -56,6 +56,18 @@ class LearnConfig:
     learn_weights: bool = True
 
 
+class LearnedStats(NamedTuple):
+    """``aux.stats`` of :func:`learn_fusion` (the same entry for every non-target parent).
+
+    Attributes:
+      params: the fitted parameters (``log_eps``, ``logits``).
+      history: training loss per step.
+    """
+
+    params: Params
+    history: list[float]
+
+
 def init_params(spec: spec_lib.AlignmentSpec, k: int, config: fusion.FusionConfig) -> Params:
     """Starting point: the config's epsilon in every layer, equal weights 1/K."""
     return {
@@ -70,19 +82,11 @@ def aligned_from_params(
     spec: spec_lib.AlignmentSpec,
     config: fusion.FusionConfig,
     activations: Sequence[Mapping[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
+    target: int = -1,
+) -> tuple[list[dict[str, Any]], engine.FusionAux]:
     """The parents moved onto the target with the per-layer epsilons of ``params`` (the target as it is)."""
-    t = config.target % len(parents)
     eps = {p: jnp.exp(v) for p, v in params["log_eps"].items()}
-    aligned = []
-    for i, parent in enumerate(parents):
-        if i == t:
-            aligned.append(dict(parent))
-            continue
-        acts = (activations[i], activations[t]) if config.mode == "activations" else (None, None)
-        al, _, _ = fusion.align(parent, parents[t], spec, config, parent_acts=acts[0], target_acts=acts[1], epsilons=eps)
-        aligned.append(al)
-    return aligned
+    return engine.align_parents(parents, spec, config, activations=activations, target=target, params=eps)
 
 
 def fused_from_params(
@@ -91,9 +95,11 @@ def fused_from_params(
     spec: spec_lib.AlignmentSpec,
     config: fusion.FusionConfig,
     activations: Sequence[Mapping[str, Any]] | None = None,
+    target: int = -1,
 ) -> dict[str, Any]:
     """The fused variables for ``params`` (differentiable in ``params``)."""
-    aligned = [spec_lib.flatten_paths(a) for a in aligned_from_params(params, parents, spec, config, activations)]
+    aligned, _ = aligned_from_params(params, parents, spec, config, activations, target)
+    aligned = [spec_lib.flatten_paths(a) for a in aligned]
     out = {}
     for path, ls in spec.leaves:
         plan = ls.output_plan
@@ -112,7 +118,8 @@ def learn_fusion(
     learn: LearnConfig = LearnConfig(),
     *,
     activations: Sequence[Mapping[str, Any]] | None = None,
-) -> tuple[dict[str, Any], Params, list[float]]:
+    target: int = -1,
+) -> tuple[dict[str, Any], engine.FusionAux]:
     """Fits the fusion parameters on training data ``(x, y)`` by Adam through Sinkhorn.
 
     Args:
@@ -124,25 +131,30 @@ def learn_fusion(
       x, y: training examples and labels to fit on.
       learn: optimisation settings.
       activations: activation mode: per parent, plan -> activations.
+      target: index of the parent whose widths and order the fused model takes.
 
     Returns:
-      (fused variables at the final parameters, the parameters, loss per step).
+      (fused variables at the final parameters, FusionAux of their alignment
+      with ``aux.stats[i]`` a :class:`LearnedStats` (parameters, loss per
+      step) for every non-target parent).
     """
     if config.solver != "sinkhorn":
-        raise fusion.FusionError("learned fusion differentiates through Sinkhorn: use FusionConfig(solver='sinkhorn')")
+        raise engine.FusionError("learned fusion differentiates through Sinkhorn: use FusionConfig(solver='sinkhorn')")
     parents = [dict(p) for p in parents]
     params = init_params(spec, len(parents), config)
     tx = optax.adam(learn.lr)
     mask = {"log_eps": learn.learn_epsilon, "logits": learn.learn_weights}
 
-    def loss_fn(p, xb, yb):
-        fused = fused_from_params(p, parents, spec, config, activations)
+    def loss_fn(p, xb, yb, parents):
+        fused = fused_from_params(p, parents, spec, config, activations, target)
         logits = module.apply(fused, xb, train=False)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
+    # The parents are arguments, not closed-over constants: XLA would otherwise
+    # constant-fold their cost matrices at every compile (seconds for MLPNet).
     @jax.jit
-    def step(p, opt_state, xb, yb):
-        loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
+    def step(p, opt_state, xb, yb, parents):
+        loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb, parents)
         grads = {k: jax.tree_util.tree_map(lambda g: g if mask[k] else jnp.zeros_like(g), v) for k, v in grads.items()}
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
@@ -152,7 +164,9 @@ def learn_fusion(
     history = []
     for _ in range(learn.steps):
         idx = rng.choice(len(x), size=min(learn.batch_size, len(x)), replace=False)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(x[idx]), jnp.asarray(y[idx]), parents)
         history.append(float(loss))
-    fused = jax.jit(lambda p: fused_from_params(p, parents, spec, config, activations))(params)
-    return fused, params, history
+    fused = jax.jit(lambda p, ps: fused_from_params(p, ps, spec, config, activations, target))(params, parents)
+    _, aux = aligned_from_params(params, parents, spec, config, activations, target)
+    report = LearnedStats(params, history)
+    return fused, aux._replace(stats=tuple(None if pl is None else report for pl in aux.plans))

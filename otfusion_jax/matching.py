@@ -1,8 +1,8 @@
 """Git Re-Basin weight matching (Ainsworth et al., 2023) on an AlignmentSpec.
 
->>> perms, info = weight_matching(vars_a, vars_b, spec)
->>> aligned_a = apply_perms(vars_a, spec, perms)  # or fusion.apply_plans(vars_a, spec, perms_to_plans(perms))
->>> fused, aux = fuse_weight_matching([vars_a, vars_b], spec)
+>>> fused, aux = otf.fuse([vars_a, vars_b], spec, WeightMatching(), key=jax.random.key(0))
+>>> perms, info = weight_matching(vars_a, vars_b, spec)             # one pair, the permutations
+>>> aligned_a = otf.apply_plans(vars_a, spec, perms)                 # a gather per plan axis
 
 Where OTFusion computes one plan per layer from that layer's *incoming*
 weights only, weight matching looks for the permutations (one per plan of the
@@ -20,7 +20,7 @@ axis of the parent's leaves permuted by the current permutations,
 (incoming and outgoing sides alike: the producers' output axes and the
 consumers' input axes, through ``LeafSpec.view`` for conv->dense flattens), and
 the permutation maximising ``sum_j S[perm[j], j]`` is an exact linear
-assignment (``ot.exact_assignment(-S)``, on device). J is linear in each
+assignment (``ot.assignment(-S, backend)``). J is linear in each
 plan's permutation when the others are fixed (as long as no leaf carries the
 same plan on two axes), so with exact assignments it never decreases; a new
 permutation is only accepted if it strictly improves the plan's term, and the
@@ -35,11 +35,10 @@ coordinate descent can stall in a poorer local optimum on such pairs (seen
 on small random MLPs). On trained pairs neither start wins consistently.
 ``init_plans`` (e.g. OTFusion's plans: "refinement") replaces either start.
 
-Solvers: ``backend="device"`` uses optax's Hungarian (``ot.exact_assignment``,
-stays on the accelerator); ``"auction"`` the parallel auction
-(``ot.exact_assignment_auction``, also on device); ``"host"`` calls scipy's ``linear_sum_assignment``
-through ``jax.pure_callback`` (faster on a CPU, much cheaper to compile). Plans
-of equal width share one solver instance in the compiled graph.
+Solvers: the assignment solver every aligner uses, ``ot.assignment`` with
+``backend`` one of ``ot.EXACT_BACKENDS`` ("auto": scipy on the host on a CPU,
+the auction on accelerators). Plans of equal width share one solver instance
+in the compiled graph.
 
 Soft variant (``soft=True``): each plan is an entropic OT plan instead of a
 permutation: Sinkhorn with uniform marginals on the cost ``-S / std(S)`` with
@@ -50,13 +49,12 @@ The other plans act by contraction with these soft plans. J is then not
 guaranteed to increase; the descent stops when no plan moves by more than
 ``soft_tol`` (max abs entry change) in a sweep. The returned ``perms`` are the
 nearest permutations (an exact assignment maximising overlap with each soft
-plan); ``info.plans`` holds the soft plans, which ``fusion.apply_plans``
-applies (and ``fuse_weight_matching`` uses).
+plan); ``info.plans`` holds the soft plans, which the aligner returns (and
+``otf.fuse`` applies).
 
-Everything is pure and jit-compiled (the spec and options are static; the seed
-and ``epsilon`` are traced, so new seeds or values of the same shapes do not
-recompile). Equal
-widths only: permutations need them (use ``fusion.fuse`` otherwise).
+Everything is pure and jit-compiled (the spec and the :class:`WeightMatching`
+options are static; the key is traced, so new seeds do not recompile). Equal
+widths only: permutations need them (use OTFusion otherwise).
 """
 
 from __future__ import annotations
@@ -69,19 +67,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from otfusion_jax import fusion
 from otfusion_jax import ot
+from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
+from otfusion_jax.engine import Alignment, FusionError
 
 __all__ = [
     "MatchingInfo",
-    "WeightMatchingAux",
+    "WeightMatching",
+    "Refine",
     "weight_matching",
     "matching_objective",
-    "perms_to_plans",
-    "plans_to_perms",
-    "apply_perms",
-    "fuse_weight_matching",
 ]
 
 Variables = Mapping[str, Any]
@@ -97,81 +93,16 @@ class MatchingInfo(NamedTuple):
         ``n_sweeps`` repeat the last value.
       n_sweeps: number of sweeps run.
       converged: True if the last sweep changed no plan (False: max_sweeps hit).
-      plans: plan name -> (n, n) plan for ``fusion.apply_plans``: the
+      plans: plan name -> (n, n) plan for ``otf.apply_plans``: the
         permutation matrices of ``perms``, or the soft (column-stochastic) plans.
+      perms: plan name -> (n,) permutation (for ``soft``: the nearest one to each soft plan).
     """
 
     objective: jax.Array
     n_sweeps: jax.Array
     converged: jax.Array
     plans: dict[str, jax.Array]
-
-
-class WeightMatchingAux(NamedTuple):
-    """Side outputs of ``fuse_weight_matching``, one entry per parent (None for the target).
-
-    Attributes:
-      perms: per parent, plan name -> (n,) permutation.
-      info: per parent, MatchingInfo.
-      weights: (K,) averaging weights used.
-    """
-
-    perms: tuple[dict[str, jax.Array] | None, ...]
-    info: tuple[MatchingInfo | None, ...]
-    weights: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    """Static options of the jitted descent."""
-
-    max_sweeps: int
-    greedy_start: bool
-    backend: str
-    soft: bool
-    align_output: bool
-    roles: tuple[str, ...]
-    tol: float
-    soft_tol: float
-    sinkhorn_threshold: float
-    sinkhorn_max_iterations: int
-
-
-# ----------------------------------------------------------------------------- permutation algebra
-
-
-def perms_to_plans(perms: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> dict[str, jax.Array]:
-    """Permutations -> (n, n) permutation plans, ``plan[perm[j], j] = 1``, for ``fusion.apply_plans``.
-
-    Args:
-      perms: plan name -> (n,) int array, perm[j] = parent neuron sent to target neuron j.
-      dtype: dtype of the plans.
-
-    Returns:
-      plan name -> (n, n) plan matrix.
-    """
-    return {name: jnp.eye(p.shape[0], dtype=dtype)[:, p] for name, p in perms.items()}
-
-
-def plans_to_perms(plans: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """(n, n) plans (e.g. OTFusion's corrected exact plans) -> permutations by column argmax.
-
-    Args:
-      plans: plan name -> (n, n) plan; column j's largest entry names the parent
-        neuron sent to target neuron j.
-
-    Returns:
-      plan name -> (n,) int32 array (a permutation if each plan is a
-      permutation matrix up to scale; otherwise possibly not).
-    """
-    return {name: jnp.argmax(jnp.asarray(t), axis=0).astype(jnp.int32) for name, t in plans.items()}
-
-
-def _move(x: jax.Array, axis: int, p: jax.Array) -> jax.Array:
-    """Axis ``axis`` of x in the target's neuron order: a permutation (n,) or a plan (n, m)."""
-    if p.ndim == 1:
-        return jnp.take(x, p, axis=axis)
-    return jnp.moveaxis(jnp.tensordot(x, p.astype(x.dtype), axes=([axis], [0])), -1, axis)
+    perms: dict[str, jax.Array]
 
 
 def _viewed(flat: Mapping[str, jax.Array], spec: spec_lib.AlignmentSpec) -> dict[str, jax.Array]:
@@ -181,32 +112,8 @@ def _viewed(flat: Mapping[str, jax.Array], spec: spec_lib.AlignmentSpec) -> dict
 def _aligned(x: jax.Array, ls: spec_lib.LeafSpec, perms: Mapping[str, jax.Array], skip: int | None = None) -> jax.Array:
     for ax, name in enumerate(ls.axes):
         if name is not None and ax != skip:
-            x = _move(x, ax, perms[name])
+            x = plans_lib.move_axis(x, perms[name], ax)
     return x
-
-
-def apply_perms(parent: Variables, spec: spec_lib.AlignmentSpec, perms: Mapping[str, jax.Array]) -> dict[str, Any]:
-    """Permutes every plan axis of a parent: ``aligned[.., j, ..] = parent[.., perm[j], ..]``.
-
-    Same result as ``fusion.apply_plans(parent, spec, perms_to_plans(perms))``
-    with gathers instead of matmuls (exact: no rounding, whatever the matmul
-    precision).
-
-    Args:
-      parent: Flax variables.
-      spec: its alignment spec.
-      perms: plan name -> (n,) permutation, for every plan of the spec.
-
-    Returns:
-      The permuted variables (same shapes).
-    """
-    flat = spec_lib.flatten_paths(parent)
-    out = {}
-    for path, ls in spec.leaves:
-        leaf = flat[path]
-        x = leaf.reshape(spec_lib.view_shape(ls, leaf.shape, path))
-        out[path] = _aligned(x, ls, perms).reshape(leaf.shape)
-    return spec_lib.unflatten_paths(out)
 
 
 # ----------------------------------------------------------------------------- the descent
@@ -241,32 +148,16 @@ def _similarity(va, vb, spec, plan, perms, roles, ready=None) -> jax.Array:
         if ready is not None:
             n = perms[plan].shape[0]
             return jnp.zeros((n, n), jnp.float32)
-        raise ValueError(f"weight matching: plan {plan!r} acts on no leaf with a role in {roles}")
+        raise FusionError(f"weight matching: plan {plan!r} acts on no leaf with a role in {roles}")
     return s
 
 
-def _lsa_host(s: np.ndarray) -> np.ndarray:
-    from scipy.optimize import linear_sum_assignment  # pylint: disable=import-outside-toplevel
-
-    rows, cols = linear_sum_assignment(np.asarray(s, np.float64), maximize=True)
-    perm = np.empty(s.shape[1], np.int32)
-    perm[cols] = rows
-    return perm
-
-
 def _assignment(s: jax.Array, backend: str) -> jax.Array:
-    """The permutation maximising sum_j S[perm[j], j]: on device (optax Hungarian) or scipy on the host."""
-    s = jax.lax.stop_gradient(s)
-    if backend == "device":
-        return ot.exact_assignment(-s)[1]
-    if backend == "auction":
-        return ot.exact_assignment_auction(-s)[1]
-    return jax.pure_callback(
-        _lsa_host, jax.ShapeDtypeStruct((s.shape[1],), jnp.int32), s, vmap_method="sequential"
-    )
+    """The permutation maximising sum_j S[perm[j], j], by the shared solver entry point."""
+    return ot.assignment(-jax.lax.stop_gradient(s), backend)[1]
 
 
-def _solve(s: jax.Array, old: jax.Array, epsilon: jax.Array, opts: _Options) -> tuple[jax.Array, jax.Array]:
+def _solve(s: jax.Array, old: jax.Array, epsilon: jax.Array, opts: WeightMatching) -> tuple[jax.Array, jax.Array]:
     """Re-solves one plan from its similarity S (n, n). Returns (new perm or plan, changed)."""
     n = s.shape[0]
     if opts.soft:
@@ -293,7 +184,7 @@ def _solve(s: jax.Array, old: jax.Array, epsilon: jax.Array, opts: _Options) -> 
     return jnp.where(better, perm.astype(old.dtype), old), better
 
 
-def _group_branch(names, va, vb, epsilon, spec, opts: _Options, ready: Mapping[str, frozenset] | None):
+def _group_branch(names, va, vb, epsilon, spec, opts: WeightMatching, ready: Mapping[str, frozenset] | None):
     """One switch branch for all plans of one width: a single solver instance in the graph.
 
     The solver (a Hungarian or Sinkhorn loop) dominates compile time, so plans of
@@ -322,12 +213,12 @@ def _group_branch(names, va, vb, epsilon, spec, opts: _Options, ready: Mapping[s
     return branch
 
 
-def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: _Options):
+def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: WeightMatching, greedy: bool):
     va = _viewed(spec_lib.flatten_paths(parent), spec)
     vb = _viewed(spec_lib.flatten_paths(target), spec)
     perms = dict(init)
     if opts.soft:
-        perms = perms_to_plans(perms, jnp.float32)
+        perms = plans_lib.perms_to_plans(perms, jnp.float32)
     active = [p for p in spec.plans if opts.align_output or p != spec.output_plan]
     groups: dict[int, list[str]] = {}
     for name in active:
@@ -336,7 +227,7 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: _Optio
     local_of = np.array([groups[init[n].shape[0]].index(n) for n in active], np.int32)
     greedy_of = local_of + np.array([len(groups[init[n].shape[0]]) for n in active], np.int32)
     ready = None
-    if opts.greedy_start:
+    if greedy:
         # Plans before P in spec.plans (topological), plus the fixed ones.
         fixed = frozenset(p for p in spec.plans if p not in active)
         ready = {p: fixed | frozenset(spec.plans[: spec.plans.index(p)]) for p in active}
@@ -354,7 +245,7 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: _Optio
 
         return step
 
-    if opts.greedy_start and active:
+    if greedy and active:
         # One pass in the spec's order, each plan from the members whose other
         # plans are already solved (like OTFusion's layer-by-layer pass).
         perms, _ = jax.lax.fori_loop(
@@ -379,33 +270,213 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: _Optio
         plans = perms
         perms = {k: _assignment(t, opts.backend) for k, t in plans.items()}
     else:
-        plans = perms_to_plans(perms, jnp.result_type(*[x.dtype for x in vb.values()]))
-    return perms, MatchingInfo(objs, n_sweeps, converged, plans)
+        plans = plans_lib.perms_to_plans(perms, jnp.result_type(*[x.dtype for x in vb.values()]))
+    return perms, MatchingInfo(objs, n_sweeps, converged, plans, perms)
 
 
-_weight_matching_jit = jax.jit(_weight_matching_impl, static_argnums=(5, 6))
 
 
-def _check_equal_widths(parent, target, spec, what="parent") -> dict[str, int]:
+# ----------------------------------------------------------------------------- the aligners
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightMatching:
+    """Git Re-Basin weight matching as an aligner (equal widths; static under jit).
+
+    Attributes:
+      max_sweeps: at most this many coordinate-descent sweeps over the plans.
+      start: "greedy" (default) first solves each plan once in the spec's
+        order from the members whose other plans are already solved (its
+        producers, like OTFusion's layer-by-layer pass, but maximising inner
+        products), then descends from there; "identity" starts the descent
+        from the identity, as Git Re-Basin does. The greedy start recovers a
+        permuted copy exactly before any sweep; from the identity, coordinate
+        descent can stop in a poorer local optimum (observed on small random
+        MLPs). A given starting point (``Refine``) replaces either.
+      soft: Sinkhorn plans instead of permutations (see the module docstring).
+      epsilon: soft only: entropic regularisation of Sinkhorn on ``-S / std(S)``
+        (``params={"epsilon": e}`` overrides it with a traced value).
+      align_output: also match the output (class) plan.
+      backend: the exact assignment solver, one of ``ot.EXACT_BACKENDS``
+        (``ot.assignment``; "auto" is scipy on the host on a CPU backend).
+      roles: leaf roles entering S and the objective; the default leaves out
+        BatchNorm running statistics ("stat"), which describe data, not the
+        function. All leaves are permuted regardless.
+      tol: a new permutation is accepted only if it raises the plan's term
+        ``sum_j S[perm[j], j]`` by more than ``tol`` times its magnitude
+        (float32 rounding must not count as progress).
+      soft_tol: soft only: a plan "changes" if an entry moves by more than this.
+      sinkhorn_threshold, sinkhorn_max_iterations: soft only: Sinkhorn stopping rule.
+    """
+
+    max_sweeps: int = 20
+    start: str = "greedy"
+    soft: bool = False
+    epsilon: float = 0.1
+    align_output: bool = False
+    backend: str = "auto"
+    roles: tuple[str, ...] = DEFAULT_ROLES
+    tol: float = 1e-6
+    soft_tol: float = 1e-4
+    sinkhorn_threshold: float = 1e-3
+    sinkhorn_max_iterations: int = 2000
+
+    needs_activations = False  # class attributes of the aligner interface, not options
+    incoming = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "roles", tuple(self.roles))
+        if self.start not in ("greedy", "identity"):
+            raise FusionError(f"WeightMatching.start must be 'greedy' or 'identity', got {self.start!r}")
+        if self.backend not in ot.EXACT_BACKENDS:
+            raise FusionError(f"WeightMatching.backend must be one of {ot.EXACT_BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.max_sweeps, int) or isinstance(self.max_sweeps, bool) or self.max_sweeps < 0:
+            raise FusionError(f"WeightMatching.max_sweeps must be an int >= 0, got {self.max_sweeps!r}")
+        unknown = set(self.roles) - set(spec_lib.ROLES)
+        if unknown:
+            raise FusionError(f"WeightMatching.roles must be among {spec_lib.ROLES}, got {sorted(unknown)}")
+        if not self.epsilon > 0:
+            raise FusionError(f"WeightMatching.epsilon must be > 0, got {self.epsilon}")
+
+    def check(self, sizes: Sequence[Mapping[str, int]], target: int) -> None:
+        """Permutations need equal widths: raises FusionError naming the plan otherwise."""
+        for k, sz in enumerate(sizes):
+            for name, n in sz.items():
+                if n != sizes[target][name]:
+                    raise FusionError(
+                        f"weight matching needs equal widths, but plan {name!r} has {n} neurons in parent {k} "
+                        f"and {sizes[target][name]} in the target; use OT fusion (FusionConfig) for different widths"
+                    )
+
+    def match(
+        self,
+        parent: Variables,
+        target: Variables,
+        spec: spec_lib.AlignmentSpec,
+        key: jax.Array | None = None,
+        params: Mapping[str, Any] | None = None,
+        init: Mapping[str, jax.Array] | None = None,
+    ) -> tuple[dict[str, jax.Array], MatchingInfo]:
+        """The descent for one parent (traceable): (perms, MatchingInfo); ``init`` replaces the start."""
+        sizes = spec.check_variables(target)
+        start = {} if init is None else dict(init)
+        perms = {name: start[name].astype(jnp.int32) if name in start else jnp.arange(sizes[name], dtype=jnp.int32)
+                 for name in spec.plans}
+        key = jax.random.key(0) if key is None else key
+        eps = jnp.asarray(self.epsilon if params is None else params.get("epsilon", self.epsilon), jnp.float32)
+        greedy = self.start == "greedy" and init is None
+        return _weight_matching_impl(parent, target, perms, key, eps, spec, self, greedy)
+
+    def align(
+        self,
+        parent: Variables,
+        target: Variables,
+        spec: spec_lib.AlignmentSpec,
+        *,
+        parent_acts: Any = None,
+        target_acts: Any = None,
+        key: jax.Array | None = None,
+        params: Mapping[str, Any] | None = None,
+        init: Mapping[str, jax.Array] | None = None,
+    ) -> Alignment:
+        """Weight matching plans for one parent: permutations, or the soft plans."""
+        del parent_acts, target_acts
+        perms, info = self.match(parent, target, spec, key, params, init)
+        plans = info.plans if self.soft else {k: plans_lib.Permutation(p, 1.0) for k, p in perms.items()}
+        return Alignment(plans, {}, info)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refine:
+    """One aligner's plans, refined by weight matching: ``first``'s plans (as permutations) start ``then``.
+
+    ``Refine(FusionConfig(mode="weights", solver="exact"), WeightMatching())``
+    is ``fuse.py``'s ``wm-refine`` (weight matching started from OTFusion's plans).
+    """
+
+    first: Any
+    then: WeightMatching = WeightMatching()
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.first.needs_activations
+
+    incoming = True
+
+    def check(self, sizes: Sequence[Mapping[str, int]], target: int) -> None:
+        self.first.check(sizes, target)
+        self.then.check(sizes, target)
+
+    def align(self, parent, target, spec, *, parent_acts=None, target_acts=None, key=None, params=None) -> Alignment:
+        first = self.first.align(
+            parent, target, spec, parent_acts=parent_acts, target_acts=target_acts, key=key, params=params
+        )
+        init = plans_lib.plans_to_perms(first.plans)
+        return self.then.align(parent, target, spec, key=key, init=init)
+
+
+def weight_matching(
+    parent: Variables,
+    target: Variables,
+    spec: spec_lib.AlignmentSpec,
+    config: WeightMatching | None = None,
+    *,
+    seed: int | jax.Array = 0,
+    init_plans: Mapping[str, jax.Array] | None = None,
+    **options: Any,
+) -> tuple[dict[str, jax.Array], MatchingInfo]:
+    """Weight matching of one ``parent`` onto ``target`` (equal widths): the permutations and the report.
+
+    ``otf.fuse(parents, spec, WeightMatching(...))`` fuses with it; this returns
+    the permutations of one pair (e.g. to study the descent).
+
+    Args:
+      parent, target: Flax variables with the spec's leaves and equal widths.
+      spec: their alignment spec.
+      config: the options (default ``WeightMatching(**options)``).
+      seed: seed (int or traced int, or a PRNG key) of the random plan order of each sweep.
+      init_plans: starting point, plan name -> (n,) permutation or (n, n)
+        plan (converted by column argmax, e.g. OTFusion's corrected exact
+        plans: "refinement"); missing plans start at the identity. A plan
+        excluded from the descent (the output plan unless ``align_output``)
+        keeps its initial value.
+      **options: ``WeightMatching`` fields, when ``config`` is not given.
+
+    Returns:
+      (perms, info): perms maps every plan of the spec to an (n,) int32 array,
+      ``perm[j]`` = the parent neuron sent to target neuron j (the nearest
+      permutation for ``soft``); info is a MatchingInfo.
+
+    Raises:
+      FusionError: leaves not matching the spec, or a plan with different widths.
+    """
+    if config is None:
+        config = WeightMatching(**options)
+    elif options:
+        raise FusionError(f"weight_matching: give either config or options, not both ({sorted(options)})")
     try:
-        sa = spec.check_variables(parent, what=what)
-        sb = spec.check_variables(target, what="target")
+        sizes = [spec.check_variables(parent, what="parent"), spec.check_variables(target, what="target")]
     except spec_lib.SpecError as e:
-        raise ValueError(str(e)) from None
-    for name in spec.plans:
-        if sa[name] != sb[name]:
-            raise ValueError(
-                f"weight matching needs equal widths, but plan {name!r} has {sa[name]} neurons in the "
-                f"{what} and {sb[name]} in the target; use OT fusion (fusion.fuse) for different widths"
-            )
-    return sb
+        raise FusionError(str(e)) from None
+    config.check(sizes, 1)
+    if init_plans is not None:
+        config = dataclasses.replace(config, start="identity")  # a given start replaces the greedy one
+    # An identity start is an explicit identity init: one compiled program for both.
+    init = _init_perms(init_plans or {}, sizes[1], spec) if config.start == "identity" else None
+    key = seed if _is_key(seed) else jax.random.key(jnp.asarray(seed, jnp.uint32))
+    return _match_jit(dict(parent), dict(target), spec, config, key, init)
+
+
+_match_jit = jax.jit(
+    lambda parent, target, spec, config, key, init: config.match(parent, target, spec, key, None, init),
+    static_argnums=(2, 3),
+)
 
 
 def _init_perms(init_plans, sizes, spec) -> dict[str, jax.Array]:
-    init_plans = {} if init_plans is None else dict(init_plans)
     unknown = set(init_plans) - set(spec.plans)
     if unknown:
-        raise ValueError(f"init_plans names plans not in the spec: {sorted(unknown)}")
+        raise FusionError(f"init_plans names plans not in the spec: {sorted(unknown)}")
     perms = {}
     for name in spec.plans:
         n = sizes[name]
@@ -417,135 +488,9 @@ def _init_perms(init_plans, sizes, spec) -> dict[str, jax.Array]:
         if p.ndim == 2:
             p = jnp.argmax(p, axis=0)
         if p.shape != (n,):
-            raise ValueError(f"init_plans[{name!r}] has shape {p.shape}, expected ({n},) or ({n}, {n})")
+            raise FusionError(f"init_plans[{name!r}] has shape {p.shape}, expected ({n},) or ({n}, {n})")
         perms[name] = p.astype(jnp.int32)
     return perms
-
-
-def _make_options(
-    *,
-    max_sweeps: int = 20,
-    start: str = "greedy",
-    backend: str = "device",
-    soft: bool = False,
-    align_output: bool = False,
-    roles: Sequence[str] = DEFAULT_ROLES,
-    tol: float = 1e-6,
-    soft_tol: float = 1e-4,
-    sinkhorn_threshold: float = 1e-3,
-    sinkhorn_max_iterations: int = 2000,
-) -> _Options:
-    opts = _Options(
-        max_sweeps=int(max_sweeps),
-        greedy_start=start == "greedy",
-        backend=str(backend),
-        soft=bool(soft),
-        align_output=bool(align_output),
-        roles=tuple(roles),
-        tol=float(tol),
-        soft_tol=float(soft_tol),
-        sinkhorn_threshold=float(sinkhorn_threshold),
-        sinkhorn_max_iterations=int(sinkhorn_max_iterations),
-    )
-    if start not in ("greedy", "identity"):
-        raise ValueError(f"start must be 'greedy' or 'identity', got {start!r}")
-    if opts.backend not in fusion.EXACT_BACKENDS:
-        raise ValueError(f"backend must be one of {fusion.EXACT_BACKENDS}, got {backend!r}")
-    if opts.max_sweeps < 0:
-        raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
-    unknown = set(opts.roles) - set(spec_lib.ROLES)
-    if unknown:
-        raise ValueError(f"roles must be among {spec_lib.ROLES}, got {sorted(unknown)}")
-    return opts
-
-
-def weight_matching(
-    parent: Variables,
-    target: Variables,
-    spec: spec_lib.AlignmentSpec,
-    *,
-    max_sweeps: int = 20,
-    seed: int | jax.Array = 0,
-    init_plans: Mapping[str, jax.Array] | None = None,
-    start: str = "greedy",
-    soft: bool = False,
-    epsilon: float = 0.1,
-    align_output: bool = False,
-    backend: str = "device",
-    roles: Sequence[str] = DEFAULT_ROLES,
-    tol: float = 1e-6,
-    soft_tol: float = 1e-4,
-    sinkhorn_threshold: float = 1e-3,
-    sinkhorn_max_iterations: int = 2000,
-) -> tuple[dict[str, jax.Array], MatchingInfo]:
-    """Git Re-Basin weight matching of ``parent`` onto ``target`` (equal widths).
-
-    Args:
-      parent, target: Flax variables with the spec's leaves and equal widths.
-      spec: their alignment spec.
-      max_sweeps: at most this many coordinate-descent sweeps over the plans.
-      seed: seed (int or traced int) of the random plan order of each sweep.
-      init_plans: starting point, plan name -> (n,) permutation or (n, n)
-        plan (converted by column argmax, e.g. OTFusion's corrected exact
-        plans: "refinement"); missing plans start at the identity. A plan
-        excluded from the descent (the output plan unless ``align_output``)
-        keeps its initial value.
-      start: without ``init_plans``: "greedy" (default) first solves each plan
-        once in the spec's order from the members whose other plans are
-        already solved (its producers, like OTFusion's layer-by-layer pass, but
-        maximising inner products), then descends from there; "identity" starts
-        the descent from the identity, as Git Re-Basin does. The greedy start
-        recovers a permuted copy exactly before any sweep; from the identity,
-        coordinate descent can stop in a poorer local optimum (observed on
-        small random MLPs).
-      soft: Sinkhorn plans instead of permutations (see the module docstring).
-      epsilon: soft only: entropic regularisation of Sinkhorn on ``-S / std(S)``.
-      align_output: also match the output (class) plan.
-      backend: the exact assignment solver: "device" (optax's Hungarian,
-        ``ot.exact_assignment``: jit/vmap-able, stays on the accelerator),
-        "auction" (``ot.exact_assignment_auction``: on device, parallel rounds) or
-        "host" (scipy's ``linear_sum_assignment`` through ``jax.pure_callback``:
-        faster on a CPU and much cheaper to compile, one host round trip per
-        plan update).
-      roles: leaf roles entering S and the objective; the default leaves out
-        BatchNorm running statistics ("stat"), which describe data, not the
-        function. All leaves are permuted regardless.
-      tol: a new permutation is accepted only if it raises the plan's term
-        ``sum_j S[perm[j], j]`` by more than ``tol`` times its magnitude
-        (float32 rounding must not count as progress).
-      soft_tol: soft only: a plan "changes" if an entry moves by more than this.
-      sinkhorn_threshold, sinkhorn_max_iterations: soft only: Sinkhorn stopping rule.
-
-    Returns:
-      (perms, info): perms maps every plan of the spec to an (n,) int32 array,
-      ``perm[j]`` = the parent neuron sent to target neuron j (the nearest
-      permutation for ``soft``); info is a MatchingInfo.
-
-    Raises:
-      ValueError: leaves not matching the spec, or a plan with different widths.
-    """
-    sizes = _check_equal_widths(parent, target, spec)
-    opts = _make_options(
-        max_sweeps=max_sweeps,
-        start="identity" if init_plans is not None else start,
-        backend=backend,
-        soft=soft,
-        align_output=align_output,
-        roles=roles,
-        tol=tol,
-        soft_tol=soft_tol,
-        sinkhorn_threshold=sinkhorn_threshold,
-        sinkhorn_max_iterations=sinkhorn_max_iterations,
-    )
-    key = seed if _is_key(seed) else jax.random.key(jnp.asarray(seed, jnp.uint32))
-    init = _init_perms(init_plans, sizes, spec)
-    return _weight_matching_jit(dict(parent), dict(target), init, key, _epsilon(epsilon), spec, opts)
-
-
-def _epsilon(epsilon: float | jax.Array) -> jax.Array:
-    if isinstance(epsilon, (int, float)) and not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    return jnp.asarray(epsilon, jnp.float32)
 
 
 def _is_key(x: Any) -> bool:
@@ -565,7 +510,7 @@ def matching_objective(
       parent, target: Flax variables of equal widths.
       spec: their alignment spec.
       perms: plan name -> (n,) permutation or (n, n) plan, for every plan.
-      roles: leaf roles summed over (as in ``weight_matching``).
+      roles: leaf roles summed over (as in ``WeightMatching``).
 
     Returns:
       Scalar float32.
@@ -573,79 +518,3 @@ def matching_objective(
     va = _viewed(spec_lib.flatten_paths(parent), spec)
     vb = _viewed(spec_lib.flatten_paths(target), spec)
     return _objective(va, vb, spec, dict(perms), tuple(roles))
-
-
-def fuse_weight_matching(
-    parents: Sequence[Variables],
-    spec: spec_lib.AlignmentSpec,
-    *,
-    target: int = -1,
-    weights: Sequence[float] | jax.Array | None = None,
-    seed: int = 0,
-    init_plans: Sequence[Mapping[str, jax.Array] | None] | None = None,
-    epsilon: float | jax.Array = 0.1,
-    **options: Any,
-) -> tuple[dict[str, Any], WeightMatchingAux]:
-    """Aligns every parent onto the target by weight matching and averages (like ``fusion.fuse``).
-
-    Args:
-      parents: K Flax variable dicts of equal widths.
-      spec: their alignment spec.
-      target: index of the parent whose neuron order the fused model keeps.
-      weights: (K,) averaging weights (normalised), or None for 1/K.
-      seed: parent k is matched with the key ``fold_in(key(seed), k)``.
-      init_plans: optional per-parent starting plans (None entries for none).
-      epsilon: soft only: Sinkhorn regularisation (see ``weight_matching``).
-      **options: other options of ``weight_matching`` (max_sweeps, start, soft,
-        backend, align_output, roles, ...).
-
-    Returns:
-      (fused variables, WeightMatchingAux).
-    """
-    parents = [dict(p) for p in parents]
-    k = len(parents)
-    try:
-        fusion.check_parents(parents, spec, target)
-    except fusion.FusionError as e:
-        raise ValueError(str(e)) from None
-    t = target % k
-    if init_plans is not None and len(init_plans) != k:
-        raise ValueError(f"init_plans has {len(init_plans)} entries for {k} parents")
-    w = jnp.ones((k,)) if weights is None else jnp.asarray(weights, jnp.float32)
-    if w.shape != (k,):
-        raise ValueError(f"weights has shape {w.shape}, expected ({k},)")
-    w = w / jnp.sum(w)
-    if init_plans is not None:
-        options = {**options, "start": "identity"}
-    opts = _make_options(**options)
-    inits = []
-    for i, parent in enumerate(parents):
-        if i == t:
-            inits.append(None)
-            continue
-        sizes = _check_equal_widths(parent, parents[t], spec, what=f"parent {i}")
-        inits.append(_init_perms(None if init_plans is None else init_plans[i], sizes, spec))
-    return _fuse_jit(parents, inits, jax.random.key(seed), w, _epsilon(epsilon), spec, opts, t)
-
-
-def _fuse_impl(parents, inits, key, w, epsilon, spec, opts: _Options, t: int):
-    aligned, all_perms, infos = [], [], []
-    for i, parent in enumerate(parents):
-        if i == t:
-            aligned.append(parent)
-            all_perms.append(None)
-            infos.append(None)
-            continue
-        perms, info = _weight_matching_impl(
-            parent, parents[t], inits[i], jax.random.fold_in(key, i), epsilon, spec, opts
-        )
-        if opts.soft:
-            aligned.append(fusion.apply_plans(parent, spec, info.plans))
-        else:
-            aligned.append(apply_perms(parent, spec, perms))
-        all_perms.append(perms)
-        infos.append(info)
-    return fusion._weighted_sum(aligned, w), WeightMatchingAux(tuple(all_perms), tuple(infos), w)
-
-
-_fuse_jit = jax.jit(_fuse_impl, static_argnums=(5, 6, 7))

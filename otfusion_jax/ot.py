@@ -15,14 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import custom_batching
-from optax import assignment
+from optax import assignment as optax_assignment
 from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import implicit_differentiation, sinkhorn
 
+from otfusion_jax.plans import Permutation
+
 __all__ = [
     "PlanInfo",
     "Permutation",
+    "EXACT_BACKENDS",
+    "resolve_backend",
+    "assignment",
     "exact_assignment_host",
     "pairwise_cost",
     "pairwise_cost_columns",
@@ -36,6 +41,8 @@ __all__ = [
 ]
 
 METRICS = ("euclidean", "cosine")
+# Exact assignment solvers (square costs, uniform marginals); "auto" picks the fastest for the platform.
+EXACT_BACKENDS = ("auto", "device", "auction", "host")
 COST_NORMS = ("none", "log", "max", "median", "mean")
 
 
@@ -53,16 +60,6 @@ class PlanInfo(NamedTuple):
     converged: jax.Array
     n_iters: jax.Array
     error: jax.Array
-
-
-class Permutation(NamedTuple):
-    """A plan that is a scaled permutation: target neuron j takes ``scale * source[index[j]]``.
-
-    Applying it is a gather (``jnp.take``), not an n x n matmul.
-    """
-
-    index: jax.Array
-    scale: float
 
 
 def pairwise_cost(x: jax.Array, y: jax.Array, metric: str = "euclidean", squared: bool = False) -> jax.Array:
@@ -181,7 +178,7 @@ def _one_by_one_on_cpu(solve, n_out: int):
 
 
 def _hungarian(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return assignment.hungarian_algorithm(cost)
+    return optax_assignment.hungarian_algorithm(cost)
 
 
 _hungarian_batched = _one_by_one_on_cpu(_hungarian, 2)
@@ -234,6 +231,43 @@ def exact_assignment_host(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanIn
     )
     plan = jnp.zeros_like(cost).at[perm, jnp.arange(n)].set(1.0 / n)
     return plan, perm, _exact_info(cost, plan)
+
+
+def resolve_backend(backend: str) -> str:
+    """The concrete exact solver of ``backend``; "auto" is read at trace time from ``jax.default_backend()``.
+
+    "auto" is "host" (scipy through a callback) on a CPU backend, 2.5-4x faster
+    there than the device Hungarian and 1.6-2.4x faster than the auction
+    (``bench/RESULTS.md``, 2-core CPU), and the on-device "auction" on
+    accelerators, where it runs its rounds in parallel and under ``vmap`` in
+    lockstep (not yet measured on a GPU: ``bench/gpu_check.sh``).
+    """
+    if backend not in EXACT_BACKENDS:
+        raise ValueError(f"exact_backend must be one of {EXACT_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "host" if jax.default_backend() == "cpu" else "auction"
+    return backend
+
+
+def assignment(
+    cost: jax.Array, backend: str = "auto", *, bidders: int | None = None
+) -> tuple[jax.Array, jax.Array, PlanInfo]:
+    """Exact assignment of a square cost by the chosen solver: the one entry point every aligner uses.
+
+    Args:
+      cost: (n, n) cost (minimised; pass ``-S`` to maximise a similarity S).
+      backend: one of ``EXACT_BACKENDS`` (see :func:`resolve_backend`).
+      bidders: the auction's bidders per round (None: :func:`auction_bidders_default`).
+
+    Returns:
+      (plan, perm, info) as :func:`exact_assignment`.
+    """
+    backend = resolve_backend(backend)
+    if backend == "auction":
+        return exact_assignment_auction(cost, bidders=bidders)
+    if backend == "host":
+        return exact_assignment_host(cost)
+    return exact_assignment(cost)
 
 
 AUCTION_LEVELS = 1 << 26  # integer cost resolution: levels * (n + 1) stays well inside int32

@@ -7,13 +7,13 @@ neuron's pre-activation mean and standard deviation in every aligned parent,
 interpolates them like the weights, and rescales and shifts the fused model's
 neurons so that its own pre-activation statistics on ``x`` equal those targets:
 
-    target_mean = (1 - alpha) * mean_a + alpha * mean_b    (K parents: weights w_k)
-    target_std  = (1 - alpha) * std_a  + alpha * std_b
+    target_mean = sum_k w_k * mean_k     (w: the fusion's averaging weights, 1/K by default)
+    target_std  = sum_k w_k * std_k
     pre'        = (pre - mean_fused) * target_std / std_fused + target_mean
 
->>> fused, _ = otf.fuse([a, b], spec, cfg)
->>> aligned_a = otf.apply_plans(a, spec, aux.plans[0])
->>> repaired = repair(model, fused, [aligned_a, b], spec, x_train[:500])
+>>> aligned, aux = otf.align_parents([a, b], spec, cfg)
+>>> fused = otf.engine.weighted_sum(aligned, aux.weights)
+>>> repaired = repair(model, fused, aligned, spec, x_train[:500], weights=aux.weights)
 
 Two cases, chosen from the variables:
 
@@ -53,8 +53,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from otfusion_jax import models
+from otfusion_jax import engine, models
 from otfusion_jax import spec as spec_lib
 
 __all__ = [
@@ -95,40 +96,26 @@ def _preactivation_stats(variables, x, *, module):
     return {name: _stats(a) for name, a in acts.items()}
 
 
-def _interp_weights(k: int, alpha: float, weights: Sequence[float] | None) -> list[float]:
-    if weights is not None:
-        if len(weights) != k:
-            raise ValueError(f"weights has {len(weights)} entries for {k} parents")
-        total = float(sum(weights))
-        return [float(w) / total for w in weights]
-    if k == 2:
-        return [1.0 - float(alpha), float(alpha)]
-    return [1.0 / k] * k
-
-
 def target_stats(
     module: nn.Module,
     parents_aligned: Sequence[Variables],
     x: jax.Array,
     *,
-    alpha: float = 0.5,
     weights: Sequence[float] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """The interpolated statistics REPAIR aims for: (1 - alpha) * stats_a + alpha * stats_b.
+    """The interpolated statistics REPAIR aims for: ``sum_k w_k * stats_k``.
 
     Args:
       module: the model (parents aligned into the fused model's shapes).
       parents_aligned: K aligned parents' variables.
       x: (S, H, W, C) samples.
-      alpha: two parents: weight of the second (the target, as in
-        ``FusionConfig.ensemble_step``).
-      weights: K parents: interpolation weights (normalised); default 1/K (or
-        alpha for two).
+      weights: (K,) interpolation weights (normalised by
+        ``engine.averaging_weights``, as the fusion's): default 1/K.
 
     Returns:
       plan name -> ((n,) target mean, (n,) target std).
     """
-    w = _interp_weights(len(parents_aligned), alpha, weights)
+    w = [float(v) for v in np.asarray(engine.averaging_weights(len(parents_aligned), weights))]
     per = [preactivation_stats(module, p, x) for p in parents_aligned]
     return {
         name: (
@@ -253,7 +240,6 @@ def repair(
     spec: spec_lib.AlignmentSpec,
     x: jax.Array,
     *,
-    alpha: float = 0.5,
     weights: Sequence[float] | None = None,
     eps: float = 1e-6,
     include_output: bool = False,
@@ -268,8 +254,7 @@ def repair(
         order (the target parent as it is); unused with BatchNorm.
       spec: the model's alignment spec.
       x: (S, H, W, C) samples, e.g. a few hundred training images.
-      alpha: two parents: interpolation weight of the second (0.5: the mean).
-      weights: K parents: interpolation weights; default 1/K (alpha for two).
+      weights: (K,) interpolation weights, the fusion's (``aux.weights``); default 1/K.
       eps: floor on the fused model's std (a dead neuron's scale stays finite).
       include_output: also correct the output (logit) layer.
 
@@ -286,5 +271,5 @@ def repair(
     check_repairable(spec, fused, include_output)
     if not parents_aligned:
         raise ValueError("REPAIR needs the aligned parents (at least one)")
-    targets = target_stats(module, parents_aligned, x, alpha=alpha, weights=weights)
+    targets = target_stats(module, parents_aligned, x, weights=weights)
     return _repair_layers(fused, targets, x, module=module, spec=spec, include_output=include_output, eps=float(eps))

@@ -7,7 +7,7 @@ on its own block of pairs, with no communication between devices (the pairs
 are independent), and the outputs stay sharded along the same axis.
 
 >>> mesh = make_pair_mesh()                       # all devices, axis "pairs"
->>> fused, aux = fuse_sharded([stack_a, stack_b], spec, otf.FusionConfig(), mesh)
+>>> fused, aux = fuse_sharded([stack_a, stack_b], spec, otf.FusionConfig(), mesh=mesh)
 >>> fused["params"]["fc1"]["kernel"].sharding     # NamedSharding(mesh, P("pairs"))
 
 A batch whose size is not a multiple of the device count is padded (by
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from otfusion_jax import fusion
+from otfusion_jax import engine
 from otfusion_jax import spec as spec_lib
 
 __all__ = ["PAIR_AXIS", "make_pair_mesh", "pair_sharding", "fuse_sharded"]
@@ -81,13 +81,13 @@ def _batch_size(tree: Any) -> int:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         shape = jnp.shape(leaf)
         if not shape:
-            raise fusion.FusionError(f"leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs a pair axis")
+            raise engine.FusionError(f"leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs a pair axis")
         sizes.setdefault(shape[0], jax.tree_util.keystr(path))
     if not sizes:
-        raise fusion.FusionError("fuse_sharded got no arrays")
+        raise engine.FusionError("fuse_sharded got no arrays")
     if len(sizes) > 1:
         detail = ", ".join(f"{n} at {p}" for n, p in sizes.items())
-        raise fusion.FusionError(f"leaves disagree on the number of pairs (leading axis): {detail}")
+        raise engine.FusionError(f"leaves disagree on the number of pairs (leading axis): {detail}")
     return next(iter(sizes))
 
 
@@ -106,14 +106,14 @@ def _trim(tree: Any, size: int) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_fuse_fn(spec: spec_lib.AlignmentSpec, config: fusion.FusionConfig, mesh: Mesh):
-    """jit(shard_map(vmap(fuse))) for one (spec, config, mesh); cached so it is traced once per shapes."""
+def _sharded_fuse_fn(spec: spec_lib.AlignmentSpec, aligner: Any, mesh: Mesh, target: int):
+    """jit(shard_map(vmap(fuse))) for one (spec, aligner, mesh, target); cached so it is traced once per shapes."""
 
-    def local(parents, activations, weights):
-        def one(ps, acts, w):
-            return fusion.fuse(ps, spec, config, activations=acts, weights=w)
+    def local(parents, activations, weights, keys):
+        def one(ps, acts, w, key):
+            return engine.fuse(ps, spec, aligner, activations=acts, weights=w, target=target, key=key)
 
-        return jax.vmap(one)(parents, activations, weights)
+        return jax.vmap(one)(parents, activations, weights, keys)
 
     spec_p = PartitionSpec(PAIR_AXIS)
     # No collectives: the per-device blocks are independent, so replication checks are moot.
@@ -129,31 +129,35 @@ def _sharded_fuse_fn(spec: spec_lib.AlignmentSpec, config: fusion.FusionConfig, 
 def fuse_sharded(
     parents_stacked: Sequence[Mapping[str, Any]],
     spec: spec_lib.AlignmentSpec,
-    config: fusion.FusionConfig = fusion.FusionConfig(),
+    aligner: Any = None,
+    *,
     mesh: Mesh | None = None,
     activations: Sequence[Mapping[str, Sequence[jax.Array]]] | None = None,
-    *,
     weights: jax.Array | None = None,
+    target: int = -1,
+    keys: jax.Array | None = None,
     trim: bool = True,
-) -> tuple[dict[str, Any], fusion.FusionAux]:
+) -> tuple[dict[str, Any], engine.FusionAux]:
     """Fuses a batch of B independent K-parent fusions, the batch split across devices.
 
-    Equivalent to ``jax.vmap(lambda *ps: fuse(ps, spec, config))`` over the
+    Equivalent to ``jax.vmap(lambda *ps: fuse(ps, spec, aligner))`` over the
     leading axis, but each device of ``mesh`` fuses only its block of
     ``ceil(B / D)`` pairs (D devices). Inputs are not checked for NaN/Inf
-    (that would copy everything to the host; call ``fusion.check_finite`` on
+    (that would copy everything to the host; call ``otf.check_finite`` on
     one slice if needed).
 
     Args:
       parents_stacked: K Flax variable dicts; every leaf has a leading batch
         axis of size B (fusion b uses entry b of every parent).
       spec: the models' alignment spec.
-      config: fusion options (static).
+      aligner: the method, as for ``otf.fuse`` (default ``FusionConfig()``).
       mesh: a 1-D mesh with axis ``PAIR_AXIS`` (``make_pair_mesh()``); None
         uses all devices.
       activations: activation mode: per parent, plan name -> tuple of
         (B, S, ..., n) arrays.
       weights: optional (B, K) averaging weights, one row per fusion.
+      target: index of the target parent (as for ``otf.fuse``).
+      keys: optional (B,) PRNG keys of seeded aligners, one per fusion.
       trim: drop the padding from the outputs (B not a multiple of D). The
         trimmed arrays cannot be split evenly over D devices, so they come
         back replicated; False returns the padded batch (ceil(B / D) * D
@@ -172,14 +176,18 @@ def fuse_sharded(
         raise ValueError(f"mesh must be 1-D with axis {PAIR_AXIS!r} (make_pair_mesh), got axes {mesh.axis_names}")
     parents = [dict(p) for p in parents_stacked]
     acts = None if activations is None else [dict(a) for a in activations]
-    tree = (parents, acts, weights)
+    if aligner is None:
+        from otfusion_jax.fusion import FusionConfig  # pylint: disable=import-outside-toplevel
+
+        aligner = FusionConfig()
+    tree = (parents, acts, weights, keys)
     batch = _batch_size(tree)
     n_dev = mesh.devices.size
     padded = math.ceil(batch / n_dev) * n_dev
     if padded != batch:
         tree = _pad(tree, padded - batch)
     tree = jax.device_put(tree, pair_sharding(mesh))
-    out = _sharded_fuse_fn(spec, config, mesh)(*tree)
+    out = _sharded_fuse_fn(spec, aligner, mesh, target)(*tree)
     if trim and padded != batch:
         out = _trim(out, batch)
     return out

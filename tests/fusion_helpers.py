@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from otfusion_jax import fusion
+from otfusion_jax import plans as plans_lib
 from otfusion_jax.interop import layouts
 
 
@@ -30,7 +30,7 @@ def random_permutation_plans(spec, sizes, seed, keep_output=True):
 def permuted_copy(variables, spec, seed, keep_output=True):
     """The same function with its hidden neurons randomly permuted along the spec."""
     plans, _ = random_permutation_plans(spec, spec.check_variables(variables), seed, keep_output)
-    return fusion.apply_plans(variables, spec, plans)
+    return plans_lib.apply_plans(variables, spec, plans)
 
 
 def max_abs_diff(a, b):

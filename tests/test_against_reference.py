@@ -189,7 +189,7 @@ def pairs():
 # ----------------------------------------------------------------------------- running both
 
 
-def _reference_kwargs(pair: Pair, config: otf.FusionConfig) -> dict:
+def _reference_kwargs(pair: Pair, config: otf.FusionConfig, step: float | None = None) -> dict:
     return dict(
         biases_a=pair.torch_b[0],
         biases_b=pair.torch_b[1],
@@ -205,7 +205,7 @@ def _reference_kwargs(pair: Pair, config: otf.FusionConfig) -> dict:
         correction=config.correction,
         proper_marginals=config.proper_marginals,
         past_correction=config.past_correction,
-        ensemble_step=0.5 if config.ensemble_step is None else config.ensemble_step,
+        ensemble_step=0.5 if step is None else step,
         importance=config.importance,
         align_last=config.align_output,
         flatten_shapes=pair.flatten_shapes,
@@ -213,12 +213,13 @@ def _reference_kwargs(pair: Pair, config: otf.FusionConfig) -> dict:
     )
 
 
-def _run_both(pair: Pair, config: otf.FusionConfig):
+def _run_both(pair: Pair, config: otf.FusionConfig, step: float | None = None):
     acts = pair.acts if config.mode == "activations" else None
-    fused, aux = otf.fuse(pair.parents, pair.spec, config, activations=acts)
+    weights = None if step is None else otf.ensemble_weights(step)
+    fused, aux = otf.fuse(pair.parents, pair.spec, config, activations=acts, weights=weights)
     ours_w, ours_b = to_torch_layers(jax.device_get(fused), pair.kinds, pair.flatten_hw)
     ref_w, ref_b, ref_plans = ref.fuse_reference(
-        pair.torch_w[0], pair.torch_w[1], **_reference_kwargs(pair, config)
+        pair.torch_w[0], pair.torch_w[1], **_reference_kwargs(pair, config, step)
     )
     return (ours_w, ours_b, aux), (ref_w, ref_b, ref_plans)
 
@@ -251,9 +252,6 @@ BASE = dict(
     past_correction=True,
     importance=None,
     align_output=True,
-    weights=None,
-    ensemble_step=None,
-    target=-1,
 )
 
 
@@ -264,6 +262,7 @@ def F(**options) -> otf.FusionConfig:
 COST_NORMS = ("none", "log", "max", "median", "mean")
 
 CASES = [
+    # (pair, config, id[, ensemble step: the target's averaging weight]).
     # Options are combined where they are independent, to keep the number of jit
     # compilations (one per distinct config and shapes) and so the runtime down;
     # some exact cases use the host solver (POT network simplex), which compiles
@@ -277,7 +276,7 @@ CASES = [
     ("mlp", F(ground_metric="cosine"), "exact-weights-cosine"),
     ("mlp", F(mode="activations", ground_metric="cosine", correction=False, exact_backend="host"), "exact-acts-cosine-nocorrection-host"),
     ("mlp", F(normalize_cost="log", unit_norm_rows=True, exact_backend="host"), "exact-weights-log-unitrows-host"),  # log1p changes exact plans
-    ("mlp", F(correction=False, ensemble_step=0.3), "exact-weights-nocorrection-step0.3"),
+    ("mlp", F(correction=False), "exact-weights-nocorrection-step0.3", 0.3),
     ("mlp", F(proper_marginals=True, align_output=False), "exact-weights-proper-noalignout"),
     ("mlp", F(mode="activations", past_correction=False, squared=True, exact_backend="host"), "exact-acts-nopast-squared-host"),
     ("mlp", F(importance="l1", proper_marginals=True), "exact-weights-l1-proper"),
@@ -288,7 +287,7 @@ CASES = [
     ("mlp", F(**SK, squared=True, unit_norm_rows=True), "sinkhorn-weights-squared-unitrows"),
     ("mlp", F(**SK, ground_metric="cosine", correction=False), "sinkhorn-weights-cosine-nocorrection"),
     ("mlp", F(**SK, importance="l2", proper_marginals=True, align_output=False), "sinkhorn-weights-l2-proper-noalignout"),
-    ("mlp", F(**SK, past_correction=False, ensemble_step=0.3), "sinkhorn-weights-nopast-step0.3"),
+    ("mlp", F(**SK, past_correction=False), "sinkhorn-weights-nopast-step0.3", 0.3),
     # --- MLP, A wider than B: exact is a transport problem (host), Sinkhorn directly
     ("mlp-wide", F(), "exact-weights"),
     ("mlp-wide", F(importance="l1", proper_marginals=True), "exact-weights-l1-proper"),
@@ -309,11 +308,13 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "pair_name,config", [(p, c) for p, c, _ in CASES], ids=[f"{p}-{i}" for p, _, i in CASES]
+    "pair_name,config,step",
+    [(p, c, step[0] if step else None) for p, c, _, *step in CASES],
+    ids=[f"{p}-{i}" for p, _, i, *_ in CASES],
 )
-def test_fuse_matches_reference(pairs, pair_name, config):
+def test_fuse_matches_reference(pairs, pair_name, config, step):
     pair = pairs(pair_name)
-    (ours_w, ours_b, aux), (ref_w, ref_b, ref_plans) = _run_both(pair, config)
+    (ours_w, ours_b, aux), (ref_w, ref_b, ref_plans) = _run_both(pair, config, step)
     sinkhorn = config.solver == "sinkhorn"
     tol = SINKHORN_TOL if sinkhorn else EXACT_TOL
     plan_tol = SINKHORN_TOL if sinkhorn else EXACT_PLAN_TOL

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import otfusion_jax as otf
-from otfusion_jax import fusion
+from otfusion_jax import engine
 from otfusion_jax.models import build, capture_activations, init, recompute_batch_stats
 
 from fusion_helpers import max_abs_diff, permuted_copy
@@ -81,9 +81,9 @@ def test_three_permuted_copies_fuse_to_the_model():
 def test_ensemble_step_and_weights():
     model, spec, a = _mlp((10,), bias=False, seed=0)
     _, _, b = _mlp((10,), bias=False, seed=1)
-    aligned, _, _ = otf.align(a, b, spec, otf.FusionConfig())
+    (aligned, _), _ = otf.align_parents([a, b], spec, otf.FusionConfig())
     for s in (0.0, 0.3, 1.0):
-        fused, _ = otf.fuse([a, b], spec, otf.FusionConfig(ensemble_step=s))
+        fused, _ = otf.fuse([a, b], spec, otf.FusionConfig(), weights=otf.ensemble_weights(s))
         expect = jax.tree_util.tree_map(lambda x, y: (1 - s) * x + s * y, aligned, b)
         assert max_abs_diff(fused, expect) < 1e-6
     fused_w, aux = otf.fuse([a, b], spec, otf.FusionConfig(), weights=jnp.array([1.0, 3.0]))
@@ -190,10 +190,10 @@ def test_jitted_pass_does_not_retrace_for_same_shapes():
     _, _, c = _mlp((9, 7), bias=False, seed=2)
     cfg = otf.FusionConfig(normalize_cost="mean")
     otf.fuse([a, b], spec, cfg)
-    before = fusion._fuse_jit._cache_size()
+    before = engine._fuse_jit._cache_size()
     otf.fuse([c, b], spec, cfg)
     otf.fuse([a, c], spec, cfg)
-    assert fusion._fuse_jit._cache_size() == before
+    assert engine._fuse_jit._cache_size() == before
 
 
 @pytest.mark.parametrize("implicit", [False, True])

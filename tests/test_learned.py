@@ -30,9 +30,11 @@ def shipped_digits():
 def test_learned_fusion_lowers_the_training_loss(shipped_digits):
     parents, spec, ds = shipped_digits
     cfg = otf.FusionConfig(solver="sinkhorn", relative_epsilon="mean", epsilon=0.05)
-    fused, params, hist = learned.learn_fusion(
+    fused, aux = learned.learn_fusion(
         parents[1].module, [p.variables for p in parents], spec, cfg, ds.x_train, ds.y_train, learned.LearnConfig(steps=15)
     )
+    assert aux.stats[1] is None and aux.plans[1] is None  # the target
+    params, hist = aux.stats[0].params, aux.stats[0].history
     assert np.all(np.isfinite(hist)) and hist[-1] < hist[0]
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree_util.tree_leaves(params))
     # the per-layer epsilons moved (gradients reached them through Sinkhorn), except the class layer's (no plan)

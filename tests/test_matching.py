@@ -47,10 +47,10 @@ def test_permuted_mlp_copy_is_recovered_exactly(widths, bias, seed):
     model, spec = build("mlpnet", input_shape=SHAPE, num_classes=5, widths=tuple(widths), bias=bias)
     v = _random_variables(model, SHAPE, seed)
     vp = _permuted_copy(v, spec, seed + 1)
-    fused, aux = matching.fuse_weight_matching([vp, v], spec, seed=seed, backend="host")
+    fused, aux = otf.fuse([vp, v], spec, matching.WeightMatching(backend="host"), key=seed)
     assert _np_max_abs_diff(fused, v) == 0.0
-    assert bool(aux.info[0].converged) and int(aux.info[0].n_sweeps) == 1  # the greedy start is exact
-    assert aux.perms[1] is None and set(aux.perms[0]) == set(spec.plans)
+    assert bool(aux.stats[0].converged) and int(aux.stats[0].n_sweeps) == 1  # the greedy start is exact
+    assert aux.stats[1] is None and aux.plans[1] is None and set(aux.stats[0].perms) == set(spec.plans)
 
 
 @pytest.mark.parametrize(
@@ -69,9 +69,9 @@ def test_permuted_convnet_copy_is_recovered_exactly(name, shape, opts):
     model, spec = build(name, input_shape=shape, **opts)
     v = _random_variables(model, shape)
     vp = _permuted_copy(v, spec, seed=3)
-    fused, aux = matching.fuse_weight_matching([vp, v], spec)
+    fused, aux = otf.fuse([vp, v], spec, matching.WeightMatching(backend="device"))
     assert _np_max_abs_diff(fused, v) == 0.0
-    assert all(bool(i.converged) for i in aux.info if i is not None)
+    assert all(bool(i.converged) for i in aux.stats if i is not None)
 
 
 def _permuted_copy(v, spec, seed):
@@ -123,18 +123,18 @@ def test_greedy_start_alone_recovers_a_permuted_copy():
     identity = {name: jnp.arange(n) for name, n in zip(spec.plans, (*WIDTHS, 5))}
     np.testing.assert_allclose(info.objective[0], matching.matching_objective(a, a, spec, identity), rtol=1e-6)
     assert int(info.n_sweeps) == 1 and bool(info.converged)
-    assert max_abs_diff(matching.apply_perms(ap, spec, perms), a) == 0.0
+    assert max_abs_diff(otf.apply_plans(ap, spec, perms), a) == 0.0
 
 
 def test_no_retrace_for_same_shapes():
     _, spec, a, b = _pair(0)
     matching.weight_matching(a, b, spec, seed=0)
-    before = matching._weight_matching_jit._cache_size()
+    before = matching._match_jit._cache_size()
     for seed in (1, 2):
         _, _, a2, b2 = _pair(seed)
         init_plans = {"fc1": jnp.asarray(np.random.default_rng(seed).permutation(WIDTHS[0]))}
         matching.weight_matching(a2, b2, spec, seed=seed + 10, init_plans=init_plans)
-    assert matching._weight_matching_jit._cache_size() == before
+    assert matching._match_jit._cache_size() == before
 
 
 def test_refinement_of_otfusion_plans_does_not_lose():
@@ -142,8 +142,8 @@ def test_refinement_of_otfusion_plans_does_not_lose():
         _, spec, a, b = _pair(seed)
         _, aux = otf.fuse([a, b], spec, otf.FusionConfig(mode="weights", solver="exact", align_output=False))
         plans = aux.plans[0]
-        perms = matching.plans_to_perms(plans)
-        assert max_abs_diff(matching.apply_perms(a, spec, perms), otf.apply_plans(a, spec, plans)) == 0.0
+        perms = otf.plans_to_perms(plans)
+        assert max_abs_diff(otf.apply_plans(a, spec, perms), otf.apply_plans(a, spec, plans)) == 0.0
         j_otf = float(matching.matching_objective(a, b, spec, perms))
         refined, info = matching.weight_matching(a, b, spec, init_plans=plans, seed=seed)
         np.testing.assert_allclose(info.objective[0], j_otf, rtol=1e-6)
@@ -151,19 +151,21 @@ def test_refinement_of_otfusion_plans_does_not_lose():
 
 
 def test_perms_to_plans_matches_apply_plans_bitwise():
+    """A permutation applied as a gather and as its matrix (a matmul) give the same bits."""
     _, spec, a, b = _pair(1)
     perms, info = matching.weight_matching(a, b, spec)
-    plans = matching.perms_to_plans(perms)
+    plans = otf.perms_to_plans(perms)
     for name in spec.plans:
         np.testing.assert_array_equal(info.plans[name], plans[name])
+        np.testing.assert_array_equal(info.perms[name], perms[name])
         np.testing.assert_allclose(plans[name].sum(0), 1.0)
-    assert max_abs_diff(otf.apply_plans(a, spec, plans), matching.apply_perms(a, spec, perms)) == 0.0
+    assert max_abs_diff(otf.apply_plans(a, spec, plans), otf.apply_plans(a, spec, perms)) == 0.0
 
 
 def test_device_and_host_solvers_agree():
     for seed in range(2):
         _, spec, a, b = _pair(seed)
-        dev, info_d = matching.weight_matching(a, b, spec, seed=seed)
+        dev, info_d = matching.weight_matching(a, b, spec, seed=seed, backend="device")
         host, info_h = matching.weight_matching(a, b, spec, seed=seed, backend="host")
         for name in spec.plans:
             np.testing.assert_array_equal(dev[name], host[name])
@@ -172,8 +174,11 @@ def test_device_and_host_solvers_agree():
 
 def test_soft_variant_runs_and_is_finite():
     model, spec, a, b = _pair(2)
-    fused, aux = matching.fuse_weight_matching([a, b], spec, soft=True, epsilon=0.5)
-    perms, info = aux.perms[0], aux.info[0]
+    fused, aux = otf.fuse([a, b], spec, matching.WeightMatching(soft=True), params={"epsilon": 0.5})
+    info = aux.stats[0]
+    perms = info.perms
+    for name in spec.plans:
+        np.testing.assert_allclose(aux.plans[0][name], info.plans[name])  # the soft plans are what was applied
     assert int(info.n_sweeps) >= 1
     blurred = False
     for name in spec.plans:
@@ -191,13 +196,13 @@ def test_soft_variant_runs_and_is_finite():
 
 
 def test_soft_with_small_epsilon_recovers_a_permuted_copy():
-    """Same compilation as above (epsilon is traced)."""
+    """Same compilation as above (epsilon is traced through ``params``)."""
     _, spec, a, _ = _pair(3)
     ap = permuted_copy(a, spec, 5)
-    fused, aux = matching.fuse_weight_matching([ap, a], spec, soft=True, epsilon=0.01)
+    fused, aux = otf.fuse([ap, a], spec, matching.WeightMatching(soft=True), params={"epsilon": 0.01})
     hard, _ = matching.weight_matching(ap, a, spec)
     for name in spec.plans:
-        np.testing.assert_array_equal(aux.perms[0][name], hard[name])
+        np.testing.assert_array_equal(aux.stats[0].perms[name], hard[name])
     assert max_abs_diff(fused, a) < 1e-4
 
 
@@ -205,5 +210,7 @@ def test_unequal_widths_are_refused_naming_the_plan():
     model, spec = build("mlpnet", input_shape=SHAPE, num_classes=5, widths=(8, 6), bias=True)
     a = _random_variables(model, SHAPE)
     b = _random_variables(build("mlpnet", input_shape=SHAPE, num_classes=5, widths=(8, 7), bias=True)[0], SHAPE)
-    with pytest.raises(ValueError, match="'fc2'"):
+    with pytest.raises(otf.FusionError, match="'fc2'"):
         matching.weight_matching(a, b, spec)
+    with pytest.raises(otf.FusionError, match="'fc2'"):
+        otf.fuse([a, b], spec, matching.WeightMatching())

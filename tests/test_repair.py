@@ -32,9 +32,9 @@ def _samples(shape, n=256, seed=7):
     return jax.random.normal(jax.random.key(seed), (n, *shape))
 
 
-def _assert_stats_match(model, repaired, parents_aligned, x, plans, alpha, mean_atol, std_rtol):
+def _assert_stats_match(model, repaired, parents_aligned, x, plans, weights, mean_atol, std_rtol):
     got = repair.preactivation_stats(model, repaired, x)
-    want = repair.target_stats(model, parents_aligned, x, alpha=alpha)
+    want = repair.target_stats(model, parents_aligned, x, weights=weights)
     for name in plans:
         scale = float(jnp.max(want[name][1]))
         np.testing.assert_allclose(got[name][0], want[name][0], atol=mean_atol * scale, err_msg=name)
@@ -55,14 +55,16 @@ def test_mlp_statistics_match_the_interpolated_targets(alpha):
     a = init(model, jax.random.key(1), SHAPE)
     b = init(model, jax.random.key(2), SHAPE)
     x = _samples(SHAPE)
-    fused, aux = matching.fuse_weight_matching([a, b], spec, weights=[1 - alpha, alpha])
-    aligned = [matching.apply_perms(a, spec, aux.perms[0]), b]
+    weights = [1 - alpha, alpha]
+    fused, aux = otf.fuse([a, b], spec, matching.WeightMatching(), weights=weights)
+    aligned, _ = otf.align_parents([a, b], spec, matching.WeightMatching())
+    assert _max_diff(otf.engine.weighted_sum(aligned, aux.weights), fused) < 1e-6  # fuse = align, then average
     hidden = [p for p in spec.plans if p != spec.output_plan]
     before = repair.preactivation_stats(model, fused, x)
-    target = repair.target_stats(model, aligned, x, alpha=alpha)
+    target = repair.target_stats(model, aligned, x, weights=weights)
     assert any(float(jnp.max(jnp.abs(before[p][1] / target[p][1] - 1))) > 0.1 for p in hidden)  # collapse
-    out = repair.repair(model, fused, aligned, spec, x, alpha=alpha)
-    _assert_stats_match(model, out, aligned, x, hidden, alpha, mean_atol=1e-4, std_rtol=1e-4)
+    out = repair.repair(model, fused, aligned, spec, x, weights=weights)
+    _assert_stats_match(model, out, aligned, x, hidden, weights, mean_atol=1e-4, std_rtol=1e-4)
     flat_out, flat_f = spec_lib.flatten_paths(out), spec_lib.flatten_paths(fused)
     for path in ("params/fc4/kernel", "params/fc4/bias"):  # the output layer is left alone
         np.testing.assert_array_equal(flat_out[path], flat_f[path])
@@ -74,7 +76,7 @@ def test_include_output_corrects_the_logits_too():
     x = _samples(SHAPE)
     fused = otf.vanilla_average([a, b])
     out = repair.repair(model, fused, [a, b], spec, x, include_output=True)
-    _assert_stats_match(model, out, [a, b], x, spec.plans, 0.5, mean_atol=1e-4, std_rtol=1e-4)
+    _assert_stats_match(model, out, [a, b], x, spec.plans, None, mean_atol=1e-4, std_rtol=1e-4)
 
 
 def test_bias_free_model_needs_biases_then_works():
@@ -89,7 +91,7 @@ def test_bias_free_model_needs_biases_then_works():
     np.testing.assert_allclose(model_b.apply(fused_b, x), model.apply(fused, x), atol=1e-6)
     out = repair.repair(model_b, fused_b, [a_b, b_b], spec_b, x)
     hidden = [p for p in spec_b.plans if p != spec_b.output_plan]
-    _assert_stats_match(model_b, out, [a_b, b_b], x, hidden, 0.5, mean_atol=1e-4, std_rtol=1e-4)
+    _assert_stats_match(model_b, out, [a_b, b_b], x, hidden, None, mean_atol=1e-4, std_rtol=1e-4)
 
 
 def test_residual_streams_without_batchnorm_are_refused():
@@ -124,4 +126,4 @@ def test_batchnorm_model_identity_and_statistics():
     out = repair.repair(model, fused, [a, b], spec, x)
     assert _max_diff(out["params"], fused["params"]) == 0.0
     hidden = [p for p in spec.plans if p != spec.output_plan]
-    _assert_stats_match(model, out, [a, b], x, hidden, 0.5, mean_atol=1e-5, std_rtol=1e-3)
+    _assert_stats_match(model, out, [a, b], x, hidden, None, mean_atol=1e-5, std_rtol=1e-3)

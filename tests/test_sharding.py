@@ -52,7 +52,7 @@ _EIGHT_DEVICES = textwrap.dedent(
         acts = None
         if cfg.mode == "activations":
             acts = [stack([capture_activations(model, v, x) for v in half]) for half in (vs[:b], vs[b:])]
-        fused, aux = sharding.fuse_sharded([pa, pb], spec, cfg, mesh, activations=acts)
+        fused, aux = sharding.fuse_sharded([pa, pb], spec, cfg, mesh=mesh, activations=acts)
         one = lambda a, b_, acts_: otf.fuse([a, b_], spec, cfg, activations=acts_)
         vmapped = jax.jit(jax.vmap(lambda a, b_, acts_: one(a, b_, acts_)[0]))(pa, pb, acts)
         # The loop only once (test_fusion already checks vmap against the loop).
@@ -69,7 +69,7 @@ _EIGHT_DEVICES = textwrap.dedent(
             "spec": str(getattr(kernel.sharding, "spec", None)),
         }
         if b % 8:
-            padded, _ = sharding.fuse_sharded([pa, pb], spec, cfg, mesh, activations=acts, trim=False)
+            padded, _ = sharding.fuse_sharded([pa, pb], spec, cfg, mesh=mesh, activations=acts, trim=False)
             pk = padded["params"]["fc1"]["kernel"]
             case["untrimmed_shape0"] = pk.shape[0]
             case["untrimmed_shard_rows"] = sorted(s.data.shape[0] for s in pk.addressable_shards)
