@@ -16,6 +16,21 @@ in checkpoints/), or from --parents=PATH,PATH,... (our checkpoints, or the
 original OTFusion's PyTorch checkpoints, detected from their content or forced
 with --format=torch).
 
+The config and the parents' checkpoints must agree:
+  parents from <parents_dir>  config.model (with config.parent_widths for parent k)
+                              describes them, as train.py made them; a field that
+                              contradicts a checkpoint's metadata (model name, bias,
+                              norm, width, widths) is an error naming both values.
+  --parents=PATH,...          the architecture is the checkpoints' (their metadata;
+                              PyTorch files: their content): config.model,
+                              config.parent_widths, config.num_parents and
+                              config.parents_dir are not used, and the header line
+                              says so; a --config.model.<field> given on the command
+                              line that contradicts a checkpoint is an error naming
+                              both values.
+Every config field is checked before any work (configs_util.validate): a bad value
+is one line naming the field and its allowed values, exit status 2, nothing written.
+
 Examples:
 
   python fuse.py                                      # the ready-made digits MLPNet parents
@@ -41,7 +56,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import default`
-from otfusion_jax.cli import clean_error, define_config_flag, run, usage_error  # noqa: E402
+from otfusion_jax.cli import define_config_flag, run, usage_error  # noqa: E402
 
 _PROG = "fuse.py"
 _CONFIG = define_config_flag(_PROG, config_flags, flags)
@@ -50,83 +65,6 @@ _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "ours", "torch"], "Format
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/fusion).")
 _SAVE = flags.DEFINE_bool("save_fused", False, "Also save each fused model as a checkpoint in the output directory.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Print a status line before each step.")
-
-
-def _load_parents(paths, fmt):
-    """Loads parent checkpoints -> (parents, spec, metadata list)."""
-    from otfusion_jax import checkpoints, configs_util, experiment  # pylint: disable=import-outside-toplevel
-    from otfusion_jax import spec as spec_lib  # pylint: disable=import-outside-toplevel
-    from otfusion_jax.interop import is_torch_checkpoint, load_torch_checkpoint  # pylint: disable=import-outside-toplevel
-
-    parents, metas, spec = [], [], None
-    for k, path in enumerate(paths):
-        if fmt == "torch" or (fmt == "auto" and is_torch_checkpoint(path)):
-            _, _, variables, meta = load_torch_checkpoint(path)
-        else:
-            variables, meta = checkpoints.load(path)
-        module, pspec = configs_util.model_from_metadata(meta)
-        try:
-            pspec.check_variables(variables, what=f"checkpoint {path}")
-        except spec_lib.SpecError as e:
-            raise ValueError(str(e)) from None
-        _check_leaves_fit_model(path, module, meta, variables)
-        if spec is not None and {p for p, _ in pspec.leaves} != {p for p, _ in spec.leaves}:
-            raise ValueError(
-                f"checkpoint {path}: architecture {meta['model']['name']} {meta['model']['options']} "
-                f"differs from parent 0's ({metas[0]['model']['name']} {metas[0]['model']['options']})"
-            )
-        spec = spec or pspec
-        acc = meta.get("test_accuracy")
-        parents.append(experiment.Parent(f"parent {k}" + (f" (seed {meta['seed']})" if "seed" in meta else ""), module, variables))
-        metas.append({"path": os.path.abspath(path), "test_accuracy_at_training": acc, "model": meta.get("model")})
-    return parents, spec, metas
-
-
-def _check_leaves_fit_model(path, module, meta, variables):
-    """Every leaf has the shape and dtype the model of the metadata creates, or a ValueError naming it."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    from otfusion_jax import fusion, models  # pylint: disable=import-outside-toplevel
-    from otfusion_jax import spec as spec_lib  # pylint: disable=import-outside-toplevel
-
-    try:
-        want = jax.eval_shape(lambda: models.init(module, jax.random.key(0), tuple(meta["model"]["input_shape"])))
-    except Exception as e:  # noqa: BLE001 - flax raises many types for a bad model description.
-        raise ValueError(f"checkpoint {path}: its metadata describes no buildable model: {type(e).__name__}: {e}") from None
-    want, have = spec_lib.flatten_paths(want), spec_lib.flatten_paths(variables)
-    for leaf, w in want.items():
-        h = have.get(leaf)
-        if h is None:
-            raise ValueError(f"checkpoint {path}: leaf {leaf} is missing (the model of its metadata has it)")
-        if tuple(h.shape) != tuple(w.shape) or h.dtype != w.dtype:
-            raise ValueError(
-                f"checkpoint {path}: leaf {leaf} is {h.dtype}{tuple(h.shape)} but the model of its metadata "
-                f"({meta['model']['name']} {meta['model']['options']}) expects {w.dtype}{tuple(w.shape)}"
-            )
-    extra = sorted(set(have) - set(want))
-    if extra:
-        raise ValueError(f"checkpoint {path}: leaf {extra[0]} is not part of the model of its metadata")
-    try:
-        fusion.check_finite([variables])
-    except fusion.FusionError as e:
-        raise ValueError(f"checkpoint {path}: {str(e).removeprefix('parent 0: ')}") from None
-
-
-def _groups(spec_groups, k_total):
-    """Parent index lists of the tables to make ((): one table with every parent)."""
-    if not spec_groups:
-        return [list(range(k_total))]
-    groups = []
-    for g in spec_groups:
-        try:
-            idx = [int(i) for i in str(g).split(",")]
-        except ValueError:
-            raise ValueError(f"fusion.groups: {g!r} is not a comma list of parent indices") from None
-        bad = [i for i in idx if not 0 <= i < k_total]
-        if bad or len(idx) < 2:
-            raise ValueError(f"fusion.groups: {g!r} needs >= 2 parent indices in 0..{k_total - 1}")
-        groups.append(idx)
-    return groups
 
 
 def _barrier(members, spec, dataset, fusion_cfg, say):
@@ -155,7 +93,7 @@ def _barrier(members, spec, dataset, fusion_cfg, say):
 
 
 def main(argv: list[str]) -> None:
-    """Loads parents and data, fuses, prints the table, writes results."""
+    """Checks the config, loads and checks parents and data, fuses, prints the table, writes results."""
     if len(argv) > 1:
         usage_error(_PROG, f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
@@ -164,28 +102,35 @@ def main(argv: list[str]) -> None:
 
     import otfusion_jax as otf  # pylint: disable=import-outside-toplevel
     from otfusion_jax import checkpoints, configs_util, data, experiment, io_utils  # pylint: disable=import-outside-toplevel
+    from otfusion_jax import parents as parents_lib  # pylint: disable=import-outside-toplevel
 
+    given = _PARENTS.value
     try:
-        config = _CONFIG.value
-        config_dict = configs_util.validate(config)
-        experiment.parse_methods(config_dict["fusion"]["method"])
-        experiment.fusion_config_from(config_dict["fusion"], "weights")  # validates the options early
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        usage_error(_PROG, f"bad config: {clean_error(e)}")
-    paths = _PARENTS.value or [configs_util.parent_dir(config, k) for k in range(config_dict["num_parents"])]
+        config_dict = configs_util.validate(
+            _CONFIG.value, num_parents=len(given) if given else None, model_from_config=not given
+        )
+    except ValueError as e:
+        usage_error(_PROG, e)
+    k_total = len(given) if given else config_dict["num_parents"]
+    if k_total < 2:
+        where = f"--parents gives {k_total} checkpoint" if given else f"config.num_parents={k_total}"
+        usage_error(_PROG, f"{where}: fusion needs >= 2 parents")
+    paths = given or [configs_util.parent_dir(config_dict, k) for k in range(k_total)]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         usage_error(_PROG, f"parent checkpoint not found: {missing[0]} (train parents first: python train.py, same --config)")
-    out_dir = _OUT.value or os.path.join(config_dict["workdir"], "fusion")
+    fusion_cfg = config_dict["fusion"]
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        usage_error(_PROG, f"cannot write to output directory {out_dir}: {e.strerror or e}")
-    try:
-        parents, spec, metas = _load_parents(paths, _FORMAT.value)
-        dataset = configs_util.load_data(config)
+        parents, spec, metas = parents_lib.load_parents(paths, _FORMAT.value)
+        if given:
+            overridden = [p.split(".", 1)[1] for p in config_flags.get_override_values(flags.FLAGS["config"]) if p.startswith("model.")]
+            parents_lib.check_model_overrides(config_dict, overridden, metas)
+            configs_util.check_fusion_for_model(
+                fusion_cfg, metas[0]["model"]["name"], all(m["has_batchnorm"] for m in metas), f"checkpoint {metas[0]['path']}"
+            )
+        else:
+            parents_lib.check_config_matches(config_dict, metas)
+        dataset = configs_util.load_data(config_dict)
         for m in metas:
             model = m.get("model") or {}
             if tuple(model.get("input_shape") or ()) != tuple(dataset.input_shape) or model.get("num_classes") != dataset.num_classes:
@@ -194,23 +139,32 @@ def main(argv: list[str]) -> None:
                     f"{model.get('num_classes')} classes, but data {dataset.name} has {tuple(dataset.input_shape)} "
                     f"with {dataset.num_classes} classes (pick the config the parents were trained with)"
                 )
+        groups = configs_util.fusion_groups(fusion_cfg, len(parents))
     except (ImportError, ValueError, OSError, checkpoints.CheckpointError, data.DataSourceError) as e:
         usage_error(_PROG, e)
-    say = (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)) if _PROGRESS.value else None
-    fusion_cfg = config_dict["fusion"]
+    finetune = None
+    if fusion_cfg["finetune_epochs"] > 0:
+        finetune = dataclasses.replace(
+            configs_util.train_config_from(config_dict),
+            epochs=int(fusion_cfg["finetune_epochs"]),
+            lr=float(fusion_cfg["finetune_lr"] or config_dict["train"]["lr"]),
+        )
+    out_dir = _OUT.value or os.path.join(config_dict["workdir"], "fusion")
     try:
-        groups = _groups(fusion_cfg.get("groups") or (), len(parents))
-        finetune = None
-        if fusion_cfg.get("finetune_epochs", 0) > 0:
-            finetune = dataclasses.replace(
-                configs_util.train_config_from(config),
-                epochs=int(fusion_cfg["finetune_epochs"]),
-                lr=float(fusion_cfg.get("finetune_lr") or config_dict["train"]["lr"]),
-            )
-    except ValueError as e:
-        usage_error(_PROG, e)
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        usage_error(_PROG, f"cannot write to output directory {out_dir}: {e.strerror or e}")
+    say = (lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)) if _PROGRESS.value else None
+    architectures = " | ".join(dict.fromkeys(parents_lib.describe_model(m["model"]) for m in metas))
+    source = (
+        "architecture from the checkpoints (--parents): config.model, parent_widths, num_parents, parents_dir not used"
+        if given
+        else "architecture as config.model"
+    )
     print(
-        f"{len(parents)} parents ({metas[0]['model']['name']}), data {dataset.name}: {len(dataset.x_test)} test examples; "
+        f"{len(parents)} parents ({architectures}; {source}), data {dataset.name}: {len(dataset.x_test)} test examples; "
         f"methods {fusion_cfg['method']}; device {jax.devices()[0].device_kind} ({jax.default_backend()})"
     )
     tables, markdown, cost_curves, to_save = [], [], {}, []

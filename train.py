@@ -15,7 +15,9 @@ Examples:
       --config.data.source=idx --config.data.data_dir=/data/mnist
 
 Any config field can be overridden with --config.<section>.<field>=<value>; an
-unknown field is an error. See configs/default.py for every field.
+unknown field is an error. Every field is checked before any work
+(configs_util.validate): a bad value is one line naming the field and its allowed
+values, exit status 2, nothing written. See configs/default.py for every field.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import default`
-from otfusion_jax.cli import clean_error as _clean  # noqa: E402
 from otfusion_jax.cli import define_config_flag, run, usage_error  # noqa: E402
 
 _PROG = "train.py"
@@ -56,38 +57,47 @@ def main(argv: list[str]) -> None:
 
     from otfusion_jax import checkpoints, configs_util, data, models, training  # pylint: disable=import-outside-toplevel
     from otfusion_jax import io_utils  # pylint: disable=import-outside-toplevel
+    from otfusion_jax import parents as parents_lib  # pylint: disable=import-outside-toplevel
 
     try:
-        config = _CONFIG.value
-        config_dict = configs_util.validate(config)
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        _usage_error(f"bad config: {_clean(e)}")
+        config = configs_util.validate(_CONFIG.value)  # every field, before any work
+    except ValueError as e:
+        _usage_error(e)
     try:
         dataset = configs_util.load_data(config)
     except (ValueError, data.DataSourceError) as e:
         _usage_error(e)
 
-    k_total = config_dict["num_parents"]
+    k_total = config["num_parents"]
     print(
         f"data {dataset.name} ({dataset.source}): {len(dataset.x_train)} train / {len(dataset.x_test)} test, "
-        f"input {dataset.input_shape}; model {config_dict['model']['name']}; {k_total} parent(s) -> "
+        f"input {dataset.input_shape}; model {config['model']['name']}; {k_total} parent(s) -> "
         f"{configs_util.parents_dir(config)}"
     )
+    existing = {}  # parents to skip, checked against the config before any training
+    for k in range(k_total):
+        path = configs_util.parent_dir(config, k)
+        if os.path.lexists(path) and not checkpoints.exists(path):
+            _usage_error(f"{path} exists but is not a checkpoint; move it away or pick another workdir")
+        if checkpoints.exists(path) and not _OVERWRITE.value:
+            try:
+                existing[k] = checkpoints.load_metadata(path)
+            except checkpoints.CheckpointError as e:
+                _usage_error(e)
+            try:
+                parents_lib.check_parent_matches(config, k, path, existing[k].get("model"))
+            except ValueError as e:
+                _usage_error(f"{e} (or --overwrite to retrain it)")
     summary = []
     for k in range(k_total):
         path = configs_util.parent_dir(config, k)
-        if checkpoints.exists(path) and not _OVERWRITE.value:
-            try:
-                meta = checkpoints.load_metadata(path)
-            except checkpoints.CheckpointError as e:
-                _usage_error(e)
+        if k in existing:
+            meta = existing[k]
             print(f"parent {k}: exists ({path}, test accuracy {meta.get('test_accuracy')}); skipped")
             summary.append(
                 {"parent": k, "path": path, "test_accuracy": meta.get("test_accuracy"), "skipped": True}
             )
             continue
-        if os.path.lexists(path) and not checkpoints.exists(path):
-            _usage_error(f"{path} exists but is not a checkpoint; move it away or pick another workdir")
         seed = configs_util.parent_seed(config, k)
         try:
             train_cfg = configs_util.train_config_from(config, seed=seed)
@@ -127,7 +137,7 @@ def main(argv: list[str]) -> None:
             },
             "seed": seed,
             "train_config": train_cfg,
-            "config": config_dict,
+            "config": config,
             "test_accuracy": final["accuracy"],
             "test_loss": final["loss"],
             "history": history,
@@ -141,7 +151,7 @@ def main(argv: list[str]) -> None:
         summary.append({"parent": k, "path": path, "test_accuracy": final["accuracy"], "skipped": False})
 
     summary_path = os.path.join(configs_util.parents_dir(config), "summary.json")
-    io_utils.atomic_write_json(summary_path, {"parents": summary, "config": config_dict})
+    io_utils.atomic_write_json(summary_path, {"parents": summary, "config": config})
     print(f"summary: {summary_path}")
 
 

@@ -3,6 +3,10 @@
 Variants (``configs/<name>.py``) call ``default.get_config()`` and override
 fields. The returned ConfigDict is locked: assigning a field that does not
 exist (a typo) raises, on the command line too (``--config.train.epochz=3``).
+train.py and fuse.py check every field before any work against its rule in
+``otfusion_jax.configs_util.FIELDS`` (type, range or choices; one rule per field
+below) and the combinations of fields; on the command line the text None sets
+an optional text field back to None (``--config.parents_dir=None``).
 """
 
 import ml_collections
@@ -21,8 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "mlpnet"  # registered model: mlpnet | vgg11 | resnet18
     config.model.bias = False  # biases in every layer (the paper's models have none)
-    config.model.norm = False  # BatchNorm after each conv (vgg11, resnet18); ignored by mlpnet
-    config.model.width = 1.0  # channel multiplier (vgg11, resnet18); ignored by mlpnet
+    config.model.norm = False  # BatchNorm after each conv (vgg11, resnet18); must stay False for mlpnet
+    config.model.width = 1.0  # channel multiplier (vgg11, resnet18); must stay 1.0 for mlpnet
     config.model.widths = (128, 64, 32)  # hidden layer widths (mlpnet); ignored by conv nets
 
     config.data = ml_collections.ConfigDict()
@@ -76,10 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.weights = config_dict.placeholder(tuple)  # per-parent averaging weights; None: 1/K
     config.fusion.ensemble_step = config_dict.placeholder(float)  # 2 parents: target's weight s
     config.fusion.target = -1  # index of the parent whose widths and order the fused model takes
-    config.fusion.num_samples = 200  # activation mode / BatchNorm recompute: training samples (paper: 200)
+    config.fusion.num_samples = 200  # activation mode / BatchNorm recompute / REPAIR: training samples, >= 1 (paper: 200)
     config.fusion.acts_kind = "pre"  # activations before (pre) or after (post) the ReLU
     config.fusion.sample_seed = 0  # which training samples
-    config.fusion.bn_stats = "align"  # align | recompute (BatchNorm statistics after fusion)
+    config.fusion.bn_stats = "align"  # align | recompute (BatchNorm statistics after fusion; recompute: models with BatchNorm)
     config.fusion.groups = ()  # tables to make, each a comma list of parent indices ("0,1"); (): all parents
     config.fusion.finetune_epochs = 0  # fine-tune each fused model (and vanilla) for this many epochs
     config.fusion.finetune_lr = config_dict.placeholder(float)  # fine-tuning lr; None: config.train.lr

@@ -8,20 +8,25 @@ them, so that ``train.py`` and ``fuse.py`` stay thin. Config layout::
     model: name, bias, norm, width, widths
     data:  name, source, data_dir, pad_to, max_train, max_test, seed
     train: the TrainConfig fields except seed (parent k uses seed + k)
-    fusion: fusion settings (free-form here; validated by the fusion code)
+    fusion: fusion.py's settings (FusionConfig fields and the experiment's options)
+
+:func:`validate` checks every field against :data:`FIELDS` (one rule per field: type,
+range or choices, meaning) and the combinations between fields, before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 
 from otfusion_jax import data as data_lib
-from otfusion_jax import models
+from otfusion_jax import experiment, fusion, models, ot
 from otfusion_jax import spec as spec_lib
 from otfusion_jax import training
 
@@ -29,7 +34,12 @@ __all__ = [
     "SCHEMA",
     "MODEL_OPTIONS",
     "to_dict",
+    "FIELDS",
+    "Field",
     "validate",
+    "field_error",
+    "fusion_groups",
+    "check_fusion_for_model",
     "train_config_from",
     "model_options_from",
     "model_from",
@@ -43,7 +53,7 @@ __all__ = [
 
 _TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(training.TrainConfig) if f.name != "seed")
 
-# Allowed keys of each section (None: the top level); "fusion" is free-form here.
+# Allowed keys of each section (None: the top level); "fusion" is added from FIELDS below.
 SCHEMA: dict[str | None, tuple[str, ...]] = {
     None: ("seed", "num_parents", "workdir", "parents_dir", "parent_widths", "model", "data", "train", "fusion"),
     "model": ("name", "bias", "norm", "width", "widths"),
@@ -90,18 +100,392 @@ def to_dict(config: Any) -> dict[str, Any]:
     return {k: to_dict(v) if isinstance(v, Mapping) or hasattr(v, "to_dict") else v for k, v in config.items()}
 
 
-def validate(config: Any) -> dict[str, Any]:
-    """Checks a config's keys and values.
+_UNSET = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """The rule of one config field: its type, its allowed values and what it is (a row of :data:`FIELDS`).
+
+    Attributes:
+      kind: "int", "float" (finite), "bool", "str" or "tuple".
+      what: what the field is, in a few words.
+      low: smallest allowed number (the value's, or each tuple item's); None: no bound.
+      high: largest allowed number; None: no bound.
+      low_open: ``low`` itself is not allowed.
+      high_open: ``high`` itself is not allowed.
+      choices: the allowed values, or a callable returning them (read from the library when checked).
+      optional: None is allowed; on the command line the text ``None`` sets an optional text field to None.
+      nonempty: text: the empty string is not allowed.
+      item: tuples: the kind of every item ("int", "float", "str" or "group", a comma list of parent indices).
+      min_len: tuples: the fewest items.
+      increasing: tuples: the items are strictly increasing.
+      neutral: model fields: the value a model that does not take the field must keep (unset: any value).
+      check: for a value of the right type and range, a callable raising ValueError with what is wrong.
+    """
+
+    kind: str
+    what: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
+    optional: bool = False
+    nonempty: bool = False
+    item: str | None = None
+    min_len: int = 0
+    increasing: bool = False
+    neutral: Any = _UNSET
+    check: Callable[[Any], None] | None = None
+
+    def allowed(self) -> str:
+        """The allowed values in words, e.g. ``"an integer >= 1"`` or ``"None or one of 'l1', 'l2'"``."""
+        if self.choices is not None:
+            base = "one of " + ", ".join(repr(c) for c in self.choice_values())
+        elif self.kind == "bool":
+            base = "True or False"
+        elif self.kind == "str":
+            base = "a non-empty text" if self.nonempty else "a text"
+        elif self.kind == "tuple":
+            items = {
+                "int": "integers",
+                "float": "numbers",
+                "str": "texts",
+                "group": 'comma lists of >= 2 distinct parent indices ("0,1")',
+            }[self.item]
+            bound = self._bounds()
+            order = "strictly increasing " if self.increasing else ""
+            size = f"a tuple of >= {self.min_len} " if self.min_len > 1 else ("a non-empty tuple of " if self.min_len else "a tuple of ")
+            base = f"{size}{order}{items}{' ' + bound if bound else ''}"
+        else:
+            bound = self._bounds()
+            base = ("an integer" if self.kind == "int" else "a finite number") + (f" {bound}" if bound else "")
+        return f"None or {base}" if self.optional else base
+
+    def choice_values(self) -> tuple[Any, ...]:
+        """The allowed values of a choice field."""
+        return tuple(self.choices() if callable(self.choices) else self.choices)
+
+    def _bounds(self) -> str:
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.low_open else '['}{lo:g}, {hi:g}{')' if self.high_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.low_open else '>='} {lo:g}"
+        if hi is not None:
+            return f"{'<' if self.high_open else '<='} {hi:g}"
+        return ""
+
+    def _number_ok(self, value: Any, kind: str) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind == "int" else numbers.Real):
+            return False
+        if kind == "float" and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def error(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``"must be ..."``), or None if it is allowed."""
+        if value is None:
+            return None if self.optional else f"must be {self.allowed()}"
+        if self.choices is not None:
+            ok = isinstance(value, str) and value in self.choice_values()
+        elif self.kind == "bool":
+            ok = isinstance(value, bool)
+        elif self.kind == "str":
+            ok = isinstance(value, str) and not (self.nonempty and not value)
+        elif self.kind == "tuple":
+            ok = isinstance(value, (tuple, list)) and len(value) >= self.min_len and all(self._item_ok(v) for v in value)
+            if ok and self.increasing:
+                ok = all(a < b for a, b in zip(value, value[1:]))
+        else:
+            ok = self._number_ok(value, self.kind)
+        if not ok:
+            return f"must be {self.allowed()}"
+        if self.check is not None:
+            try:
+                self.check(value)
+            except ValueError as e:
+                return str(e)
+        return None
+
+    def _item_ok(self, value: Any) -> bool:
+        if self.item == "str":
+            return isinstance(value, str)
+        if self.item == "group":
+            try:
+                _parse_group(value)
+            except ValueError:
+                return False
+            return True
+        return self._number_ok(value, self.item)
+
+
+def _parse_group(group: Any) -> list[int]:
+    """``"0,1"`` (or a sequence of ints) -> [0, 1]; ValueError unless >= 2 distinct indices >= 0."""
+    if isinstance(group, str):
+        try:
+            idx = [int(i) for i in group.split(",")]
+        except ValueError:
+            raise ValueError(f"{group!r} is not a comma list of parent indices") from None
+    elif isinstance(group, (tuple, list)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in group):
+        idx = [int(i) for i in group]
+    else:
+        raise ValueError(f"{group!r} is not a comma list of parent indices")
+    if len(idx) < 2 or len(set(idx)) != len(idx) or min(idx) < 0:
+        raise ValueError(f"{group!r} needs >= 2 distinct parent indices >= 0")
+    return idx
+
+
+def _check_methods(method: str) -> None:
+    experiment.parse_methods(method)  # raises ValueError("fusion.method: unknown ...")
+
+
+def _data_sources() -> dict[str, tuple[str, ...]]:
+    """Data set name -> the sources ``data.load`` offers for it (besides "auto")."""
+    return dict(data_lib._SOURCES)  # noqa: SLF001 - TODO: a public data.SOURCES
+
+
+def _int(what: str, low: int | None = None, **kw: Any) -> Field:
+    return Field("int", what, low=low, **kw)
+
+
+def _float(what: str, low: float | None = None, high: float | None = None, **kw: Any) -> Field:
+    return Field("float", what, low=low, high=high, **kw)
+
+
+def _bool(what: str, **kw: Any) -> Field:
+    return Field("bool", what, **kw)
+
+
+def _choice(what: str, choices: Sequence[Any] | Callable[[], Sequence[Any]], **kw: Any) -> Field:
+    return Field("str", what, choices=choices, **kw)
+
+
+def _path(what: str, **kw: Any) -> Field:
+    return Field("str", what, nonempty=True, **kw)
+
+
+# One rule per field of configs/default.py, by dotted path under ``config``. Choices are read from the
+# library when checked (fusion.EXACT_BACKENDS, ot.METRICS, ...); the FusionConfig fields whose choices
+# only FusionConfig knows (solver, relative_epsilon, importance) are text here and checked by building a
+# FusionConfig at the end of validate(), as are TrainConfig's own checks.
+FIELDS: dict[str, Field] = {
+    "seed": _int("parent k's seed is seed + k", 0),
+    "num_parents": _int("number of parents trained (and fused)", 1),
+    "workdir": _path("parents and results folder"),
+    "parents_dir": _path("where the parents are (None: <workdir>/parents)", optional=True),
+    "parent_widths": Field("tuple", "width factor of parent k", item="float", low=0, low_open=True),
+    "model.name": _choice("registered model", models.available),
+    "model.bias": _bool("biases in every layer"),
+    "model.norm": _bool("BatchNorm after each conv", neutral=False),
+    "model.width": _float("channel multiplier", 0, low_open=True, neutral=1.0),
+    "model.widths": Field("tuple", "hidden layer widths", item="int", low=1, min_len=1),
+    "data.name": _choice("data set", lambda: tuple(_data_sources())),
+    "data.source": _choice(
+        "where the data comes from", lambda: ("auto", *sorted({s for v in _data_sources().values() for s in v}))
+    ),
+    "data.data_dir": _path("IDX folder or TFDS data dir", optional=True),
+    "data.pad_to": _int("zero-pad images to pad_to x pad_to", 1, optional=True),
+    "data.max_train": _int("train examples kept", 1, optional=True),
+    "data.max_test": _int("test examples kept", 1, optional=True),
+    "data.seed": _int("train/test split of digits", 0),
+    "train.epochs": _int("passes over the training set", 0),
+    "train.batch_size": _int("examples per SGD step", 1),
+    "train.lr": _float("base learning rate", 0, low_open=True),
+    "train.momentum": _float("heavy-ball momentum", 0, 1, high_open=True),
+    "train.nesterov": _bool("Nesterov momentum (needs momentum > 0)"),
+    "train.weight_decay": _float("coupled L2", 0),
+    "train.schedule": _choice("learning rate schedule", lambda: training.SCHEDULES),
+    "train.step_every": _int('"step": epochs between decays', 1),
+    "train.gamma": _float("lr multiplier at each decay", 0, 1, low_open=True),
+    "train.milestones": Field("tuple", '"multistep": decay epochs', item="int", low=1, increasing=True),
+    "train.label_smoothing": _float("label smoothing", 0, 1, high_open=True),
+    "train.drop_remainder": _bool("drop each epoch's last partial batch"),
+    "train.eval_batch_size": _int("batch size of the test evaluation", 1),
+    "fusion.method": Field("str", "comma list of fusion methods", check=_check_methods),
+    "fusion.repair": _bool("also REPAIR each fused model"),
+    "fusion.learn_steps": _int('"learned": Adam steps', 1),
+    "fusion.learn_weights": _bool('"learned": also fit mixing weights'),
+    "fusion.solver": Field("str", "OT solver (choices: FusionConfig)"),
+    "fusion.exact_backend": _choice("exact assignment solver", lambda: fusion.EXACT_BACKENDS),
+    "fusion.auction_bidders": _int("auction: rows bidding per round", 1, optional=True),
+    "fusion.ground_metric": _choice("ground metric", lambda: ot.METRICS),
+    "fusion.squared": _bool("squared euclidean"),
+    "fusion.normalize_cost": _choice("cost normalisation", lambda: ot.COST_NORMS),
+    "fusion.unit_norm_rows": _bool("weight mode: unit-norm rows"),
+    "fusion.bias_in_cost": _bool("weight mode: biases in the cost"),
+    "fusion.epsilon": _float("Sinkhorn regularisation", 0, low_open=True),
+    "fusion.relative_epsilon": Field("str", "epsilon relative to the cost (choices: FusionConfig)", optional=True),
+    "fusion.sinkhorn_threshold": _float("Sinkhorn stopping threshold", 0, low_open=True),
+    "fusion.sinkhorn_max_iterations": _int("Sinkhorn iteration cap", 1),
+    "fusion.implicit_diff": _bool("implicit differentiation"),
+    "fusion.tau": _float("unbalanced Sinkhorn relaxation", 0, 1, low_open=True),
+    "fusion.correction": _bool("barycentric correction"),
+    "fusion.proper_marginals": _bool("correction by actual column sums"),
+    "fusion.past_correction": _bool("fuse input-aligned weights"),
+    "fusion.importance": Field("str", "importance marginals (choices: FusionConfig)", optional=True),
+    "fusion.align_output": _bool("a plan for the class layer"),
+    "fusion.weights": Field("tuple", "per-parent averaging weights", item="float", low=0, optional=True),
+    "fusion.ensemble_step": _float("2 parents: the target's weight", 0, 1, optional=True),
+    "fusion.target": _int("index of the target parent in each group"),
+    "fusion.num_samples": _int("training samples for activations / BatchNorm / REPAIR", 1),
+    "fusion.acts_kind": _choice("activations before or after the ReLU", lambda: tuple(models.ACT_COLLECTIONS)),
+    "fusion.sample_seed": _int("which training samples", 0),
+    "fusion.bn_stats": _choice("BatchNorm statistics after fusion", ("align", "recompute")),
+    "fusion.groups": Field("tuple", "tables to make", item="group"),
+    "fusion.finetune_epochs": _int("fine-tuning epochs of each fused model", 0),
+    "fusion.finetune_lr": _float("fine-tuning lr (None: config.train.lr)", 0, low_open=True, optional=True),
+    "fusion.plots": _bool("PNG plots next to results.json"),
+}
+SCHEMA["fusion"] = tuple(path.split(".", 1)[1] for path in FIELDS if path.startswith("fusion."))
+
+
+def field_error(path: str, value: Any, problem: str) -> ValueError:
+    """``ValueError("config.<path>=<value>: <problem>")``, the one-line error of a bad field."""
+    if problem.startswith(path):  # the library already names the field ("fusion.method: unknown ...")
+        return ValueError(f"config.{problem}")
+    return ValueError(f"config.{path}={value!r}: {problem}")
+
+
+def _get(cfg: Mapping[str, Any], path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg: dict[str, Any], path: str, value: Any) -> None:
+    *head, last = path.split(".")
+    node = cfg
+    for part in head:
+        node = node[part]
+    node[last] = value
+
+
+def fusion_groups(fusion_cfg: Mapping[str, Any], num_parents: int) -> list[list[int]]:
+    """The parent index lists of ``config.fusion.groups`` (``()``: one table with every parent).
+
+    Args:
+      fusion_cfg: The config's ``fusion`` section.
+      num_parents: How many parents there are.
+
+    Returns:
+      One list of parent indices per table.
+
+    Raises:
+      ValueError: For a group that is not >= 2 distinct indices in ``0..num_parents - 1``.
+    """
+    groups = fusion_cfg.get("groups") or ()
+    if not groups:
+        return [list(range(num_parents))]
+    out = []
+    for g in groups:
+        try:
+            idx = _parse_group(g)
+        except ValueError as e:
+            raise field_error("fusion.groups", tuple(groups), str(e)) from None
+        if max(idx) >= num_parents:
+            raise field_error(
+                "fusion.groups", tuple(groups), f"{g!r} needs >= 2 parent indices in 0..{num_parents - 1} ({num_parents} parents)"
+            )
+        out.append(idx)
+    return out
+
+
+def check_fusion_for_model(fusion_cfg: Mapping[str, Any], name: str, has_batchnorm: bool, where: str) -> None:
+    """The fusion options that depend on the model: BatchNorm statistics only for models with BatchNorm.
+
+    Args:
+      fusion_cfg: The config's ``fusion`` section.
+      name: The model's name (for the message).
+      has_batchnorm: Whether the model has BatchNorm layers.
+      where: Where the model comes from, e.g. ``"config.model"`` or a checkpoint path.
+
+    Raises:
+      ValueError: Naming the field, the model and the allowed value.
+    """
+    if fusion_cfg.get("bn_stats", "align") == "recompute" and not has_batchnorm:
+        raise field_error(
+            "fusion.bn_stats", "recompute", f"the model ({name}, from {where}) has no BatchNorm; allowed: 'align'"
+        )
+
+
+def _has_batchnorm(name: str, options: Mapping[str, Any]) -> bool:
+    """Whether model ``name`` built with ``options`` has BatchNorm layers (its registry record says)."""
+    record = models.get(name) if hasattr(models, "get") else None
+    if record is not None and hasattr(record, "has_batchnorm"):
+        return bool(record.has_batchnorm(record.make_options(**options)))
+    # TODO: remove once every registry has records: the registered models have BatchNorm exactly
+    # when they take the "norm" option and it is True.
+    return bool(options.get("norm", False))
+
+
+def _check_combinations(cfg: dict[str, Any], num_parents: int, model_from_config: bool) -> None:
+    """Checks between fields (each field alone is already valid)."""
+    train, fus, data = cfg["train"], cfg["fusion"], cfg["data"]
+    if train["nesterov"] and train["momentum"] == 0:
+        raise field_error("train.nesterov", True, "needs config.train.momentum > 0")
+    if len(cfg["parent_widths"]) > cfg["num_parents"]:
+        raise field_error(
+            "parent_widths", tuple(cfg["parent_widths"]),
+            f"has {len(cfg['parent_widths'])} entries for config.num_parents={cfg['num_parents']} parents",
+        )
+    offered = ("auto", *_data_sources()[data["name"]])
+    if data["source"] not in offered:
+        raise field_error("data.source", data["source"], f"data set {data['name']!r} is offered by {', '.join(map(repr, offered))}")
+    name, options = model_options_from(cfg)
+    for key in SCHEMA["model"]:
+        rule = FIELDS[f"model.{key}"]
+        if key == "name" or key in options or rule.neutral is _UNSET or cfg["model"][key] == rule.neutral:
+            continue
+        raise field_error(
+            f"model.{key}", cfg["model"][key],
+            f"{name} does not take {key} (its options: {', '.join(sorted(options)) or 'none'}); must be {rule.neutral!r}",
+        )
+    if model_from_config:
+        check_fusion_for_model(fus, name, _has_batchnorm(name, options), "config.model")
+    groups = fusion_groups(fus, num_parents)
+    sizes = sorted({len(g) for g in groups})
+    weights = fus["weights"]
+    if weights:
+        if any(len(weights) != n for n in sizes):
+            raise field_error(
+                "fusion.weights", tuple(weights),
+                f"has {len(weights)} entries, but the tables fuse {' and '.join(map(str, sizes))} parents",
+            )
+        if not sum(weights) > 0:
+            raise field_error("fusion.weights", tuple(weights), "needs a positive sum")
+    if fus["ensemble_step"] is not None and sizes != [2]:
+        raise field_error(
+            "fusion.ensemble_step", fus["ensemble_step"],
+            f"is for tables of 2 parents, but they fuse {' and '.join(map(str, sizes))}; use config.fusion.weights",
+        )
+    if not -sizes[0] <= fus["target"] < sizes[0]:
+        raise field_error(
+            "fusion.target", fus["target"], f"must be in -{sizes[0]}..{sizes[0] - 1} (tables of {sizes[0]} parents)"
+        )
+
+
+def validate(config: Any, *, num_parents: int | None = None, model_from_config: bool = True) -> dict[str, Any]:
+    """Checks every field of a config and the combinations of fields, before any work.
 
     Args:
       config: The experiment config.
+      num_parents: How many parents will be fused, when not ``config.num_parents``
+        (fuse.py --parents=PATH,...): the range of ``fusion.groups``, the length of ``fusion.weights``.
+      model_from_config: Whether ``config.model`` describes the parents; False when
+        their architecture comes from checkpoints, which then have to be checked
+        with :func:`check_fusion_for_model`.
 
     Returns:
-      The config as plain dicts.
+      The config as plain dicts, with the text ``None`` of optional text fields as None.
 
     Raises:
-      ValueError: For a missing or unknown key (named with its full path,
-        e.g. ``config.train.epochz``) or an invalid value.
+      ValueError: One line naming the field with its full path (``config.fusion.num_samples``),
+        its value and the allowed values; or every missing / unknown key.
     """
     cfg = to_dict(config)
     for section, allowed in SCHEMA.items():
@@ -115,21 +499,26 @@ def validate(config: Any) -> dict[str, Any]:
             raise ValueError(f"unknown config key(s): {', '.join(f'{where}.{k}' for k in unknown)}")
         if missing:
             raise ValueError(f"missing config key(s): {', '.join(f'{where}.{k}' for k in missing)}")
-    if not isinstance(cfg["fusion"], Mapping):
-        raise ValueError("config.fusion must be a section (ConfigDict)")
-    if not isinstance(cfg["num_parents"], int) or cfg["num_parents"] < 1:
-        raise ValueError(f"config.num_parents must be an integer >= 1, got {cfg['num_parents']!r}")
-    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise ValueError(f"config.seed must be an integer >= 0, got {cfg['seed']!r}")
-    if not cfg["workdir"]:
-        raise ValueError("config.workdir must be a non-empty path")
-    if cfg["model"]["name"] not in models.available():
-        raise ValueError(f"config.model.name {cfg['model']['name']!r} is not one of {models.available()}")
-    for key in ("max_train", "max_test", "pad_to"):
-        value = cfg["data"][key]
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"config.data.{key} must be None or an integer >= 1, got {value!r}")
-    train_config_from(cfg)
+    for path, rule in FIELDS.items():
+        value = _get(cfg, path)
+        if rule.optional and rule.kind == "str" and value == "None":
+            _set(cfg, path, None)
+            value = None
+        problem = rule.error(value)
+        if problem:
+            raise field_error(path, value, problem)
+    _check_combinations(cfg, cfg["num_parents"] if num_parents is None else num_parents, model_from_config)
+    try:
+        for mode in ("weights", "activations"):
+            experiment.fusion_config_from(cfg["fusion"], mode)
+    except ValueError as e:
+        raise ValueError(str(e).replace("FusionConfig.", "config.fusion.")) from None
+    train_cfg = train_config_from(cfg)
+    if cfg["fusion"]["finetune_epochs"] > 0:
+        try:
+            dataclasses.replace(train_cfg, epochs=cfg["fusion"]["finetune_epochs"], lr=cfg["fusion"]["finetune_lr"] or train_cfg.lr)
+        except ValueError as e:
+            raise field_error("fusion.finetune_lr", cfg["fusion"]["finetune_lr"], str(e)) from None
     return cfg
 
 
