@@ -1,4 +1,7 @@
-"""Tests of configs/*.py, otfusion_jax.configs_util, and train.py end to end."""
+"""Tests of configs/*.py, otfusion_jax.configs_util, and train.py end to end.
+
+train.py runs in-process (tests/cli_harness.py), except one real ``python train.py`` smoke test.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import pytest
 from absl import flags
+from cli_harness import run_script
 from ml_collections import config_flags
 
 from otfusion_jax import checkpoints, configs_util, training
@@ -180,7 +185,12 @@ def test_parent_paths_and_seeds():
 # --- train.py ------------------------------------------------------------------------------
 
 
-def _run_train(*args: str, cwd) -> subprocess.CompletedProcess:
+def _run_train(*args: str, cwd):
+    """``python train.py <args>`` in-process: returncode, stdout, stderr."""
+    return run_script("train.py", *args, cwd=cwd)
+
+
+def _run_train_subprocess(*args: str, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), *args],
@@ -190,6 +200,33 @@ def _run_train(*args: str, cwd) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+def _train_args(workdir, *extra):
+    return [f"--config.workdir={workdir}", f"--config.parents_dir={workdir / 'parents'}", "--config.train.epochs=1", *extra]
+
+
+def test_train_py_smoke_subprocess(tmp_path):
+    """The one real `python train.py` run: exit status, stdout, files; the same bits as an in-process run."""
+    workdir = tmp_path / "sub"
+    proc = _run_train_subprocess(*_train_args(workdir, "--config.num_parents=1", "--noprogress"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("data digits (sklearn): 1497 train / 300 test"), lines
+    assert "parent 0: seed 0, 1 epoch(s)" in lines and "epoch 1: test accuracy" in proc.stdout
+    assert any(line.startswith("parent 0: test accuracy") and "saved to" in line for line in lines), lines
+    assert lines[-1] == f"summary: {workdir / 'parents' / 'summary.json'}"
+    assert sorted(os.listdir(workdir / "parents")) == ["parent_0", "summary.json"]
+    sub_vars, sub_meta = checkpoints.load(workdir / "parents" / "parent_0")
+    inproc = tmp_path / "inproc"
+    assert _run_train(*_train_args(inproc, "--config.num_parents=1", "--noprogress"), cwd=tmp_path).returncode == 0
+    in_vars, in_meta = checkpoints.load(inproc / "parents" / "parent_0")
+    for a, b in zip(*(jax.tree_util.tree_leaves(v) for v in (sub_vars, in_vars)), strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()  # same seed, same bits, across processes
+    assert sub_meta["test_accuracy"] == in_meta["test_accuracy"] and sub_meta["test_loss"] == in_meta["test_loss"]
+    untimed = [[{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]] for m in (sub_meta, in_meta)]
+    assert untimed[0] == untimed[1]
 
 
 def test_train_py_end_to_end(tmp_path):
@@ -241,7 +278,7 @@ def test_train_py_reports_bad_input_in_one_line(tmp_path, args, needle):
     proc = _run_train(
         f"--config.workdir={tmp_path / 'run'}", f"--config.parents_dir={tmp_path / 'run' / 'parents'}", *args, cwd=tmp_path
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr

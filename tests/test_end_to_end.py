@@ -1,4 +1,7 @@
-"""Digits-trained parents: OT fusion beats vanilla averaging; fuse.py end to end; README example."""
+"""Digits-trained parents: OT fusion beats vanilla averaging; fuse.py end to end; README example.
+
+fuse.py runs in-process (tests/cli_harness.py), except one real ``python fuse.py`` smoke test.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import sys
 
 import jax
 import pytest
+from cli_harness import run_script
 
 import otfusion_jax as otf
 from otfusion_jax import checkpoints, configs_util, experiment, training
@@ -90,25 +94,36 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     after = barrier["after OT alignment (weights, exact)"]
     assert abs(after["accuracy"][0] - barrier["plain (no alignment)"]["accuracy"][0]) < 1e-9
     assert not [p for p in os.listdir(out) if ".tmp" in p]
+    assert proc.stdout.splitlines()[0].startswith("2 parents (mlpnet bias=False widths=[128, 64, 32]; architecture as config.model)")
+    assert proc.stdout.rstrip().endswith(f"results: {out / 'results.json'}")
+    # the same command in-process gives the same table (same bits across processes)
+    out2 = tmp_path / "out2"
+    inproc = run_script("fuse.py", *[a.replace(str(out), str(out2)) for a in cmd[2:]], "--config.fusion.plots=False")
+    assert inproc.returncode == 0, inproc.stderr[-2000:]
+    rows2 = json.loads((out2 / "results.json").read_text())["tables"][0]["rows"]
+    rows = results["tables"][0]["rows"]
+    assert [(r["method"], r["accuracy"], r["loss"]) for r in rows2] == [(r["method"], r["accuracy"], r["loss"]) for r in rows]
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--parents=/nonexistent/parent_0,/nonexistent/parent_1"], "parent checkpoint not found: /nonexistent/parent_0"),
-        (["--config.fusion.method=ot-magic"], "fusion.method: unknown"),
-        (["--config.fusion.solver=emd"], "FusionConfig.solver='emd'"),
-        (["--config.fusion.epsilonn=1"], "epsilonn"),
+        (["--config.fusion.method=ot-magic"], "config.fusion.method: unknown 'ot-magic'; choose from ot-weights"),
+        (["--config.fusion.solver=emd"], "config.fusion.solver='emd'; choose one of ('exact', 'sinkhorn')"),
+        (["--config.fusion.epsilonn=1"], "unknown field config.fusion.epsilonn"),
     ],
 )
 def test_fuse_script_bad_input_is_one_clear_line(digits_parents, tmp_path, args, message):
     config, *_ = digits_parents
-    cmd = [sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}", f"--config.parents_dir={config.parents_dir}", f"--out={tmp_path}", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode != 0
+    out = tmp_path / "out"
+    cmd = [f"--config.workdir={config.workdir}", f"--config.parents_dir={config.parents_dir}", f"--out={out}", *args]
+    proc = run_script("fuse.py", *cmd)
+    assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if "error:" in line] == [proc.stderr.strip()]
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "results.json").exists()
+    assert not out.exists()
 
 
 def test_readme_python_example_runs():

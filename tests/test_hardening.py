@@ -2,6 +2,7 @@
 atomic writers survive SIGKILL; same seed gives the same bits on the CPU.
 
 The parents are copies of the ready-made ``checkpoints/digits_mlpnet/parent_{0,1}`` (never modified in place).
+fuse.py and train.py run in-process (tests/cli_harness.py); only the SIGKILL test needs real processes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from cli_harness import run_script
 
 from otfusion_jax import checkpoints
 
@@ -49,10 +51,9 @@ def parents(pristine, tmp_path):
     return dst
 
 
-def _run(script, args, cwd=ROOT, timeout=300):
-    return subprocess.run(
-        [sys.executable, script, *args], capture_output=True, text=True, cwd=cwd, env=_ENV, timeout=timeout
-    )
+def _run(script, args, cwd=ROOT):
+    """``python <script> <args>`` in-process: returncode, stdout, stderr."""
+    return run_script(os.path.relpath(script, ROOT), *args, cwd=cwd)
 
 
 def _fuse(parents_dir, out, *extra):
@@ -60,19 +61,19 @@ def _fuse(parents_dir, out, *extra):
 
 
 def _assert_clean_failure(proc, out, *needles):
-    """Non-zero exit, last stderr line is one `prog: error: ...` line naming every needle, nothing written."""
-    assert proc.returncode != 0, proc.stdout[-2000:]
+    """Exit status 2, the last stderr line is the one `prog: error: ...` line naming every needle, no output dir."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines, "no error message on stderr"
     last = lines[-1]
     print("error line:", last)
     assert ": error: " in last, proc.stderr[-2000:]
+    assert [line for line in lines if ": error: " in line] == [last], proc.stderr[-2000:]
     for needle in needles:
         assert str(needle) in last, (needle, last)
-    if out is not None and os.path.isdir(out):
-        left = sorted(os.listdir(out))
-        assert left == [], f"output directory not empty after failure: {left}"
+    if out is not None:  # every check comes before the output directory is made
+        assert not os.path.exists(out), f"output directory made before a failure: {sorted(os.listdir(out))}"
     return last
 
 
@@ -235,6 +236,96 @@ def test_unwritable_output_directory_is_named(parents, tmp_path):
     assert blocker.read_text() == "not a directory\n"
 
 
+# --- 9b: the config against the parents' checkpoints, and values that used to get past the checks (#16) ---
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_num_samples_out_of_range_is_refused_before_any_work(parents, tmp_path, value):
+    """Was: weight fusion ran, then activation mode died in a JAX traceback (0) or an unnamed error (-5)."""
+    out = tmp_path / "out"
+    proc = _fuse(parents, out, f"--config.fusion.num_samples={value}")
+    _assert_clean_failure(proc, out, f"config.fusion.num_samples={value}", "an integer >= 1")
+    assert proc.stdout == ""  # nothing evaluated
+
+
+@pytest.mark.parametrize(
+    "override,field,theirs,parent",
+    [
+        ("--config.model.widths=(64, 32)", "config.model.widths=(64, 32)", "widths=[128, 64, 32]", 0),
+        ("--config.model.bias=True", "config.model.bias=True", "bias=False", 0),
+        ("--config.model.name=vgg11", "config.model.name='vgg11'", "'mlpnet'", 0),
+        ("--config.parent_widths=(1.0, 2.0)", "config.parent_widths[1]=2.0: [256, 128, 64]", "widths=[128, 64, 32]", 1),
+    ],
+)
+def test_config_that_contradicts_the_checkpoints_names_both_values(parents, tmp_path, override, field, theirs, parent):
+    """Was: --config.model.widths was silently ignored, the checkpoints' architecture was fused."""
+    out = tmp_path / "out"
+    _assert_clean_failure(_fuse(parents, out, override), out, field, theirs, str(parents / f"parent_{parent}"))
+
+
+def _other_widths_config(tmp_path):
+    path = tmp_path / "other_widths.py"
+    path.write_text(
+        "from configs import digits_mlpnet\n\n\ndef get_config():\n"
+        "    config = digits_mlpnet.get_config()\n    config.model.widths = (8,)\n    return config\n"
+    )
+    return path
+
+
+def test_parents_flag_takes_the_architecture_from_the_checkpoints(parents, tmp_path):
+    """--parents: config.model & co. are not used (the header line says so); an override contradicting them is an error."""
+    config = f"--config={_other_widths_config(tmp_path)}"  # config.model.widths = (8,)
+    given = f"--parents={parents / 'parent_0'},{parents / 'parent_1'}"
+    out = tmp_path / "out"
+    fast = ["--config.fusion.method=ot-weights", "--config.fusion.plots=False", "--noprogress"]
+    unused = ["--config.num_parents=3", "--config.parents_dir=/nonexistent", "--config.parent_widths=(1.0, 2.0)"]
+    agreeing = "--config.model.widths=(128, 64, 32)"
+    proc = _run(FUSE, [config, given, *unused, agreeing, f"--out={out}", *fast])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = proc.stdout.splitlines()[0]
+    assert header.startswith("2 parents (mlpnet bias=False widths=[128, 64, 32]; architecture from the checkpoints"), header
+    assert "config.model, parent_widths, num_parents, parents_dir not used" in header, header
+    results = json.loads((out / "results.json").read_text())
+    assert [p["model"]["options"]["widths"] for p in results["parents"]] == [[128, 64, 32]] * 2
+    assert len(results["tables"][0]["rows"]) == 5  # 2 parents, ensemble, vanilla, OT fusion
+    # the same config file describing the parents' folder: its widths contradict the checkpoints
+    out2 = tmp_path / "out2"
+    proc = _run(FUSE, [config, f"--config.parents_dir={parents}", f"--out={out2}", *fast])
+    _assert_clean_failure(proc, out2, "config.model.widths=(8,)", "widths=[128, 64, 32]", str(parents / "parent_0"))
+    for override, theirs in (("--config.model.widths=(8,)", "widths=[128, 64, 32]"), ("--config.model.name=vgg11", "name='mlpnet'")):
+        proc = _run(FUSE, [given, override, f"--out={out2}", *fast])
+        field = override.removeprefix("--").replace("=vgg11", "='vgg11'")
+        _assert_clean_failure(proc, out2, field, theirs, "given on the command line", "--parents", str(parents / "parent_0"))
+
+
+def test_batchnorm_options_need_a_model_with_batchnorm(parents, tmp_path):
+    out = tmp_path / "out"
+    proc = _fuse(parents, out, "--config.fusion.bn_stats=recompute")
+    _assert_clean_failure(proc, out, "config.fusion.bn_stats='recompute'", "mlpnet", "no BatchNorm")
+    given = f"--parents={parents / 'parent_0'},{parents / 'parent_1'}"
+    proc = _run(FUSE, [given, "--config.fusion.bn_stats=recompute", f"--out={out}", "--noprogress"])
+    _assert_clean_failure(proc, out, "config.fusion.bn_stats='recompute'", str(parents / "parent_0"), "no BatchNorm")
+    proc = _fuse(parents, out, "--config.model.norm=True")
+    _assert_clean_failure(proc, out, "config.model.norm=True", "mlpnet does not take norm")
+
+
+def test_train_refuses_existing_parents_of_another_architecture(parents, tmp_path):
+    proc = _run(TRAIN, [
+        f"--config.workdir={tmp_path / 'work'}", f"--config.parents_dir={parents}", "--config.num_parents=3",
+        "--config.model.widths=(64, 32)", "--noprogress",
+    ])
+    _assert_clean_failure(proc, None, "config.model.widths=(64, 32)", "widths=[128, 64, 32]", "--overwrite")
+    assert sorted(os.listdir(parents)) == ["parent_0", "parent_1"]  # nothing trained, nothing written
+    assert not (tmp_path / "work").exists()
+
+
+def test_fuse_needs_two_parents(parents, tmp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_run(FUSE, [f"--config.parents_dir={parents}", "--config.num_parents=1", f"--out={out}"]),
+                          out, "config.num_parents=1", ">= 2 parents")
+    _assert_clean_failure(_run(FUSE, [f"--parents={parents / 'parent_0'}", f"--out={out}"]), out, "--parents", ">= 2")
+
+
 # --- 10: crash safety under SIGKILL ---------------------------------------------------------------------------
 
 _WRITER = textwrap.dedent(
@@ -271,21 +362,31 @@ def test_atomic_writers_survive_sigkill(tmp_path):
     script.write_text(_WRITER)
     rng = np.random.default_rng(1234)
     leftovers = set()
-    for round_ in range(5):
-        folder = tmp_path / f"round{round_}"
-        folder.mkdir()
-        proc = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=ROOT, env=_ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 120
+    # The five writers run side by side (one interpreter start-up to wait for, not five); each is killed
+    # at its own random moment of its write loop.
+    folders = [tmp_path / f"round{round_}" for round_ in range(5)]
+    procs = []
+    try:
+        for folder in folders:
+            folder.mkdir()
+            procs.append(subprocess.Popen([sys.executable, str(script), str(folder)], cwd=ROOT, env=_ENV,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        deadline = time.monotonic() + 180
+        for folder, proc in zip(folders, procs):
             while not (folder / "ready").exists():
                 assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
                 assert time.monotonic() < deadline, "writer never became ready"
                 time.sleep(0.05)
-            time.sleep(float(rng.uniform(0.05, 1.5)))
-        finally:
-            proc.send_signal(signal.SIGKILL)
+        delays = rng.uniform(0.05, 1.5, size=len(procs))
+        start = time.monotonic()
+        for i in np.argsort(delays):
+            time.sleep(max(0.0, start + float(delays[i]) - time.monotonic()))
+            procs[i].send_signal(signal.SIGKILL)
+    finally:
+        for proc in procs:
+            proc.kill()
             proc.wait()
+    for folder, proc in zip(folders, procs):
         assert proc.returncode == -signal.SIGKILL
         doc = json.loads((folder / "results.json").read_text())
         assert doc["version"] in (0, 1)
