@@ -72,8 +72,6 @@ def _barrier(members, spec, dataset, fusion_cfg, say):
 
     None for parents of different widths: no straight line joins them.
     """
-    import jax  # pylint: disable=import-outside-toplevel
-
     import otfusion_jax as otf  # pylint: disable=import-outside-toplevel
     from otfusion_jax import experiment  # pylint: disable=import-outside-toplevel
 
@@ -83,9 +81,8 @@ def _barrier(members, spec, dataset, fusion_cfg, say):
     if say:
         say("loss barrier between the two parents")
     x, y = dataset.x_test[:2000], dataset.y_test[:2000]
-    cfg = experiment.fusion_config_from(fusion_cfg, "weights")
-    align = jax.jit(otf.align, static_argnums=(2, 3))
-    aligned, _, _ = align(a.variables, b.variables, spec, dataclasses.replace(cfg, solver="exact"))
+    cfg = dataclasses.replace(experiment.fusion_config_from(fusion_cfg, "weights"), solver="exact")
+    aligned = otf.align_parents([a.variables, b.variables], spec, cfg)[0][0]
     return {
         "plain (no alignment)": experiment.interpolation_curve(b.module, a.variables, b.variables, x, y),
         "after OT alignment (weights, exact)": experiment.interpolation_curve(b.module, aligned, b.variables, x, y),
