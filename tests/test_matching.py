@@ -47,7 +47,7 @@ def test_permuted_mlp_copy_is_recovered_exactly(widths, bias, seed):
     model, spec = build("mlpnet", input_shape=SHAPE, num_classes=5, widths=tuple(widths), bias=bias)
     v = _random_variables(model, SHAPE, seed)
     vp = _permuted_copy(v, spec, seed + 1)
-    fused, aux = otf.fuse([vp, v], spec, matching.WeightMatching(backend="host"), key=seed)
+    fused, aux = otf.fuse([vp, v], spec, matching.WeightMatching(start="greedy", restarts=1, backend="host"), key=seed)
     assert _np_max_abs_diff(fused, v) == 0.0
     assert bool(aux.stats[0].converged) and int(aux.stats[0].n_sweeps) == 1  # the greedy start is exact
     assert aux.stats[1] is None and aux.plans[1] is None and set(aux.stats[0].perms) == set(spec.plans)
@@ -69,7 +69,7 @@ def test_permuted_convnet_copy_is_recovered_exactly(name, shape, opts):
     model, spec = build(name, input_shape=shape, **opts)
     v = _random_variables(model, shape)
     vp = _permuted_copy(v, spec, seed=3)
-    fused, aux = otf.fuse([vp, v], spec, matching.WeightMatching(backend="device"))
+    fused, aux = otf.fuse([vp, v], spec, matching.WeightMatching(start="greedy", restarts=1, backend="device"))
     assert _np_max_abs_diff(fused, v) == 0.0
     assert all(bool(i.converged) for i in aux.stats if i is not None)
 
@@ -105,7 +105,7 @@ def test_objective_never_decreases(start):
     identity = {name: jnp.arange(n) for name, n in zip(spec.plans, (*WIDTHS, 5))}
     for seed in range(3):
         _, _, a, b = _pair(seed)
-        perms, info = matching.weight_matching(a, b, spec, seed=seed, start=start)
+        perms, info = matching.weight_matching(a, b, spec, seed=seed, start=start, restarts=1)
         obj = np.asarray(info.objective)
         n = int(info.n_sweeps)
         assert 1 <= n <= 20
@@ -119,7 +119,7 @@ def test_greedy_start_alone_recovers_a_permuted_copy():
     """Objective entry 0 (after the greedy start, before any sweep) is already the optimum J(a, a)."""
     _, spec, a, _ = _pair(4)
     ap = permuted_copy(a, spec, 9)
-    perms, info = matching.weight_matching(ap, a, spec)
+    perms, info = matching.weight_matching(ap, a, spec, start="greedy", restarts=1)
     identity = {name: jnp.arange(n) for name, n in zip(spec.plans, (*WIDTHS, 5))}
     np.testing.assert_allclose(info.objective[0], matching.matching_objective(a, a, spec, identity), rtol=1e-6)
     assert int(info.n_sweeps) == 1 and bool(info.converged)
@@ -165,8 +165,8 @@ def test_perms_to_plans_matches_apply_plans_bitwise():
 def test_device_and_host_solvers_agree():
     for seed in range(2):
         _, spec, a, b = _pair(seed)
-        dev, info_d = matching.weight_matching(a, b, spec, seed=seed, backend="device")
-        host, info_h = matching.weight_matching(a, b, spec, seed=seed, backend="host")
+        dev, info_d = matching.weight_matching(a, b, spec, seed=seed, backend="device", restarts=1)
+        host, info_h = matching.weight_matching(a, b, spec, seed=seed, backend="host", restarts=1)
         for name in spec.plans:
             np.testing.assert_array_equal(dev[name], host[name])
         np.testing.assert_allclose(info_d.objective, info_h.objective, rtol=1e-6)
@@ -174,7 +174,7 @@ def test_device_and_host_solvers_agree():
 
 def test_soft_variant_runs_and_is_finite():
     model, spec, a, b = _pair(2)
-    fused, aux = otf.fuse([a, b], spec, matching.WeightMatching(soft=True), params={"epsilon": 0.5})
+    fused, aux = otf.fuse([a, b], spec, matching.WeightMatching(soft=True, restarts=1), params={"epsilon": 0.5})
     info = aux.stats[0]
     perms = info.perms
     for name in spec.plans:
@@ -199,8 +199,8 @@ def test_soft_with_small_epsilon_recovers_a_permuted_copy():
     """Same compilation as above (epsilon is traced through ``params``)."""
     _, spec, a, _ = _pair(3)
     ap = permuted_copy(a, spec, 5)
-    fused, aux = otf.fuse([ap, a], spec, matching.WeightMatching(soft=True), params={"epsilon": 0.01})
-    hard, _ = matching.weight_matching(ap, a, spec)
+    fused, aux = otf.fuse([ap, a], spec, matching.WeightMatching(soft=True, restarts=1), params={"epsilon": 0.01})
+    hard, _ = matching.weight_matching(ap, a, spec, start="greedy", restarts=1)
     for name in spec.plans:
         np.testing.assert_array_equal(aux.stats[0].perms[name], hard[name])
     assert max_abs_diff(fused, a) < 1e-4
@@ -214,3 +214,57 @@ def test_unequal_widths_are_refused_naming_the_plan():
         matching.weight_matching(a, b, spec)
     with pytest.raises(otf.FusionError, match="'fc2'"):
         otf.fuse([a, b], spec, matching.WeightMatching())
+
+
+# ----------------------------------------------------------------------------- Git Re-Basin's own loop, restarts
+
+
+def _plain(v):
+    """Flax variables -> the reference's flat dict without the "params/" prefix."""
+    return {k.removeprefix("params/"): np.asarray(x) for k, x in spec_lib.flatten_paths(v).items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_identity_start_matches_the_git_rebasin_reference(seed):
+    """Same start (identity) and same sweep orders: the same permutations and iterations as Git Re-Basin's loop.
+
+    The reference (tests/reference_rebasin.py) transcribes samuela/git-re-basin's
+    ``weight_matching`` in NumPy + scipy; it is fed the sweep orders our descent
+    draws (``permutation(fold_in(key, sweep))``). ``tol=0`` accepts any strict
+    improvement, as the reference does.
+    """
+    import reference_rebasin as ref  # pylint: disable=import-outside-toplevel
+
+    _, spec, a, b = _pair(seed)
+    wm = matching.WeightMatching(start="identity", restarts=1, tol=0.0, backend="host")
+    perms, info = matching.weight_matching(b, a, spec, wm, seed=seed)
+    key = jax.random.key(jnp.asarray(seed, jnp.uint32))
+    hidden = [p for p in spec.plans if p != spec.output_plan]
+    orders = [np.asarray(jax.random.permutation(jax.random.fold_in(key, i), len(hidden))) for i in range(wm.max_sweeps)]
+    want, iterations = ref.weight_matching(_plain(a), _plain(b), ref.mlp_perm_to_axes(len(hidden), bias=True), orders)
+    assert int(info.n_sweeps) == iterations and iterations >= 2  # a real descent, not the start alone
+    for k, name in enumerate(hidden):
+        np.testing.assert_array_equal(np.asarray(perms[name]), want[f"P{k + 1}"], err_msg=name)
+    np.testing.assert_array_equal(np.asarray(perms[spec.output_plan]), np.arange(5))
+    perm_to_axes = ref.mlp_perm_to_axes(len(hidden), bias=True)
+    np.testing.assert_allclose(
+        float(info.objective[-1]), ref.objective(_plain(a), _plain(b), perm_to_axes, want), rtol=1e-5
+    )
+
+
+def test_restarts_keep_the_best_and_equal_single_runs():
+    """R restarts under vmap: each equals the single run with its key, and the best objective wins."""
+    _, spec, a, b = _pair(5)
+    key = jax.random.key(3)
+    batched, info = matching.weight_matching(a, b, spec, matching.WeightMatching(restarts=4), seed=key)
+    singles = []
+    for r in range(4):
+        k = key if r == 0 else jax.random.fold_in(key, r)
+        perms_r, info_r = matching.weight_matching(a, b, spec, matching.WeightMatching(restarts=1), seed=k)
+        singles.append((float(info_r.objective[-1]), perms_r))
+    np.testing.assert_allclose(np.asarray(info.restart_objectives), [o for o, _ in singles], rtol=1e-6)
+    best = int(np.argmax([o for o, _ in singles]))
+    assert float(info.objective[-1]) >= max(o for o, _ in singles) * (1 - 1e-6)
+    for name in spec.plans:
+        np.testing.assert_array_equal(np.asarray(batched[name]), np.asarray(singles[best][1][name]))
+    assert len({round(o, 3) for o, _ in singles}) > 1  # the sweep orders matter on this pair
