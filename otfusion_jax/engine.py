@@ -26,6 +26,7 @@ Sinkhorn with traced per-layer epsilons (``params``).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -85,12 +86,20 @@ class FusionAux(NamedTuple):
       info: per parent, plan name -> ``ot.PlanInfo``.
       weights: (K,) averaging weights used.
       stats: per parent, the aligner-level report (``Alignment.stats``).
+      iterations: alignment rounds run: 1 for one-shot fusion onto the
+        target; with ``fuse(..., iterations=N > 1)`` the rounds of the
+        iterative barycentre (then every parent, the target too, has plans:
+        onto the final fused model).
+      plan_change: iterative barycentre: the largest entry change of any plan
+        in the last round (0 once the plans stopped changing); None one-shot.
     """
 
     plans: tuple[dict[str, jax.Array] | None, ...]
     info: tuple[dict[str, ot.PlanInfo] | None, ...]
     weights: jax.Array
     stats: tuple[Any, ...] | None = None
+    iterations: Any = 1
+    plan_change: Any = None
 
 
 class Aligner(Protocol):
@@ -318,19 +327,99 @@ def _aux(results, parents, spec, w) -> FusionAux:
     return FusionAux(tuple(plans), tuple(infos), w, tuple(stats))
 
 
-def _fuse_impl(parents, spec, aligner, activations, weights, key, params, target):
+def _fuse_impl(parents, spec, aligner, activations, weights, key, params, target, iterations=1, tol=0.0):
     w = averaging_weights(len(parents), weights)
     aligned, results = _align_all(parents, spec, aligner, activations, key, params, target)
-    return weighted_sum(aligned, w), _aux(results, parents, spec, w)
+    aux = _aux(results, parents, spec, w)
+    if iterations > 1:
+        aligned, aux = _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol)
+    return weighted_sum(aligned, w), aux
 
 
-def _align_impl(parents, spec, aligner, activations, key, params, target):
+def _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol):
+    """The iterative barycentre ("merge many", Ainsworth et al. 2023): re-align each parent onto the others' mean.
+
+    Round 1 is the one-shot alignment onto the target (``aligned``, ``aux``).
+    Each further round visits the parents in order; parent i is aligned (from
+    its original weights) onto the weighted mean of the *other* aligned
+    parents, and replaces its aligned copy at once (Gauss-Seidel, like Git
+    Re-Basin's MergeMany; aligning onto a mean that contains the parent
+    itself would return its current plans: a fixed point, nothing learned).
+    The rounds are one ``lax.while_loop`` (the aligner traced K times, once
+    per parent); it stops when no plan entry moved by more than ``tol`` in a
+    round, or after ``iterations`` rounds. The fused model keeps the target's
+    widths; its neuron order is the first round's.
+    """
+    k = len(parents)
+    sizes = [spec.check_variables(p) for p in parents]
+    dtypes = [jnp.result_type(*jax.tree_util.tree_leaves(p)) for p in parents]
+    other = next(i for i in range(k) if i != target)
+    # The target's entries, which round 1 did not align, start as the identity
+    # (plans) and as zeros shaped like another parent's reports.
+    eye = {n: jnp.eye(sizes[target][n], dtype=dtypes[target]) for n in aux.plans[other]}
+    zeros = functools.partial(jax.tree_util.tree_map, jnp.zeros_like)
+
+    def filled(seq, fill):
+        return [fill if i == target else x for i, x in enumerate(seq)]
+
+    state = (
+        jnp.array(1, jnp.int32),
+        list(aligned),
+        filled(aux.plans, eye),
+        filled(aux.info, zeros(aux.info[other])),
+        filled(aux.stats, zeros(aux.stats[other])),
+        jnp.array(jnp.inf, jnp.float32),
+    )
+
+    def body(state):
+        it, current, old, infos, stats, _ = state
+        current, plans, infos, stats = list(current), list(old), list(infos), list(stats)
+        for i, parent in enumerate(parents):
+            rest = jnp.concatenate([w[:i], w[i + 1:]])
+            others = weighted_sum(current[:i] + current[i + 1:], rest / jnp.sum(rest))
+            res = aligner.align(
+                parent, others, spec,
+                key=None if key is None else jax.random.fold_in(jax.random.fold_in(key, i), it),
+                params=params,
+            )
+            current[i] = plans_lib.apply_plans(parent, spec, res.plans, incoming=aligner.incoming)
+            plans[i] = {n: plans_lib.as_matrix(p, sizes[i][n], dtypes[i]) for n, p in res.plans.items()}
+            infos[i], stats[i] = res.info, res.stats
+        change = jnp.max(jnp.stack([
+            jnp.max(jnp.abs(plans[i][n] - old[i][n])) for i in range(k) for n in plans[i]
+        ])).astype(jnp.float32)
+        return it + 1, current, plans, infos, stats, change
+
+    def cond(state):
+        return (state[0] < iterations) & (state[5] > tol)
+
+    it, aligned, plans, infos, stats, change = jax.lax.while_loop(cond, body, state)
+    return aligned, FusionAux(tuple(plans), tuple(infos), w, tuple(stats), it, change)
+
+
+def _align_impl(parents, spec, aligner, activations, key, params, target, iterations=1, tol=0.0):
+    w = jnp.full((len(parents),), 1.0 / len(parents))
     aligned, results = _align_all(parents, spec, aligner, activations, key, params, target)
-    return aligned, _aux(results, parents, spec, jnp.full((len(parents),), 1.0 / len(parents)))
+    aux = _aux(results, parents, spec, w)
+    if iterations > 1:
+        aligned, aux = _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol)
+    return aligned, aux
 
 
-_fuse_jit = jax.jit(_fuse_impl, static_argnames=("spec", "aligner", "target"))
-_align_jit = jax.jit(_align_impl, static_argnames=("spec", "aligner", "target"))
+_fuse_jit = jax.jit(_fuse_impl, static_argnames=("spec", "aligner", "target", "iterations", "tol"))
+_align_jit = jax.jit(_align_impl, static_argnames=("spec", "aligner", "target", "iterations", "tol"))
+
+
+def _check_iterations(aligner, iterations, tol) -> None:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise FusionError(f"iterations must be an int >= 1, got {iterations!r}")
+    if not tol >= 0:
+        raise FusionError(f"tol must be >= 0, got {tol!r}")
+    if iterations > 1 and aligner is not None and aligner.needs_activations:
+        raise FusionError(
+            f"the iterative barycentre (iterations={iterations}) aligns parents onto means of the others, which have no "
+            "activations of their own: use an aligner by weights (FusionConfig(mode='weights'), WeightMatching)"
+        )
 
 
 def _prepare(parents, spec, aligner, activations, key, params, target):
@@ -365,6 +454,8 @@ def fuse(
     target: int = -1,
     key: jax.Array | int | None = None,
     params: Any = None,
+    iterations: int = 1,
+    tol: float = 0.0,
 ) -> tuple[dict[str, Any], FusionAux]:
     """Fuses K parents into the target's architecture: align every parent onto it, then average.
 
@@ -388,6 +479,15 @@ def fuse(
         order); parent i uses ``fold_in(key, i)``.
       params: traced parameters of the aligner (OTFusion: plan name ->
         Sinkhorn epsilon, see ``otfusion_jax.learned``).
+      iterations: 1 (default): one-shot, every parent aligned onto the target.
+        N > 1: the iterative barycentre for many parents ("merge many"): after
+        the one-shot round, each parent in turn (the target too) is aligned
+        onto the mean of the other aligned parents, for at most N rounds in
+        all, until no plan entry moves by more than ``tol`` in a round
+        (``aux.iterations``, ``aux.plan_change``). Aligners by weights only
+        (the means have no activations of their own).
+      tol: iterative barycentre: the plan change under which it stops (0:
+        hard plans identical; a small positive value for Sinkhorn plans).
 
     Returns:
       (fused variables with the target's shapes, FusionAux).
@@ -396,8 +496,9 @@ def fuse(
         from otfusion_jax.fusion import FusionConfig  # pylint: disable=import-outside-toplevel
 
         aligner = FusionConfig()
+    _check_iterations(aligner, iterations, tol)
     parents, acts, key, params, t = _prepare(parents, spec, aligner, activations, key, params, target)
-    return _fuse_jit(parents, spec, aligner, acts, weights, key, params, t)
+    return _fuse_jit(parents, spec, aligner, acts, weights, key, params, t, iterations, float(tol))
 
 
 def align_parents(
@@ -409,11 +510,14 @@ def align_parents(
     target: int = -1,
     key: jax.Array | int | None = None,
     params: Any = None,
+    iterations: int = 1,
+    tol: float = 0.0,
 ) -> tuple[list[dict[str, Any]], FusionAux]:
     """The parents moved onto the target (the target as it is), before averaging: ``fuse`` without its last step.
 
     REPAIR's interpolated statistics and learned fusion's per-layer mixing start from these.
     Arguments as :func:`fuse`; ``aux.weights`` is 1/K.
     """
+    _check_iterations(aligner, iterations, tol)
     parents, acts, key, params, t = _prepare(parents, spec, aligner, activations, key, params, target)
-    return _align_jit(parents, spec, aligner, acts, key, params, t)
+    return _align_jit(parents, spec, aligner, acts, key, params, t, iterations, float(tol))

@@ -332,3 +332,40 @@ def test_unbalanced_sinkhorn_relaxes_the_marginals():
         np.testing.assert_allclose(bal.plans[0][name].sum(0), 1 / 10, atol=2e-3)
         assert float(jnp.abs(unb.plans[0][name].sum(0) - 1 / 10).max()) > 1e-3  # mass is no longer forced
         assert bool(jnp.all(jnp.isfinite(unb.plans[0][name])))
+
+
+# ----------------------------------------------------------------------------- many parents: the iterative barycentre
+
+
+@pytest.mark.parametrize(
+    "aligner",
+    [otf.FusionConfig(exact_backend="host"), otf.WeightMatching(start="greedy", restarts=1)],
+    ids=["ot-weights", "wm"],
+)
+def test_barycentre_of_permuted_copies_is_the_model(aligner):
+    """K = 4 permuted copies of one model: round 1 recovers it, round 2 changes no plan, the loop stops."""
+    _, spec, v = _mlp((12, 8), bias=True, seed=0)
+    parents = [permuted_copy(v, spec, s) for s in (1, 2, 3)] + [v]
+    fused, aux = otf.fuse(parents, spec, aligner, iterations=10)
+    assert max_abs_diff(fused, v) < 1e-6
+    assert int(aux.iterations) == 2 and float(aux.plan_change) == 0.0
+    assert all(p is not None for p in aux.plans)  # every parent, the target too, has plans onto the result
+    for name in spec.plans:
+        np.testing.assert_allclose(aux.plans[-1][name], np.eye(aux.plans[-1][name].shape[0]), atol=1e-6)
+    aligned, aux_a = otf.align_parents(parents, spec, aligner, iterations=10)
+    assert all(max_abs_diff(a, v) < 1e-6 for a in aligned) and int(aux_a.iterations) == 2
+
+
+def test_barycentre_rounds_and_refusals():
+    """Trained-like random parents: it runs at most `iterations` rounds; activations aligners are refused."""
+    _, spec, a = _mlp((12, 8), bias=True, seed=0)
+    parents = [_mlp((12, 8), bias=True, seed=s)[2] for s in (1, 2)] + [a]
+    fused_1, aux_1 = otf.fuse(parents, spec, otf.FusionConfig(exact_backend="host"))
+    assert int(aux_1.iterations) == 1 and aux_1.plan_change is None and aux_1.plans[-1] is None
+    fused, aux = otf.fuse(parents, spec, otf.FusionConfig(exact_backend="host"), iterations=3)
+    assert 2 <= int(aux.iterations) <= 3
+    assert jax.tree_util.tree_structure(fused) == jax.tree_util.tree_structure(fused_1)
+    with pytest.raises(otf.FusionError, match="iterative barycentre"):
+        otf.fuse(parents, spec, otf.FusionConfig(mode="activations"), iterations=2, activations=[{}, {}, {}])
+    with pytest.raises(otf.FusionError, match="iterations must be an int >= 1"):
+        otf.fuse(parents, spec, otf.FusionConfig(), iterations=0)
