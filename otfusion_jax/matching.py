@@ -101,6 +101,9 @@ class MatchingInfo(NamedTuple):
       perms: plan name -> (n,) permutation (for ``soft``: the nearest one to each soft plan).
       restart_objectives: (R,) final objective of each restart (``WeightMatching.restarts``);
         the other fields describe the best one, ``restart_objectives.argmax()``.
+      restart_perms: plan name -> (R, n) permutations of every restart (to rank
+        the restarts by something else, e.g. the fused model's training loss:
+        ``experiment`` does).
     """
 
     objective: jax.Array
@@ -109,6 +112,7 @@ class MatchingInfo(NamedTuple):
     plans: dict[str, jax.Array]
     perms: dict[str, jax.Array]
     restart_objectives: jax.Array
+    restart_perms: dict[str, jax.Array]
 
 
 def _viewed(flat: Mapping[str, jax.Array], spec: spec_lib.AlignmentSpec) -> dict[str, jax.Array]:
@@ -277,7 +281,7 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: Weight
         perms = {k: _assignment(t, opts.backend) for k, t in plans.items()}
     else:
         plans = plans_lib.perms_to_plans(perms, jnp.result_type(*[x.dtype for x in vb.values()]))
-    return perms, MatchingInfo(objs, n_sweeps, converged, plans, perms, objs[-1:])
+    return perms, MatchingInfo(objs, n_sweeps, converged, plans, perms, objs[-1:], {k: p[None] for k, p in perms.items()})
 
 
 
@@ -393,7 +397,7 @@ class WeightMatching:
         finals = all_info.objective[:, -1]
         best = jnp.argmax(finals)  # the first of equal bests: restart 0 wins ties
         pick = functools.partial(jax.tree_util.tree_map, lambda x: x[best])
-        return pick(all_perms), pick(all_info)._replace(restart_objectives=finals)
+        return pick(all_perms), pick(all_info)._replace(restart_objectives=finals, restart_perms=all_perms)
 
     def align(
         self,

@@ -268,3 +268,14 @@ def test_restarts_keep_the_best_and_equal_single_runs():
     for name in spec.plans:
         np.testing.assert_array_equal(np.asarray(batched[name]), np.asarray(singles[best][1][name]))
     assert len({round(o, 3) for o, _ in singles}) > 1  # the sweep orders matter on this pair
+
+
+def test_restart_perms_are_every_restart():
+    _, spec, a, b = _pair(5)
+    perms, info = matching.weight_matching(a, b, spec, matching.WeightMatching(restarts=3), seed=1)
+    best = int(np.argmax(np.asarray(info.restart_objectives)))
+    for name in spec.plans:
+        assert info.restart_perms[name].shape == (3, perms[name].shape[0])
+        np.testing.assert_array_equal(info.restart_perms[name][best], perms[name])
+        for r in range(3):
+            assert sorted(np.asarray(info.restart_perms[name][r]).tolist()) == list(range(perms[name].shape[0]))
