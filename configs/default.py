@@ -3,7 +3,10 @@
 Variants (``configs/<name>.py``) call ``default.get_config()`` and override
 fields. The returned ConfigDict is locked: assigning a field that does not
 exist (a typo) raises, on the command line too (``--config.train.epochz=3``).
-train.py and fuse.py check every field before any work against its rule in
+Sections by concern: model, data, train (train.py); fusion (OTFusion's options,
+the library's FusionConfig), matching (weight matching's), experiment (what
+fuse.py makes: methods, tables, REPAIR, fine-tuning, plots). train.py and
+fuse.py check every field before any work against its rule in
 ``otfusion_jax.configs_util.FIELDS`` (type, range or choices; one rule per field
 below) and the combinations of fields; on the command line the text None sets
 an optional text field back to None (``--config.parents_dir=None``).
@@ -53,14 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.drop_remainder = False  # drop each epoch's last partial batch (torch drop_last)
     config.train.eval_batch_size = 1000  # batch size of the per-epoch test evaluation
 
-    config.fusion = ml_collections.ConfigDict()  # read by fuse.py (otfusion_jax.FusionConfig fields)
-    config.fusion.method = "ot-weights,ot-acts"  # comma list: ot-weights | ot-acts | wm | wm-refine | wm-soft | learned
-    config.fusion.repair = False  # also REPAIR each fused model (its "+ REPAIR" rows)
-    config.fusion.learn_steps = 60  # "learned": Adam steps through Sinkhorn
-    config.fusion.learn_weights = False  # "learned": also fit per-layer mixing weights (tends to pick one parent)
-    config.fusion.solver = "exact"  # exact | sinkhorn
-    config.fusion.exact_backend = "device"  # device (optax Hungarian) | auction (parallel, on device) | host (scipy callback)
-    config.fusion.auction_bidders = config_dict.placeholder(int)  # auction: rows bidding per round (None: 32 on CPU, all on GPU)
+    config.fusion = ml_collections.ConfigDict()  # OTFusion: exactly otfusion_jax.FusionConfig's fields but mode (the method picks it)
+    config.fusion.solver = "exact"  # exact | sinkhorn (a method may override it: ot-acts:sinkhorn)
+    config.fusion.exact_backend = "auto"  # every exact assignment (weight matching too): auto (host on CPU, auction on accelerators) | device (optax Hungarian) | auction | host (scipy callback)
+    config.fusion.auction_bidders = config_dict.placeholder(int)  # auction: rows bidding per round (None: 16 on CPU, all on accelerators)
     config.fusion.ground_metric = "euclidean"  # euclidean | cosine
     config.fusion.squared = False  # squared euclidean (published commands: not squared)
     config.fusion.normalize_cost = "none"  # none | log | max | median | mean
@@ -77,17 +76,35 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.past_correction = True  # fuse input-aligned weights (published commands)
     config.fusion.importance = config_dict.placeholder(str)  # None | l1 | l2 marginals
     config.fusion.align_output = False  # True: give the class layer a plan too, as the original
-    config.fusion.weights = config_dict.placeholder(tuple)  # per-parent averaging weights; None: 1/K
-    config.fusion.ensemble_step = config_dict.placeholder(float)  # 2 parents: target's weight s
-    config.fusion.target = -1  # index of the parent whose widths and order the fused model takes
-    config.fusion.num_samples = 200  # activation mode / BatchNorm recompute / REPAIR: training samples, >= 1 (paper: 200)
-    config.fusion.acts_kind = "pre"  # activations before (pre) or after (post) the ReLU
-    config.fusion.sample_seed = 0  # which training samples
-    config.fusion.bn_stats = "align"  # align | recompute (BatchNorm statistics after fusion; recompute: models with BatchNorm)
-    config.fusion.groups = ()  # tables to make, each a comma list of parent indices ("0,1"); (): all parents
-    config.fusion.finetune_epochs = 0  # fine-tune each fused model (and vanilla) for this many epochs
-    config.fusion.finetune_lr = config_dict.placeholder(float)  # fine-tuning lr; None: config.train.lr
-    config.fusion.plots = True  # PNG plots next to results.json
+
+    config.matching = ml_collections.ConfigDict()  # weight matching (wm, wm-refine, wm-soft): otfusion_jax.WeightMatching
+    config.matching.seed = 0  # its key: restart r sweeps the plans in the order of fold_in(key, r)
+    config.matching.restarts = 8  # descents from as many sweep orders, solved together; the best objective wins
+    config.matching.start = "identity"  # identity (Git Re-Basin's) | greedy (plan by plan from the producers)
+    config.matching.max_sweeps = 20  # coordinate-descent sweeps over all plans, at most
+    config.matching.tol = 1e-6  # a new permutation must raise its plan's term by more than tol x its size
+    config.matching.epsilon = 0.1  # wm-soft: Sinkhorn regularisation (on the standardised similarity)
+    config.matching.soft_tol = 1e-4  # wm-soft: a plan changes if an entry moves by more than this
+    config.matching.sinkhorn_threshold = 1e-3  # wm-soft: Sinkhorn stopping threshold
+    config.matching.sinkhorn_max_iterations = 2000  # wm-soft: Sinkhorn iteration cap
+    config.matching.align_output = False  # also match the class layer's plan
+
+    config.experiment = ml_collections.ConfigDict()  # what fuse.py makes: otfusion_jax.experiment.ExperimentConfig
+    config.experiment.method = "ot-weights,ot-acts"  # comma list: ot-weights | ot-acts (may end :exact / :sinkhorn) | wm | wm-refine | wm-soft | learned
+    config.experiment.repair = False  # also REPAIR each fused model (its "+ REPAIR" rows)
+    config.experiment.learn_steps = 60  # "learned": Adam steps through Sinkhorn
+    config.experiment.learn_weights = False  # "learned": also fit per-layer mixing weights (tends to pick one parent)
+    config.experiment.num_samples = 200  # activation mode / BatchNorm recompute / REPAIR: training samples, >= 1 (paper: 200)
+    config.experiment.acts_kind = "pre"  # activations before (pre) or after (post) the ReLU
+    config.experiment.sample_seed = 0  # which training samples
+    config.experiment.bn_stats = "align"  # align | recompute (BatchNorm statistics after fusion; recompute: models with BatchNorm)
+    config.experiment.groups = ()  # tables to make, each a comma list of parent indices ("0,1"); (): all parents
+    config.experiment.finetune_epochs = 0  # fine-tune each fused model (and vanilla) for this many epochs
+    config.experiment.finetune_lr = config_dict.placeholder(float)  # fine-tuning lr; None: config.train.lr
+    config.experiment.plots = True  # PNG plots next to results.json
+    config.experiment.weights = config_dict.placeholder(tuple)  # per-parent averaging weights; None: 1/K
+    config.experiment.ensemble_step = config_dict.placeholder(float)  # 2 parents: target's weight s (the original's --ensemble-step)
+    config.experiment.target = -1  # index (in each group) of the parent whose widths and order the fused model takes
 
     config.lock()
     return config

@@ -21,12 +21,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.parents_dir = None  # train its own five parents under the workdir
     config.num_parents = 5  # parents 0-3 at the paper's widths, parent 4 at double width
     config.parent_widths = (1.0, 1.0, 1.0, 1.0, 2.0)  # parent 4: 800-400-200
-    config.fusion.method = "ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn"  # every OT variant
+    config.experiment.method = "ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn"  # every OT variant
     config.fusion.normalize_cost = "none"  # the published commands
     config.fusion.epsilon = 0.05  # Sinkhorn, relative to the mean cost
     config.fusion.relative_epsilon = "mean"  # scale-free epsilon
     config.fusion.proper_marginals = True  # needed for the different-width table (equal widths: no effect)
-    config.fusion.groups = ("0,1", "0,1,2,3", "4,0")  # K = 2, K = 4, double width -> parent 0's widths
-    config.fusion.finetune_epochs = 2  # the "+ fine-tune" rows
-    config.fusion.finetune_lr = 0.01  # the parents' lr
+    config.experiment.groups = ("0,1", "0,1,2,3", "4,0")  # K = 2, K = 4, double width -> parent 0's widths
+    config.experiment.finetune_epochs = 2  # the "+ fine-tune" rows
+    config.experiment.finetune_lr = 0.01  # the parents' lr
     return config

@@ -2,7 +2,7 @@
 
 Every way a command line can be wrong ends in one line ``<prog>: error: <message>`` on stderr and exit
 status 2, before any work: an unknown flag or config field, a value the flag parser refuses
-(``--config.fusion.num_samples=abc``), or a value ``configs_util.validate`` refuses.
+(``--config.experiment.num_samples=abc``), or a value ``configs_util.validate`` refuses.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def flag_error_message(error: Exception) -> str:
       error: The ``absl.flags.Error`` raised while parsing.
 
     Returns:
-      E.g. ``config.fusion.num_samples='abc': must be an integer >= 1 (invalid literal for int() ...)``.
+      E.g. ``config.experiment.num_samples='abc': must be an integer >= 1 (invalid literal for int() ...)``.
     """
     text = clean_error(error)
     found = _BAD_FLAG_VALUE.match(text)

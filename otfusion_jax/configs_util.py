@@ -2,16 +2,20 @@
 
 The library takes plain arguments and frozen dataclasses; this module turns a
 config (an ``ml_collections.ConfigDict`` or the equivalent nested dict) into
-them, so that ``train.py`` and ``fuse.py`` stay thin. Config layout::
+them, so that ``train.py`` and ``fuse.py`` stay thin. Config layout, one section per concern::
 
-    seed, num_parents, workdir
-    model: name, bias, norm, width, widths
-    data:  name, source, data_dir, pad_to, max_train, max_test, seed
-    train: the TrainConfig fields except seed (parent k uses seed + k)
-    fusion: fusion.py's settings (FusionConfig fields and the experiment's options)
+    seed, num_parents, workdir, parents_dir, parent_widths
+    model:      name, bias, norm, width, widths (each model takes its record's options)
+    data:       name, source, data_dir, pad_to, max_train, max_test, seed
+    train:      the TrainConfig fields except seed (parent k uses seed + k)
+    fusion:     OTFusion's options: exactly the FusionConfig fields except mode (the method picks it)
+    matching:   weight matching's options (WeightMatching fields; backend: fusion.exact_backend) and its seed
+    experiment: the driver's options (ExperimentConfig: methods, groups, REPAIR, fine-tuning, plots, ...)
 
 :func:`validate` checks every field against :data:`FIELDS` (one rule per field: type,
-range or choices, meaning) and the combinations between fields, before any work.
+range or choices, meaning) and the combinations between fields, before any work;
+:func:`settings_from` gives the typed ``experiment.Settings`` of a config.
+Checkpoints keep the config they were made with as a record only: nothing here reads it back.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import flax.linen as nn
 
 from otfusion_jax import data as data_lib
-from otfusion_jax import experiment, fusion, models, ot
+from otfusion_jax import experiment, fusion, matching, models, ot
 from otfusion_jax import spec as spec_lib
 from otfusion_jax import training
 
@@ -38,9 +42,16 @@ __all__ = [
     "Field",
     "validate",
     "field_error",
+    "FUSION_FIELDS",
+    "MATCHING_FIELDS",
+    "EXPERIMENT_FIELDS",
     "fusion_groups",
-    "check_fusion_for_model",
+    "check_options_for_model",
     "train_config_from",
+    "fusion_config_from",
+    "matching_from",
+    "experiment_config_from",
+    "settings_from",
     "model_options_from",
     "model_from",
     "model_from_metadata",
@@ -52,13 +63,38 @@ __all__ = [
 ]
 
 _TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(training.TrainConfig) if f.name != "seed")
+# config.fusion: every FusionConfig field but mode (ot-weights / ot-acts pick it), read from the dataclass.
+FUSION_FIELDS = tuple(f.name for f in dataclasses.fields(fusion.FusionConfig) if f.name != "mode")
+# config.matching: weight matching's own seed, then the WeightMatching fields worth a command-line flag. Not
+# configured: soft (wm-soft picks it), backend (config.fusion.exact_backend: one exact solver for every method),
+# roles (which leaves enter the objective: a property of the method, not of a run).
+MATCHING_FIELDS = (
+    "seed",
+    "restarts",
+    "start",
+    "max_sweeps",
+    "tol",
+    "epsilon",
+    "soft_tol",
+    "sinkhorn_threshold",
+    "sinkhorn_max_iterations",
+    "align_output",
+)
+# config.experiment: the ExperimentConfig fields, read from the dataclass.
+EXPERIMENT_FIELDS = tuple(f.name for f in dataclasses.fields(experiment.ExperimentConfig))
 
-# Allowed keys of each section (None: the top level); "fusion" is added from FIELDS below.
+# Allowed keys of each section (None: the top level).
 SCHEMA: dict[str | None, tuple[str, ...]] = {
-    None: ("seed", "num_parents", "workdir", "parents_dir", "parent_widths", "model", "data", "train", "fusion"),
+    None: (
+        "seed", "num_parents", "workdir", "parents_dir", "parent_widths",
+        "model", "data", "train", "fusion", "matching", "experiment",
+    ),
     "model": ("name", "bias", "norm", "width", "widths"),
     "data": ("name", "source", "data_dir", "pad_to", "max_train", "max_test", "seed"),
     "train": _TRAIN_FIELDS,
+    "fusion": FUSION_FIELDS,
+    "matching": MATCHING_FIELDS,
+    "experiment": EXPERIMENT_FIELDS,
 }
 
 class _ModelOptions(Mapping):
@@ -240,7 +276,7 @@ def _parse_group(group: Any) -> list[int]:
 
 
 def _check_methods(method: str) -> None:
-    experiment.parse_methods(method)  # raises ValueError("fusion.method: unknown ...")
+    experiment.parse_methods(method)  # raises ValueError("experiment.method: unknown ...")
 
 
 def _data_sources() -> dict[str, tuple[str, ...]]:
@@ -269,9 +305,9 @@ def _path(what: str, **kw: Any) -> Field:
 
 
 # One rule per field of configs/default.py, by dotted path under ``config``. Choices are read from the
-# library when checked (fusion.EXACT_BACKENDS, ot.METRICS, ...); the FusionConfig fields whose choices
-# only FusionConfig knows (solver, relative_epsilon, importance) are text here and checked by building a
-# FusionConfig at the end of validate(), as are TrainConfig's own checks.
+# library when checked (fusion.EXACT_BACKENDS, ot.METRICS, ...); the fields whose choices only their
+# dataclass knows (fusion.solver, relative_epsilon, importance; matching.start) are text here and checked
+# by building the dataclasses at the end of validate(), as are TrainConfig's own checks.
 FIELDS: dict[str, Field] = {
     "seed": _int("parent k's seed is seed + k", 0),
     "num_parents": _int("number of parents trained (and fused)", 1),
@@ -305,12 +341,8 @@ FIELDS: dict[str, Field] = {
     "train.label_smoothing": _float("label smoothing", 0, 1, high_open=True),
     "train.drop_remainder": _bool("drop each epoch's last partial batch"),
     "train.eval_batch_size": _int("batch size of the test evaluation", 1),
-    "fusion.method": Field("str", "comma list of fusion methods", check=_check_methods),
-    "fusion.repair": _bool("also REPAIR each fused model"),
-    "fusion.learn_steps": _int('"learned": Adam steps', 1),
-    "fusion.learn_weights": _bool('"learned": also fit mixing weights'),
     "fusion.solver": Field("str", "OT solver (choices: FusionConfig)"),
-    "fusion.exact_backend": _choice("exact assignment solver", lambda: fusion.EXACT_BACKENDS),
+    "fusion.exact_backend": _choice("exact assignment solver (every method)", lambda: fusion.EXACT_BACKENDS),
     "fusion.auction_bidders": _int("auction: rows bidding per round", 1, optional=True),
     "fusion.ground_metric": _choice("ground metric", lambda: ot.METRICS),
     "fusion.squared": _bool("squared euclidean"),
@@ -328,24 +360,37 @@ FIELDS: dict[str, Field] = {
     "fusion.past_correction": _bool("fuse input-aligned weights"),
     "fusion.importance": Field("str", "importance marginals (choices: FusionConfig)", optional=True),
     "fusion.align_output": _bool("a plan for the class layer"),
-    "fusion.weights": Field("tuple", "per-parent averaging weights", item="float", low=0, optional=True),
-    "fusion.ensemble_step": _float("2 parents: the target's weight", 0, 1, optional=True),
-    "fusion.target": _int("index of the target parent in each group"),
-    "fusion.num_samples": _int("training samples for activations / BatchNorm / REPAIR", 1),
-    "fusion.acts_kind": _choice("activations before or after the ReLU", lambda: tuple(models.ACT_COLLECTIONS)),
-    "fusion.sample_seed": _int("which training samples", 0),
-    "fusion.bn_stats": _choice("BatchNorm statistics after fusion", ("align", "recompute")),
-    "fusion.groups": Field("tuple", "tables to make", item="group"),
-    "fusion.finetune_epochs": _int("fine-tuning epochs of each fused model", 0),
-    "fusion.finetune_lr": _float("fine-tuning lr (None: config.train.lr)", 0, low_open=True, optional=True),
-    "fusion.plots": _bool("PNG plots next to results.json"),
+    "matching.seed": _int("weight matching's key (the sweep orders of its restarts)", 0),
+    "matching.restarts": _int("descents from as many sweep orders; the best objective wins", 1),
+    "matching.start": Field("str", "starting plans (choices: WeightMatching)"),
+    "matching.max_sweeps": _int("coordinate-descent sweeps at most", 0),
+    "matching.tol": _float("relative gain a new permutation must bring", 0),
+    "matching.epsilon": _float("wm-soft: Sinkhorn regularisation", 0, low_open=True),
+    "matching.soft_tol": _float("wm-soft: entry change that counts as a change", 0),
+    "matching.sinkhorn_threshold": _float("wm-soft: Sinkhorn stopping threshold", 0, low_open=True),
+    "matching.sinkhorn_max_iterations": _int("wm-soft: Sinkhorn iteration cap", 1),
+    "matching.align_output": _bool("also match the class layer"),
+    "experiment.method": Field("str", "comma list of fusion methods", check=_check_methods),
+    "experiment.repair": _bool("also REPAIR each fused model"),
+    "experiment.learn_steps": _int('"learned": Adam steps', 1),
+    "experiment.learn_weights": _bool('"learned": also fit mixing weights'),
+    "experiment.num_samples": _int("training samples for activations / BatchNorm / REPAIR", 1),
+    "experiment.acts_kind": _choice("activations before or after the ReLU", lambda: tuple(models.ACT_COLLECTIONS)),
+    "experiment.sample_seed": _int("which training samples", 0),
+    "experiment.bn_stats": _choice("BatchNorm statistics after fusion", lambda: experiment.BN_STATS),
+    "experiment.groups": Field("tuple", "tables to make", item="group"),
+    "experiment.finetune_epochs": _int("fine-tuning epochs of each fused model", 0),
+    "experiment.finetune_lr": _float("fine-tuning lr (None: config.train.lr)", 0, low_open=True, optional=True),
+    "experiment.plots": _bool("PNG plots next to results.json"),
+    "experiment.weights": Field("tuple", "per-parent averaging weights", item="float", low=0, optional=True),
+    "experiment.ensemble_step": _float("2 parents: the target's weight", 0, 1, optional=True),
+    "experiment.target": _int("index of the target parent in each group"),
 }
-SCHEMA["fusion"] = tuple(path.split(".", 1)[1] for path in FIELDS if path.startswith("fusion."))
 
 
 def field_error(path: str, value: Any, problem: str) -> ValueError:
     """``ValueError("config.<path>=<value>: <problem>")``, the one-line error of a bad field."""
-    if problem.startswith(path):  # the library already names the field ("fusion.method: unknown ...")
+    if problem.startswith(path):  # the library already names the field ("experiment.method: unknown ...")
         return ValueError(f"config.{problem}")
     return ValueError(f"config.{path}={value!r}: {problem}")
 
@@ -365,11 +410,11 @@ def _set(cfg: dict[str, Any], path: str, value: Any) -> None:
     node[last] = value
 
 
-def fusion_groups(fusion_cfg: Mapping[str, Any], num_parents: int) -> list[list[int]]:
-    """The parent index lists of ``config.fusion.groups`` (``()``: one table with every parent).
+def fusion_groups(groups: Sequence[Any], num_parents: int) -> list[list[int]]:
+    """The parent index lists of ``config.experiment.groups`` (``()``: one table with every parent).
 
     Args:
-      fusion_cfg: The config's ``fusion`` section.
+      groups: The groups, e.g. ``("0,1", "0,1,2,3")`` (comma lists, or sequences of indices).
       num_parents: How many parents there are.
 
     Returns:
@@ -378,7 +423,7 @@ def fusion_groups(fusion_cfg: Mapping[str, Any], num_parents: int) -> list[list[
     Raises:
       ValueError: For a group that is not >= 2 distinct indices in ``0..num_parents - 1``.
     """
-    groups = fusion_cfg.get("groups") or ()
+    groups = tuple(groups or ())
     if not groups:
         return [list(range(num_parents))]
     out = []
@@ -386,20 +431,20 @@ def fusion_groups(fusion_cfg: Mapping[str, Any], num_parents: int) -> list[list[
         try:
             idx = _parse_group(g)
         except ValueError as e:
-            raise field_error("fusion.groups", tuple(groups), str(e)) from None
+            raise field_error("experiment.groups", groups, str(e)) from None
         if max(idx) >= num_parents:
             raise field_error(
-                "fusion.groups", tuple(groups), f"{g!r} needs >= 2 parent indices in 0..{num_parents - 1} ({num_parents} parents)"
+                "experiment.groups", groups, f"{g!r} needs >= 2 parent indices in 0..{num_parents - 1} ({num_parents} parents)"
             )
         out.append(idx)
     return out
 
 
-def check_fusion_for_model(fusion_cfg: Mapping[str, Any], name: str, has_batchnorm: bool, where: str) -> None:
-    """The fusion options that depend on the model: BatchNorm statistics only for models with BatchNorm.
+def check_options_for_model(config: Any, name: str, has_batchnorm: bool, where: str) -> None:
+    """The options that depend on the model: BatchNorm statistics only for models with BatchNorm.
 
     Args:
-      fusion_cfg: The config's ``fusion`` section.
+      config: The experiment config (its ``experiment.bn_stats``).
       name: The model's name (for the message).
       has_batchnorm: Whether the model has BatchNorm layers.
       where: Where the model comes from, e.g. ``"config.model"`` or a checkpoint path.
@@ -407,25 +452,21 @@ def check_fusion_for_model(fusion_cfg: Mapping[str, Any], name: str, has_batchno
     Raises:
       ValueError: Naming the field, the model and the allowed value.
     """
-    if fusion_cfg.get("bn_stats", "align") == "recompute" and not has_batchnorm:
+    if to_dict(config)["experiment"]["bn_stats"] == "recompute" and not has_batchnorm:
         raise field_error(
-            "fusion.bn_stats", "recompute", f"the model ({name}, from {where}) has no BatchNorm; allowed: 'align'"
+            "experiment.bn_stats", "recompute", f"the model ({name}, from {where}) has no BatchNorm; allowed: 'align'"
         )
 
 
 def _has_batchnorm(name: str, options: Mapping[str, Any]) -> bool:
     """Whether model ``name`` built with ``options`` has BatchNorm layers (its registry record says)."""
-    record = models.get(name) if hasattr(models, "get") else None
-    if record is not None and hasattr(record, "has_batchnorm"):
-        return bool(record.has_batchnorm(record.make_options(**options)))
-    # TODO: remove once every registry has records: the registered models have BatchNorm exactly
-    # when they take the "norm" option and it is True.
-    return bool(options.get("norm", False))
+    record = models.get(name)
+    return bool(record.has_batchnorm(record.make_options(**options)))
 
 
 def _check_combinations(cfg: dict[str, Any], num_parents: int, model_from_config: bool) -> None:
     """Checks between fields (each field alone is already valid)."""
-    train, fus, data = cfg["train"], cfg["fusion"], cfg["data"]
+    train, exp, data = cfg["train"], cfg["experiment"], cfg["data"]
     if train["nesterov"] and train["momentum"] == 0:
         raise field_error("train.nesterov", True, "needs config.train.momentum > 0")
     if len(cfg["parent_widths"]) > cfg["num_parents"]:
@@ -446,26 +487,26 @@ def _check_combinations(cfg: dict[str, Any], num_parents: int, model_from_config
             f"{name} does not take {key} (its options: {', '.join(sorted(options)) or 'none'}); must be {rule.neutral!r}",
         )
     if model_from_config:
-        check_fusion_for_model(fus, name, _has_batchnorm(name, options), "config.model")
-    groups = fusion_groups(fus, num_parents)
+        check_options_for_model(cfg, name, _has_batchnorm(name, options), "config.model")
+    groups = fusion_groups(exp["groups"], num_parents)
     sizes = sorted({len(g) for g in groups})
-    weights = fus["weights"]
+    weights = exp["weights"]
     if weights:
         if any(len(weights) != n for n in sizes):
             raise field_error(
-                "fusion.weights", tuple(weights),
+                "experiment.weights", tuple(weights),
                 f"has {len(weights)} entries, but the tables fuse {' and '.join(map(str, sizes))} parents",
             )
         if not sum(weights) > 0:
-            raise field_error("fusion.weights", tuple(weights), "needs a positive sum")
-    if fus["ensemble_step"] is not None and sizes != [2]:
+            raise field_error("experiment.weights", tuple(weights), "needs a positive sum")
+    if exp["ensemble_step"] is not None and sizes != [2]:
         raise field_error(
-            "fusion.ensemble_step", fus["ensemble_step"],
-            f"is for tables of 2 parents, but they fuse {' and '.join(map(str, sizes))}; use config.fusion.weights",
+            "experiment.ensemble_step", exp["ensemble_step"],
+            f"is for tables of 2 parents, but they fuse {' and '.join(map(str, sizes))}; use config.experiment.weights",
         )
-    if not -sizes[0] <= fus["target"] < sizes[0]:
+    if not -sizes[0] <= exp["target"] < sizes[0]:
         raise field_error(
-            "fusion.target", fus["target"], f"must be in -{sizes[0]}..{sizes[0] - 1} (tables of {sizes[0]} parents)"
+            "experiment.target", exp["target"], f"must be in -{sizes[0]}..{sizes[0] - 1} (tables of {sizes[0]} parents)"
         )
 
 
@@ -475,16 +516,16 @@ def validate(config: Any, *, num_parents: int | None = None, model_from_config: 
     Args:
       config: The experiment config.
       num_parents: How many parents will be fused, when not ``config.num_parents``
-        (fuse.py --parents=PATH,...): the range of ``fusion.groups``, the length of ``fusion.weights``.
+        (fuse.py --parents=PATH,...): the range of ``experiment.groups``, the length of ``experiment.weights``.
       model_from_config: Whether ``config.model`` describes the parents; False when
         their architecture comes from checkpoints, which then have to be checked
-        with :func:`check_fusion_for_model`.
+        with :func:`check_options_for_model`.
 
     Returns:
       The config as plain dicts, with the text ``None`` of optional text fields as None.
 
     Raises:
-      ValueError: One line naming the field with its full path (``config.fusion.num_samples``),
+      ValueError: One line naming the field with its full path (``config.experiment.num_samples``),
         its value and the allowed values; or every missing / unknown key.
     """
     cfg = to_dict(config)
@@ -509,17 +550,68 @@ def validate(config: Any, *, num_parents: int | None = None, model_from_config: 
             raise field_error(path, value, problem)
     _check_combinations(cfg, cfg["num_parents"] if num_parents is None else num_parents, model_from_config)
     try:
-        for mode in ("weights", "activations"):
-            experiment.fusion_config_from(cfg["fusion"], mode)
+        fusion_config_from(cfg, "activations")
     except ValueError as e:
         raise ValueError(str(e).replace("FusionConfig.", "config.fusion.")) from None
-    train_cfg = train_config_from(cfg)
-    if cfg["fusion"]["finetune_epochs"] > 0:
-        try:
-            dataclasses.replace(train_cfg, epochs=cfg["fusion"]["finetune_epochs"], lr=cfg["fusion"]["finetune_lr"] or train_cfg.lr)
-        except ValueError as e:
-            raise field_error("fusion.finetune_lr", cfg["fusion"]["finetune_lr"], str(e)) from None
+    try:
+        matching_from(cfg)
+    except ValueError as e:
+        raise ValueError(str(e).replace("WeightMatching.", "config.matching.")) from None
+    settings = settings_from(cfg)
+    try:
+        settings.finetune  # noqa: B018 - builds the fine-tuning TrainConfig, which checks it
+    except ValueError as e:
+        exp = cfg["experiment"]
+        raise field_error("experiment.finetune_lr", exp["finetune_lr"], str(e)) from None
     return cfg
+
+
+def fusion_config_from(config: Any, mode: str = "weights") -> fusion.FusionConfig:
+    """The :class:`~otfusion_jax.fusion.FusionConfig` of ``config.fusion`` for ``mode``.
+
+    Raises:
+      ValueError: ``FusionError`` naming the bad field (``FusionConfig.<field>=...``).
+    """
+    section = to_dict(config)["fusion"]
+    return fusion.FusionConfig(mode=mode, **{k: section[k] for k in FUSION_FIELDS})
+
+
+def matching_from(config: Any) -> tuple[matching.WeightMatching, int]:
+    """Weight matching's options and seed: ``config.matching``, with ``config.fusion.exact_backend`` as its backend.
+
+    Returns:
+      ``(WeightMatching(...), seed)``; the wm methods set ``soft`` themselves.
+    """
+    cfg = to_dict(config)
+    section = dict(cfg["matching"])
+    seed = section.pop("seed")
+    return matching.WeightMatching(backend=cfg["fusion"]["exact_backend"], **section), int(seed)
+
+
+def experiment_config_from(config: Any) -> experiment.ExperimentConfig:
+    """The :class:`~otfusion_jax.experiment.ExperimentConfig` of ``config.experiment``."""
+    section = to_dict(config)["experiment"]
+    return experiment.ExperimentConfig(**{k: section[k] for k in EXPERIMENT_FIELDS})
+
+
+def settings_from(config: Any) -> experiment.Settings:
+    """The typed options of a fusion run (``experiment.Settings``): experiment, fusion, matching, train sections.
+
+    Args:
+      config: A config (validate it first for one-line errors naming the field).
+
+    Returns:
+      ``Settings(experiment, fusion (mode "weights"), matching, matching_seed, train)``; ``train`` (the parents'
+      recipe, seed ``config.seed``) is what fine-tuning starts from.
+    """
+    wm, seed = matching_from(config)
+    return experiment.Settings(
+        experiment=experiment_config_from(config),
+        fusion=fusion_config_from(config, "weights"),
+        matching=wm,
+        matching_seed=seed,
+        train=train_config_from(config),
+    )
 
 
 def train_config_from(config: Any, seed: int | None = None) -> training.TrainConfig:

@@ -1,7 +1,20 @@
-"""The fusion experiment behind ``fuse.py``: parents, baselines and OT fusion in one table.
+"""The fusion experiment behind ``fuse.py``: parents, baselines and every fusion method in one table per group.
 
-Library code (no printing, no files): ``fuse.py`` loads parents and data,
-calls :func:`run_fusion_table` and writes what it returns.
+Library code (no printing, no files; progress goes to a callback). Typed options in, results out:
+
+>>> settings = experiment.Settings(experiment.ExperimentConfig(method="ot-weights,wm", repair=True))
+>>> results = experiment.run(parents, spec, dataset, settings)
+>>> print(results.tables[0].markdown())
+
+:class:`ExperimentConfig` holds the driver's options (``config.experiment``); :class:`Settings` bundles it with the
+OTFusion options (``fusion.FusionConfig``, ``config.fusion``), weight matching's (``matching.WeightMatching`` and its
+seed, ``config.matching``) and the parents' training recipe (fine-tuning starts from it).
+``configs_util.settings_from`` builds a :class:`Settings` from a config. ``otfusion_jax.runner`` loads parents and
+writes what :func:`run` returns.
+
+Methods are rows of :data:`METHODS` (name -> :class:`Method`): adding one is one entry whose ``fuse`` function
+receives the table's :class:`Group` (parents, spec, samples, settings and helpers such as :meth:`Group.run_aligner`)
+and returns a :class:`Outcome`; the table rows, REPAIR, fine-tuning and timing are shared.
 """
 
 from __future__ import annotations
@@ -17,39 +30,128 @@ import jax.numpy as jnp
 import numpy as np
 
 from otfusion_jax import data as data_lib
-from otfusion_jax import engine, fusion, learned, matching, models, repair, training
+from otfusion_jax import engine, learned, models, repair, training
+from otfusion_jax import fusion as fusion_lib
+from otfusion_jax import matching as matching_lib
 from otfusion_jax import spec as spec_lib
 
 __all__ = [
+    "ExperimentConfig",
+    "Settings",
+    "Method",
     "METHODS",
-    "FUSION_FIELDS",
-    "fusion_config_from",
-    "averaging_weights_from",
+    "METHOD_HELP",
+    "Group",
+    "Outcome",
+    "Fused",
+    "Table",
+    "Results",
     "parse_methods",
+    "averaging_weights",
     "sample_inputs",
     "ensemble_metrics",
     "Parent",
     "run_fusion_table",
+    "run",
+    "table_title",
+    "barrier_curves",
     "interpolation_curve",
     "repair_fused",
-    "METHOD_HELP",
     "mean_costs",
     "format_table",
 ]
 
-METHODS = ("ot-weights", "ot-acts", "wm", "wm-refine", "wm-soft", "learned", "vanilla", "ensemble")
-METHOD_HELP = {
-    "ot-weights": "OTFusion, costs between incoming weights",
-    "ot-acts": "OTFusion, costs between activations on num_samples training inputs",
-    "wm": "weight matching (Git Re-Basin): coordinate descent over all plans, Hungarian",
-    "wm-refine": "weight matching started from OTFusion's exact weight plans",
-    "wm-soft": "weight matching with Sinkhorn (soft) plans",
-    "learned": "OTFusion by weights with per-layer Sinkhorn epsilons and mixing weights fitted by gradient descent",
-}
-FUSION_FIELDS = tuple(f.name for f in dataclasses.fields(fusion.FusionConfig))
+BN_STATS = ("align", "recompute")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """The experiment driver's options (``config.experiment``): what :func:`run` makes, not how plans are solved.
+
+    Attributes:
+      method: comma list of :data:`METHODS` names; methods with solvers (``ot-weights``, ``ot-acts``) may end in
+        ``:exact`` or ``:sinkhorn``, overriding ``FusionConfig.solver`` for that method.
+      repair: also REPAIR each fused model (its "+ REPAIR" rows).
+      learn_steps: "learned": Adam steps through Sinkhorn.
+      learn_weights: "learned": also fit per-layer mixing weights.
+      num_samples: training samples for activations, BatchNorm recomputation and REPAIR (>= 1).
+      acts_kind: activations before ("pre") or after ("post") the ReLU (``models.ACT_COLLECTIONS``).
+      sample_seed: which training samples.
+      bn_stats: "align" (BatchNorm statistics follow the plans) or "recompute" (on the samples, after fusion).
+      groups: tables to make, each a comma list of parent indices ("0,1"); (): one table with every parent.
+      finetune_epochs: fine-tune each fused model (and vanilla averaging) for this many epochs ("+ fine-tune" rows).
+      finetune_lr: fine-tuning learning rate; None: the parents' (``Settings.train.lr``).
+      plots: PNG plots next to results.json (read by the writer, ``runner``).
+      weights: per-parent averaging weights (None: 1/K), normalised by ``engine.fuse``.
+      ensemble_step: two parents: the target's weight s (the original's ``--ensemble-step``); beats ``weights``.
+      target: index (in each group) of the parent whose widths and neuron order the fused model takes.
+    """
+
+    method: str = "ot-weights,ot-acts"
+    repair: bool = False
+    learn_steps: int = 60
+    learn_weights: bool = False
+    num_samples: int = 200
+    acts_kind: str = "pre"
+    sample_seed: int = 0
+    bn_stats: str = "align"
+    groups: tuple[str, ...] = ()
+    finetune_epochs: int = 0
+    finetune_lr: float | None = None
+    plots: bool = True
+    weights: tuple[float, ...] | None = None
+    ensemble_step: float | None = None
+    target: int = -1
+
+    def __post_init__(self):
+        object.__setattr__(self, "groups", tuple(self.groups))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        parse_methods(self.method)
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"experiment.bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
+        if self.acts_kind not in models.ACT_COLLECTIONS:
+            raise ValueError(
+                f"experiment.acts_kind must be one of {tuple(models.ACT_COLLECTIONS)}, got {self.acts_kind!r}"
+            )
+
+    @property
+    def methods(self) -> list[tuple[str, str | None]]:
+        """``method`` parsed: ``[(name, solver or None), ...]``."""
+        return parse_methods(self.method)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything :func:`run_fusion_table` needs besides parents and data, typed and frozen.
+
+    Attributes:
+      experiment: the driver's options.
+      fusion: OTFusion's options (``mode`` is set per method: ot-weights / ot-acts).
+      matching: weight matching's options for the ``wm*`` methods (``soft`` is set per method; its ``backend``
+        is taken as given: ``configs_util.settings_from`` passes ``config.fusion.exact_backend``).
+      matching_seed: weight matching's key (restart r uses ``fold_in(key, r)``).
+      train: the parents' training recipe; fine-tuning is this with ``experiment.finetune_epochs`` epochs and
+        ``experiment.finetune_lr`` (None: TrainConfig's defaults).
+    """
+
+    experiment: ExperimentConfig = dataclasses.field(default_factory=lambda: ExperimentConfig())
+    fusion: fusion_lib.FusionConfig = dataclasses.field(default_factory=fusion_lib.FusionConfig)
+    matching: matching_lib.WeightMatching = dataclasses.field(default_factory=matching_lib.WeightMatching)
+    matching_seed: int = 0
+    train: training.TrainConfig | None = None
+
+    @property
+    def finetune(self) -> training.TrainConfig | None:
+        """The fine-tuning recipe, or None when ``experiment.finetune_epochs`` is 0."""
+        exp = self.experiment
+        if exp.finetune_epochs <= 0:
+            return None
+        base = self.train or training.TrainConfig()
+        return dataclasses.replace(base, epochs=int(exp.finetune_epochs), lr=float(exp.finetune_lr or base.lr))
+
+
+@dataclasses.dataclass(frozen=True)
 class Parent:
     """One parent model: its module (own widths), variables and a display name."""
 
@@ -58,46 +160,272 @@ class Parent:
     variables: dict[str, Any]
 
 
-def fusion_config_from(fusion_cfg: Mapping[str, Any], mode: str) -> fusion.FusionConfig:
-    """The FusionConfig for ``mode`` from a config's ``fusion`` section (unknown keys ignored here)."""
-    kwargs = {k: fusion_cfg[k] for k in FUSION_FIELDS if k in fusion_cfg and k != "mode"}
-    return fusion.FusionConfig(mode=mode, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a method's ``fuse`` function returns: one fused model and how it was made.
 
-
-def averaging_weights_from(fusion_cfg: Mapping[str, Any], k: int) -> tuple[float, ...] | None:
-    """The averaging weights of ``fusion.weights`` / ``fusion.ensemble_step`` for K parents (None: 1/K).
-
-    ``ensemble_step`` (two parents, the original's flag) takes precedence over ``weights``.
+    Attributes:
+      label: the table row's name, e.g. "OT fusion (weights, exact)".
+      solver: "exact" or "sinkhorn" (checkpoint names: ``fused_<method>_<solver>``).
+      variables: the fused variables (before BatchNorm recomputation).
+      aux: the ``engine.FusionAux`` (None where there are no OT costs to plot).
+      seconds: fusion wall time, compiled.
+      compile_seconds: extra time of the first call (compilation, or loading from the persistent cache).
+      align: returns the parents aligned onto the target (REPAIR's input); called only with ``repair``.
+      extra: more row fields (warnings, OT costs, learned parameters).
     """
-    target = fusion_cfg.get("target", -1)
-    if fusion_cfg.get("ensemble_step") is not None:
-        return engine.ensemble_weights(fusion_cfg["ensemble_step"], k, target)
-    weights = fusion_cfg.get("weights")
-    if weights:
-        if len(weights) != k:
-            raise engine.FusionError(f"fusion.weights has {len(weights)} entries for {k} parents")
-        return tuple(float(w) for w in weights)
-    return None
+
+    label: str
+    solver: str
+    variables: dict[str, Any]
+    aux: engine.FusionAux | None
+    seconds: float
+    compile_seconds: float
+    align: Callable[[], Sequence[Mapping[str, Any]]]
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """A fused model of a table: its row label, method name (``METHODS`` key), solver, variables and aux."""
+
+    label: str
+    method: str
+    solver: str
+    variables: dict[str, Any]
+    aux: engine.FusionAux | None
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - start
+
+
+@dataclasses.dataclass
+class Group:
+    """One table's parents and everything a method needs to fuse them (built by :func:`run_fusion_table`).
+
+    Attributes:
+      parents: the group's parents; ``variables``: their variable dicts.
+      spec: their alignment spec.
+      dataset: train data (samples, learned fusion), test data.
+      settings: the run's options.
+      target: index of the target parent in ``parents``.
+      weights: the averaging weights (None: 1/K).
+      samples: ``experiment.num_samples`` training inputs (activations, BatchNorm, REPAIR).
+      say: the progress callback.
+    """
+
+    parents: Sequence[Parent]
+    spec: spec_lib.AlignmentSpec
+    dataset: data_lib.Dataset
+    settings: Settings
+    target: int
+    weights: tuple[float, ...] | None
+    samples: np.ndarray
+    say: Callable[[str], None]
+    _acts: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def variables(self) -> list[dict[str, Any]]:
+        """The parents' variable dicts, in order."""
+        return [p.variables for p in self.parents]
+
+    @property
+    def target_module(self) -> nn.Module:
+        """The target parent's module: the fused model's architecture."""
+        return self.parents[self.target].module
+
+    def activations(self) -> list[Any]:
+        """Every parent's activations on the samples (``experiment.acts_kind``), captured once per group."""
+        kind = self.settings.experiment.acts_kind
+        if kind not in self._acts:
+            x = jnp.asarray(self.samples)
+            self._acts[kind] = [models.capture_activations(p.module, p.variables, x, kind) for p in self.parents]
+        return self._acts[kind]
+
+    def run_aligner(
+        self,
+        aligner: Any,
+        label: str,
+        solver: str,
+        *,
+        key: Any = None,
+        extra: Mapping[str, Any] | Callable[[engine.FusionAux], Mapping[str, Any]] | None = None,
+    ) -> Outcome:
+        """Fuses the group with ``engine.fuse`` and ``aligner``: timed twice (compile, then compiled).
+
+        Args:
+          aligner: any aligner (``engine.Aligner``).
+          label: the row's name.
+          solver: "exact" or "sinkhorn" (the fused checkpoint's name).
+          key: the aligner's key (weight matching's sweep orders).
+          extra: more row fields, or a function of the fusion's aux returning them.
+        """
+        acts = self.activations() if aligner.needs_activations else None
+        variables, weights, target = self.variables, self.weights, self.target
+
+        def once():
+            return engine.fuse(variables, self.spec, aligner, activations=acts, weights=weights, target=target, key=key)
+
+        _, first = _timed(once)  # compiles (or loads from the persistent compilation cache)
+        (fused, aux), secs = _timed(once)
+
+        def align():
+            return engine.align_parents(variables, self.spec, aligner, activations=acts, target=target, key=key)[0]
+
+        more = dict(extra(aux) if callable(extra) else (extra or {}))
+        return Outcome(label, solver, fused, aux, secs, max(first - secs, 0.0), align, more)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One fusion method of the table (a row of :data:`METHODS`).
+
+    Attributes:
+      help: one line for ``--help`` and the README.
+      fuse: ``fuse(group, solver)`` -> :class:`Outcome`; ``solver`` is the method string's ``:exact`` /
+        ``:sinkhorn`` suffix or None. None: a baseline every table shows anyway ("vanilla", "ensemble").
+      solvers: the suffixes the method accepts (empty: none).
+    """
+
+    help: str
+    fuse: Callable[[Group, str | None], Outcome] | None = None
+    solvers: tuple[str, ...] = ()
+
+
+def _ot_method(mode: str) -> Callable[[Group, str | None], Outcome]:
+    def fuse_ot(group: Group, solver: str | None) -> Outcome:
+        cfg = dataclasses.replace(group.settings.fusion, mode=mode, solver=solver or group.settings.fusion.solver)
+        group.say(f"OT fusion by {mode} ({cfg.solver})")
+        threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
+
+        def extra(aux):
+            return {"warnings": engine.warn_unconverged(aux, threshold, config=cfg), "ot_cost": mean_costs(aux)}
+
+        return group.run_aligner(cfg, f"OT fusion ({mode}, {cfg.solver})", cfg.solver, extra=extra)
+
+    return fuse_ot
+
+
+def _wm_method(
+    name: str, label: str, *, soft: bool = False, refine: bool = False
+) -> Callable[[Group, str | None], Outcome]:
+    def fuse_wm(group: Group, solver: str | None) -> Outcome:
+        del solver  # weight matching takes no suffix (parse_methods refuses one)
+        s = group.settings
+        group.say(f"weight matching ({name})")
+        aligner: Any = dataclasses.replace(s.matching, soft=soft)
+        if refine:
+            aligner = matching_lib.Refine(dataclasses.replace(s.fusion, mode="weights", solver="exact"), aligner)
+        out = group.run_aligner(aligner, label, "sinkhorn" if soft else "exact", key=int(s.matching_seed))
+        return dataclasses.replace(out, aux=None)  # weight matching: no OT costs to plot
+
+    return fuse_wm
+
+
+def _learned_method(group: Group, solver: str | None) -> Outcome:
+    del solver
+    s, exp = group.settings, group.settings.experiment
+    cfg = dataclasses.replace(s.fusion, mode="weights", solver="sinkhorn", implicit_diff=False)
+    group.say(f"learned fusion ({exp.learn_steps} Adam steps through Sinkhorn)")
+    variables, target = group.variables, group.target
+    (fused, aux), secs = _timed(
+        lambda: learned.learn_fusion(
+            group.target_module,
+            variables,
+            group.spec,
+            cfg,
+            group.dataset.x_train,
+            group.dataset.y_train,
+            learned.LearnConfig(steps=int(exp.learn_steps), learn_weights=bool(exp.learn_weights)),
+            target=target,
+        )
+    )
+    report = next(st for st in aux.stats if st is not None)
+    params, hist = report.params, report.history
+
+    def align():
+        return learned.aligned_from_params(params, variables, group.spec, cfg, target=target)[0]
+
+    what = "Sinkhorn eps + layer weights" if exp.learn_weights else "Sinkhorn eps"
+    extra = {
+        "learned_epsilon": {p: float(jnp.exp(v)) for p, v in params["log_eps"].items()},
+        "learn_loss": [hist[0], hist[-1]],
+        "learned_weights": {p: np.asarray(jax.nn.softmax(v)).tolist() for p, v in params["logits"].items()},
+    }
+    # One call: compilation is part of the fit's time (compile_seconds 0, as before).
+    return Outcome(f"learned fusion ({what})", "sinkhorn", fused, aux, secs, 0.0, align, extra)
+
+
+# name -> Method. "vanilla" and "ensemble" are rows of every table (accepted in method strings for clarity).
+METHODS: dict[str, Method] = {
+    "ot-weights": Method("OTFusion, costs between incoming weights", _ot_method("weights"), ("exact", "sinkhorn")),
+    "ot-acts": Method(
+        "OTFusion, costs between activations on num_samples training inputs",
+        _ot_method("activations"),
+        ("exact", "sinkhorn"),
+    ),
+    "wm": Method(
+        "weight matching (Git Re-Basin): coordinate descent over all plans, exact assignments, config.matching",
+        _wm_method("wm", "weight matching"),
+    ),
+    "wm-refine": Method(
+        "weight matching started from OTFusion's exact weight plans",
+        _wm_method("wm-refine", "weight matching from OTFusion plans", refine=True),
+    ),
+    "wm-soft": Method(
+        "weight matching with Sinkhorn (soft) plans", _wm_method("wm-soft", "soft weight matching", soft=True)
+    ),
+    "learned": Method(
+        "OTFusion by weights with per-layer Sinkhorn epsilons (and mixing weights) fitted by gradient descent",
+        _learned_method,
+    ),
+    "vanilla": Method("vanilla averaging (a row of every table)"),
+    "ensemble": Method("the prediction ensemble (a row of every table)"),
+}
+METHOD_HELP = {name: m.help for name, m in METHODS.items() if m.fuse is not None}
 
 
 def parse_methods(method: str | Sequence[str]) -> list[tuple[str, str | None]]:
     """``"ot-weights,ot-acts:sinkhorn"`` -> [("ot-weights", None), ("ot-acts", "sinkhorn")].
 
-    A ``:exact`` / ``:sinkhorn`` suffix overrides ``fusion.solver`` for that method.
+    Raises:
+      ValueError: ``experiment.method: unknown ...`` for a name not in :data:`METHODS`, a suffix the method does not
+        take, or an empty list.
     """
+    if not isinstance(method, str) and not (isinstance(method, Sequence) and all(isinstance(m, str) for m in method)):
+        raise ValueError(f"experiment.method must be a comma list of methods, got {method!r}")
     items = [m.strip() for m in (method.split(",") if isinstance(method, str) else method) if m.strip()]
     out = []
     for item in items:
-        name, _, solver = item.partition(":")
-        if name not in METHODS or (solver and solver not in ("exact", "sinkhorn")):
+        name, colon, solver = item.partition(":")
+        entry = METHODS.get(name)
+        if entry is None or (colon and solver not in entry.solvers):
+            with_solvers = ", ".join(n for n, m in METHODS.items() if m.solvers)
             raise ValueError(
-                f"fusion.method: unknown {item!r}; choose from {', '.join(METHODS)} "
-                "(OT methods may end in :exact or :sinkhorn)"
+                f"experiment.method: unknown {item!r}; choose from {', '.join(METHODS)} "
+                f"({with_solvers} may end in :exact or :sinkhorn)"
             )
         out.append((name, solver or None))
     if not out:
-        raise ValueError("fusion.method is empty")
+        raise ValueError("experiment.method is empty")
     return out
+
+
+def averaging_weights(exp: ExperimentConfig, k: int) -> tuple[float, ...] | None:
+    """The averaging weights of ``exp.weights`` / ``exp.ensemble_step`` for K parents (None: 1/K).
+
+    ``ensemble_step`` (two parents, the original's flag) takes precedence over ``weights``.
+    """
+    if exp.ensemble_step is not None:
+        return engine.ensemble_weights(exp.ensemble_step, k, exp.target)
+    if exp.weights:
+        if len(exp.weights) != k:
+            raise engine.FusionError(f"experiment.weights has {len(exp.weights)} entries for {k} parents")
+        return tuple(exp.weights)
+    return None
 
 
 def sample_inputs(x: np.ndarray, num: int, seed: int) -> np.ndarray:
@@ -112,12 +440,6 @@ def ensemble_metrics(parents: Sequence[Parent], x: np.ndarray, y: np.ndarray) ->
     probs = np.mean([jax.nn.softmax(training.predict_logits(p.module, p.variables, x), axis=-1) for p in parents], 0)
     nll = -np.mean(np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)))
     return {"loss": float(nll), "accuracy": float(np.mean(np.argmax(probs, -1) == y))}
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - start
 
 
 def repair_fused(
@@ -159,54 +481,80 @@ def interpolation_curve(
     return {"t": ts.tolist(), "loss": losses, "accuracy": accs}
 
 
+def barrier_curves(
+    a: Parent,
+    b: Parent,
+    spec: spec_lib.AlignmentSpec,
+    dataset: data_lib.Dataset,
+    config: fusion_lib.FusionConfig,
+    num_test: int = 2000,
+) -> dict[str, dict[str, list[float]]] | None:
+    """Loss/accuracy along the line from ``a`` to ``b``, before and after aligning ``a`` onto ``b`` (weights, exact).
+
+    Args:
+      a: the parent aligned onto ``b`` (the curve's t = 0 end).
+      b: the other parent (t = 1), of the same architecture.
+      spec: their alignment spec.
+      dataset: its first ``num_test`` test examples are evaluated.
+      config: OTFusion's options (mode and solver are set to weights, exact).
+      num_test: how many test examples.
+
+    Returns:
+      ``{"plain (no alignment)": curve, "after OT alignment (weights, exact)": curve}`` (see
+      :func:`interpolation_curve`), or None for parents of different widths: no straight line joins them.
+    """
+    if a.module != b.module:
+        return None
+    x, y = dataset.x_test[:num_test], dataset.y_test[:num_test]
+    cfg = dataclasses.replace(config, mode="weights", solver="exact")
+    aligned = engine.align_parents([a.variables, b.variables], spec, cfg)[0][0]
+    return {
+        "plain (no alignment)": interpolation_curve(b.module, a.variables, b.variables, x, y),
+        "after OT alignment (weights, exact)": interpolation_curve(b.module, aligned, b.variables, x, y),
+    }
+
+
 def run_fusion_table(
     parents: Sequence[Parent],
     spec: spec_lib.AlignmentSpec,
     dataset: data_lib.Dataset,
-    fusion_cfg: Mapping[str, Any],
+    settings: Settings | None = None,
     *,
-    finetune: training.TrainConfig | None = None,
     progress: Callable[[str], None] | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Evaluates every parent, the baselines and each OT fusion method on the test set.
+) -> tuple[list[dict[str, Any]], dict[str, Fused]]:
+    """Evaluates every parent, the baselines and each fusion method of ``settings.experiment.method`` on the test set.
 
     Args:
-      parents: K parents; the fused model takes the architecture of parent
-        ``fusion_cfg["target"]`` (default the last).
+      parents: K parents; the fused model takes the architecture of parent ``settings.experiment.target``.
       spec: their alignment spec.
       dataset: test data for evaluation, train data for samples and fine-tuning.
-      fusion_cfg: the config's ``fusion`` section: ``method`` (comma list of
-        METHODS, OT methods optionally suffixed ``:exact``/``:sinkhorn``),
-        FusionConfig fields, ``num_samples``, ``acts_kind``, ``sample_seed``,
-        ``bn_stats`` ("align" | "recompute").
-      finetune: if given (epochs > 0), vanilla averaging and each OT fusion are
-        also fine-tuned with it and evaluated again ("+ fine-tune" rows).
+      settings: the run's options (see :class:`Settings`; None: the defaults).
       progress: called with a short status line before each step.
 
     Returns:
-      (rows, fused) where rows are ``{"method", "accuracy", "loss", "seconds",
-      "compile_seconds", ...}`` dicts in table order and ``fused`` maps each OT
-      method label to ``{"variables", "aux", "label"}``.
+      ``(rows, fused)``: rows are ``{"method", "accuracy", "loss", "seconds", "compile_seconds", ...}`` dicts in
+      table order ("+ REPAIR" and "+ fine-tune" rows after their method's); ``fused`` maps each fusion method's
+      row label to its :class:`Fused`.
     """
     say = progress or (lambda _msg: None)
-    methods = parse_methods(fusion_cfg.get("method", "ot-weights"))
-    bn_stats = fusion_cfg.get("bn_stats", "align")
-    if bn_stats not in ("align", "recompute"):
-        raise ValueError(f"fusion.bn_stats must be 'align' or 'recompute', got {bn_stats!r}")
+    settings = settings or Settings()
+    exp = settings.experiment
+    finetune = settings.finetune
     x_test, y_test = dataset.x_test, dataset.y_test
-    target = fusion_cfg.get("target", -1) % len(parents)
-    weights = averaging_weights_from(fusion_cfg, len(parents))
-    t_module = parents[target].module
-    samples = sample_inputs(dataset.x_train, fusion_cfg.get("num_samples", 200), fusion_cfg.get("sample_seed", 0))
+    target = exp.target % len(parents)
+    weights = averaging_weights(exp, len(parents))
+    samples = sample_inputs(dataset.x_train, exp.num_samples, exp.sample_seed)
+    group = Group(parents, spec, dataset, settings, target, weights, samples, say)
+    t_module = group.target_module
 
     def finish(variables):
-        return models.recompute_batch_stats(t_module, variables, samples) if bn_stats == "recompute" else variables
+        return models.recompute_batch_stats(t_module, variables, samples) if exp.bn_stats == "recompute" else variables
 
     rows: list[dict[str, Any]] = []
 
     def add(label, variables, **extra):
         rows.append({"method": label, **training.evaluate(t_module, variables, x_test, y_test), **extra})
-        if finetune is not None and finetune.epochs > 0:
+        if finetune is not None:
             say(f"fine-tuning {label} for {finetune.epochs} epoch(s)")
             tuned, secs = _timed(lambda: training.train(t_module, variables, dataset, finetune, progress=False)[0])
             rows.append(
@@ -220,101 +568,133 @@ def run_fusion_table(
     for p in parents:
         say(f"evaluating {p.name}")
         rows.append({"method": p.name, **training.evaluate(p.module, p.variables, x_test, y_test)})
-    # Every table shows the parents and both baselines ("vanilla"/"ensemble" in
-    # fusion.method are accepted for clarity; they change nothing).
     say("evaluating the prediction ensemble")
     rows.append({"method": "ensemble (mean softmax)", **ensemble_metrics(parents, x_test, y_test)})
     shapes = [jax.tree_util.tree_map(jnp.shape, p.variables) for p in parents]
     say("vanilla averaging")
     if all(s == shapes[0] for s in shapes):
-        avg, secs = _timed(lambda: finish(engine.vanilla_average([p.variables for p in parents], weights)))
-        add("vanilla averaging", avg, seconds=secs)
+
+        def average():
+            return finish(engine.vanilla_average(group.variables, weights))
+
+        _, first = _timed(average)
+        avg, secs = _timed(average)
+        add("vanilla averaging", avg, seconds=secs, compile_seconds=max(first - secs, 0.0))
     else:
         rows.append({"method": "vanilla averaging", "accuracy": None, "loss": None, "note": "parents differ in width"})
 
-    fused_out: dict[str, dict[str, Any]] = {}
-    variables = [p.variables for p in parents]
-    use_repair = bool(fusion_cfg.get("repair", False))
-
-    def record(label, method, solver, fused, align, secs, first, aux=None, **extra):
-        """Adds the rows of one fused model; ``align()`` gives the aligned parents (REPAIR only)."""
-        fused = finish(fused)
-        add(label, fused, seconds=secs, compile_seconds=max(first - secs, 0.0), **extra)
-        fused_out[label] = {"variables": fused, "aux": aux, "label": label, "method": method, "solver": solver}
-        if use_repair:
-            say(f"REPAIR of {label}")
+    fused_out: dict[str, Fused] = {}
+    for name, solver in exp.methods:
+        entry = METHODS[name]
+        if entry.fuse is None:
+            continue
+        out = entry.fuse(group, solver)
+        variables = finish(out.variables)
+        add(out.label, variables, seconds=out.seconds, compile_seconds=out.compile_seconds, **out.extra)
+        fused_out[out.label] = Fused(out.label, name, out.solver, variables, out.aux)
+        if exp.repair:
+            say(f"REPAIR of {out.label}")
             (module_r, repaired), rsecs = _timed(
-                lambda: repair_fused(t_module, spec, fused, align(), samples, weights)
-            )
-            rows.append(
-                {"method": f"{label} + REPAIR", **training.evaluate(module_r, repaired, x_test, y_test), "seconds": secs + rsecs}
-            )
-
-    def run_aligner(aligner, key=None):
-        """(fused, aux, secs, first-call secs, align) of one aligner on the group's parents."""
-        acts = None
-        if aligner.needs_activations:
-            kind = fusion_cfg.get("acts_kind", "pre")
-            acts = [models.capture_activations(p.module, p.variables, jnp.asarray(samples), kind) for p in parents]
-
-        def once():
-            return engine.fuse(variables, spec, aligner, activations=acts, weights=weights, target=target, key=key)
-
-        _, first = _timed(once)  # compiles
-        (fused, aux), secs = _timed(once)
-
-        def align():
-            return engine.align_parents(variables, spec, aligner, activations=acts, target=target, key=key)[0]
-
-        return fused, aux, secs, first, align
-
-    backend = fusion_config_from(fusion_cfg, "weights").exact_backend
-    for method, solver in [m for m in methods if m[0] not in ("vanilla", "ensemble")]:
-        if method in ("ot-weights", "ot-acts"):
-            mode = "weights" if method == "ot-weights" else "activations"
-            cfg = fusion_config_from(fusion_cfg, mode)
-            if solver is not None:
-                cfg = dataclasses.replace(cfg, solver=solver)
-            say(f"OT fusion by {mode} ({cfg.solver})")
-            fused, aux, secs, first, align = run_aligner(cfg)
-            threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
-            messages = engine.warn_unconverged(aux, threshold, config=cfg)
-            record(
-                f"OT fusion ({mode}, {cfg.solver})", method, cfg.solver, fused, align, secs, first, aux,
-                warnings=messages, ot_cost=mean_costs(aux),
-            )
-        elif method.startswith("wm"):
-            say(f"weight matching ({method})")
-            wm = matching.WeightMatching(soft=method == "wm-soft", backend=backend)
-            if method == "wm-refine":
-                first_cfg = dataclasses.replace(fusion_config_from(fusion_cfg, "weights"), solver="exact")
-                wm = matching.Refine(first_cfg, wm)
-            fused, _, secs, first, align = run_aligner(wm, key=int(fusion_cfg.get("sample_seed", 0)))
-            label = {"wm": "weight matching", "wm-refine": "weight matching from OTFusion plans", "wm-soft": "soft weight matching"}[method]
-            record(label, method, "exact" if method != "wm-soft" else "sinkhorn", fused, align, secs, first)
-        elif method == "learned":
-            cfg = dataclasses.replace(fusion_config_from(fusion_cfg, "weights"), solver="sinkhorn", implicit_diff=False)
-            steps = int(fusion_cfg.get("learn_steps", 60))
-            learn_weights = bool(fusion_cfg.get("learn_weights", False))
-            say(f"learned fusion ({steps} Adam steps through Sinkhorn)")
-            (fused, aux), secs = _timed(
-                lambda: learned.learn_fusion(
-                    t_module, variables, spec, cfg, dataset.x_train, dataset.y_train,
-                    learned.LearnConfig(steps=steps, learn_weights=learn_weights), target=target,
+                lambda out=out, variables=variables: repair_fused(
+                    t_module, spec, variables, out.align(), samples, weights
                 )
             )
-            report = next(s for s in aux.stats if s is not None)
-            params, hist = report.params, report.history
-            eps = {p: float(jnp.exp(v)) for p, v in params["log_eps"].items()}
-
-            def align(params=params):
-                return learned.aligned_from_params(params, variables, spec, cfg, target=target)[0]
-
-            what = "Sinkhorn eps + layer weights" if learn_weights else "Sinkhorn eps"
-            record(f"learned fusion ({what})", method, "sinkhorn", fused, align, secs, secs,
-                   learned_epsilon=eps, learn_loss=[hist[0], hist[-1]],
-                   learned_weights={p: np.asarray(jax.nn.softmax(v)).tolist() for p, v in params["logits"].items()})
+            rows.append(
+                {
+                    "method": f"{out.label} + REPAIR",
+                    **training.evaluate(module_r, repaired, x_test, y_test),
+                    "seconds": out.seconds + rsecs,
+                }
+            )
     return rows, fused_out
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """One group's table: its parent indices (into the run's parents), title, target index, rows and fused models."""
+
+    parents: tuple[int, ...]
+    title: str
+    target: int
+    rows: list[dict[str, Any]]
+    fused: dict[str, Fused]
+
+    def markdown(self) -> str:
+        """The rows as a Markdown table (:func:`format_table`)."""
+        return format_table(self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Results:
+    """What :func:`run` made: one :class:`Table` per group, the barrier curves and the per-layer OT costs.
+
+    Attributes:
+      tables: in the order of the groups.
+      barrier: :func:`barrier_curves` of the first two-parent group of equal widths (None if there is none).
+      cost_curves: ``"<row label> [<group>]"`` -> per-plan mean transport cost, for every fusion with OT costs.
+    """
+
+    tables: list[Table]
+    barrier: dict[str, dict[str, list[float]]] | None
+    cost_curves: dict[str, dict[str, float]]
+
+
+def table_title(group: Sequence[int], target: int) -> str:
+    """``"parents 0, 1 (target: parent 1)"``; ``target`` indexes ``group`` (negative: from the end)."""
+    return f"parents {', '.join(map(str, group))} (target: parent {group[target % len(group)]})"
+
+
+def run(
+    parents: Sequence[Parent],
+    spec: spec_lib.AlignmentSpec,
+    dataset: data_lib.Dataset,
+    settings: Settings | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+    on_table: Callable[[Table], None] | None = None,
+) -> Results:
+    """Makes one table per group of parents (:func:`run_fusion_table`), then the loss-barrier curves.
+
+    Args:
+      parents: every parent of the run.
+      spec: their alignment spec.
+      dataset: train and test data.
+      settings: the run's options (None: the defaults).
+      groups: lists of indices into ``parents``, one per table; None: one table with every parent.
+      progress: called with a short status line before each step.
+      on_table: called with each table as soon as it is made (``fuse.py`` prints it).
+
+    Returns:
+      The :class:`Results`.
+
+    Raises:
+      ValueError, engine.FusionError: For options that do not fit the parents (e.g. weight matching of
+        different widths), naming the option.
+    """
+    say = progress or (lambda _msg: None)
+    settings = settings or Settings()
+    groups = [list(g) for g in groups] if groups is not None else [list(range(len(parents)))]
+    tables, cost_curves, barrier_pair = [], {}, None
+    for group in groups:
+        members = [parents[i] for i in group]
+        title = table_title(group, settings.experiment.target)
+        say(f"table for {title}")
+        rows, fused = run_fusion_table(members, spec, dataset, settings, progress=progress)
+        table = Table(tuple(group), title, group[settings.experiment.target % len(group)], rows, fused)
+        tables.append(table)
+        if on_table is not None:
+            on_table(table)
+        for label, item in fused.items():
+            if item.aux is not None:
+                cost_curves[f"{label} [{','.join(map(str, group))}]"] = mean_costs(item.aux)
+        if barrier_pair is None and len(group) == 2 and fused and members[0].module == members[1].module:
+            barrier_pair = members
+    barrier = None
+    if barrier_pair is not None:
+        say("loss barrier between the two parents")
+        barrier = barrier_curves(*barrier_pair, spec, dataset, settings.fusion)
+    return Results(tables, barrier, cost_curves)
 
 
 def mean_costs(aux: engine.FusionAux) -> dict[str, float]:
@@ -324,28 +704,31 @@ def mean_costs(aux: engine.FusionAux) -> dict[str, float]:
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A Markdown table: method, test accuracy (%), test loss, loss barrier, time (s).
+    """A Markdown table: method, test accuracy (%), test loss, loss barrier, fusion time and compile time (s).
 
-    The loss barrier of a fused model (the midpoint of its parents, once
-    aligned) is its test loss minus the parents' mean test loss.
+    The loss barrier of a fused model (the midpoint of its parents, once aligned) is its test loss minus the
+    parents' mean test loss. The compile time is the first call's extra time: compilation, or loading the
+    compiled program from the persistent compilation cache.
     """
 
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
 
+    def opt(v, spec):
+        return "" if v is None else format(v, spec)
+
     parent_losses = [r["loss"] for r in rows if r["method"].startswith("parent") and r.get("loss") is not None]
     base = float(np.mean(parent_losses)) if parent_losses else None
     lines = [
-        "| method | test accuracy (%) | test loss | loss barrier | fusion time (s) |",
-        "|---|---:|---:|---:|---:|",
+        "| method | test accuracy (%) | test loss | loss barrier | fusion time (s) | compile (s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         acc = None if r.get("accuracy") is None else 100 * r["accuracy"]
-        secs = r.get("seconds")
         fused_row = not r["method"].startswith(("parent", "ensemble")) and "fine-tune" not in r["method"]
         barrier = r["loss"] - base if fused_row and base is not None and r.get("loss") is not None else None
         lines.append(
-            f"| {r['method']} | {fmt(acc, '.2f')} | {fmt(r.get('loss'), '.4f')} | "
-            f"{'' if barrier is None else format(barrier, '.4f')} | {'' if secs is None else format(secs, '.3f')} |"
+            f"| {r['method']} | {fmt(acc, '.2f')} | {fmt(r.get('loss'), '.4f')} | {opt(barrier, '.4f')} | "
+            f"{opt(r.get('seconds'), '.3f')} | {opt(r.get('compile_seconds'), '.2f')} |"
         )
     return "\n".join(lines)

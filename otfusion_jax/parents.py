@@ -1,5 +1,8 @@
 """Loading the parents of a fusion run from checkpoints, with every check done before any work.
 
+Only a checkpoint's ``model`` entry (name, options, input shape, classes) and its variables are read: the
+config stored in its metadata is a record of how it was made, in whatever layout the config had then.
+
 ``fuse.py`` calls :func:`load_parents`; each problem of a checkpoint (missing or extra leaf, wrong shape
 or dtype, NaN/Inf, an architecture other than parent 0's, metadata describing no model) is a
 ``ValueError`` whose message names the checkpoint and the leaf. :func:`check_config_matches` compares
@@ -19,7 +22,15 @@ import otfusion_jax as otf
 from otfusion_jax import checkpoints, configs_util, experiment, models
 from otfusion_jax import spec as spec_lib
 
-__all__ = ["load_parents", "check_leaves_fit_model", "check_config_matches", "check_parent_matches", "check_model_overrides", "describe_model"]
+__all__ = [
+    "load_parents",
+    "check_leaves_fit_model",
+    "check_config_matches",
+    "check_parent_matches",
+    "check_model_overrides",
+    "check_data_matches",
+    "describe_model",
+]
 
 
 def load_parents(
@@ -186,6 +197,26 @@ def check_model_overrides(config: Mapping[str, Any], keys: Sequence[str], metas:
                     f"given on the command line, but with --parents the architecture is the checkpoints', and "
                     f"checkpoint {meta['path']} (parent {k}, {model.get('name')}) has {shown}; drop the override",
                 )
+
+
+def check_data_matches(metas: Sequence[Mapping[str, Any]], dataset: Any) -> None:
+    """Every parent was trained on inputs of the data set's shape and number of classes.
+
+    Args:
+      metas: The ``metas`` of :func:`load_parents`.
+      dataset: The ``data.Dataset`` the run evaluates on.
+
+    Raises:
+      ValueError: Naming the checkpoint, both shapes and class counts.
+    """
+    for m in metas:
+        model = m.get("model") or {}
+        if tuple(model.get("input_shape") or ()) != tuple(dataset.input_shape) or model.get("num_classes") != dataset.num_classes:
+            raise ValueError(
+                f"checkpoint {m['path']}: trained on inputs {tuple(model.get('input_shape') or ())} with "
+                f"{model.get('num_classes')} classes, but data {dataset.name} has {tuple(dataset.input_shape)} "
+                f"with {dataset.num_classes} classes (pick the config the parents were trained with)"
+            )
 
 
 def describe_model(model: Mapping[str, Any] | None) -> str:

@@ -1,6 +1,6 @@
 """In-process runs of train.py and fuse.py: one command line, its exit status, stdout and stderr.
 
-``run_script("fuse.py", "--config.fusion.num_samples=0")`` executes the script as ``python fuse.py ...``
+``run_script("fuse.py", "--config.experiment.num_samples=0")`` executes the script as ``python fuse.py ...``
 would (``runpy`` as ``__main__``, so ``absl.app.run`` parses the command line and calls ``main``), but
 inside the test process: JAX is imported and compiled once for the whole suite instead of once per
 subprocess.

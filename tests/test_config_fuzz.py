@@ -1,7 +1,7 @@
 """Every field of configs/default.py, given a wrong type and an out-of-range value on the command line.
 
 Each case runs train.py and fuse.py in-process (tests/cli_harness.py) and asserts what a user sees:
-exit status 2, exactly one ``error:`` line naming the field (``config.fusion.num_samples``), no
+exit status 2, exactly one ``error:`` line naming the field (``config.experiment.num_samples``), no
 traceback, nothing on stdout and nothing written (the run's folder stays empty).
 """
 
@@ -53,10 +53,10 @@ BAD: dict[str, list] = {
     "train.label_smoothing": ["x", "1", "-0.1"],
     "train.drop_remainder": ["maybe"],
     "train.eval_batch_size": ["x", "0"],
-    "fusion.method": [None, "ot-magic", "ot-weights:emd", ",", "ot-weights,bogus"],
-    "fusion.repair": ["maybe"],
-    "fusion.learn_steps": ["x", "0"],
-    "fusion.learn_weights": ["maybe"],
+    "experiment.method": [None, "ot-magic", "ot-weights:emd", ",", "ot-weights,bogus", "wm:sinkhorn", "learned:exact"],
+    "experiment.repair": ["maybe"],
+    "experiment.learn_steps": ["x", "0"],
+    "experiment.learn_weights": ["maybe"],
     "fusion.solver": [None, "emd"],
     "fusion.exact_backend": [None, "gpu"],
     "fusion.auction_bidders": ["2.5", "0"],
@@ -76,17 +76,27 @@ BAD: dict[str, list] = {
     "fusion.past_correction": ["maybe"],
     "fusion.importance": [None, "l3"],
     "fusion.align_output": ["maybe"],
-    "fusion.weights": ["('a', 'b')", "(-1.0, 2.0)", "(1.0,)", "(0.0, 0.0)"],
-    "fusion.ensemble_step": ["half", "1.5", "-0.1", ("0.5", "--config.fusion.groups=('0,1,2',)", "--config.num_parents=3")],
-    "fusion.target": ["last", "2", "-3"],
-    "fusion.num_samples": ["many", "0", "-5"],
-    "fusion.acts_kind": [None, "mid"],
-    "fusion.sample_seed": ["x", "-1"],
-    "fusion.bn_stats": [None, "fresh", "recompute"],  # recompute: mlpnet has no BatchNorm
-    "fusion.groups": ["(1.5,)", "('0,7',)", "('0',)", "('0,0',)", "('a,b',)"],
-    "fusion.finetune_epochs": ["x", "-1"],
-    "fusion.finetune_lr": ["x", "0", "-1"],
-    "fusion.plots": ["maybe"],
+    "matching.seed": ["x", "-1"],
+    "matching.restarts": ["many", "0", "-2"],
+    "matching.start": [None, "random"],
+    "matching.max_sweeps": ["1.5", "-1"],
+    "matching.tol": ["x", "-1e-6", "nan"],
+    "matching.epsilon": ["x", "0", "-1"],
+    "matching.soft_tol": ["x", "-1"],
+    "matching.sinkhorn_threshold": ["x", "0"],
+    "matching.sinkhorn_max_iterations": ["1.5", "0"],
+    "matching.align_output": ["maybe"],
+    "experiment.weights": ["('a', 'b')", "(-1.0, 2.0)", "(1.0,)", "(0.0, 0.0)"],
+    "experiment.ensemble_step": ["half", "1.5", "-0.1", ("0.5", "--config.experiment.groups=('0,1,2',)", "--config.num_parents=3")],
+    "experiment.target": ["last", "2", "-3"],
+    "experiment.num_samples": ["many", "0", "-5"],
+    "experiment.acts_kind": [None, "mid"],
+    "experiment.sample_seed": ["x", "-1"],
+    "experiment.bn_stats": [None, "fresh", "recompute"],  # recompute: mlpnet has no BatchNorm
+    "experiment.groups": ["(1.5,)", "('0,7',)", "('0',)", "('0,0',)", "('a,b',)"],
+    "experiment.finetune_epochs": ["x", "-1"],
+    "experiment.finetune_lr": ["x", "0", "-1"],
+    "experiment.plots": ["maybe"],
 }
 
 

@@ -64,14 +64,15 @@ def test_config_loads_with_expected_fields(name):
     config = _get(name)
     as_dict = configs_util.validate(config)
     assert set(as_dict) == set(configs_util.SCHEMA[None])
-    for section in ("model", "data", "train"):
+    for section in ("model", "data", "train", "fusion", "matching", "experiment"):
         assert set(as_dict[section]) == set(configs_util.SCHEMA[section]), section
     from otfusion_jax import experiment
 
-    assert experiment.parse_methods(config.fusion.method)
-    fusion = configs_util.to_dict(config)["fusion"]
-    assert set(experiment.FUSION_FIELDS) - {"mode"} <= set(fusion)  # every engine option is configurable
-    assert experiment.fusion_config_from(fusion, "activations").mode == "activations"
+    assert experiment.parse_methods(config.experiment.method)
+    assert configs_util.fusion_config_from(config, "activations").mode == "activations"
+    settings = configs_util.settings_from(as_dict)
+    assert isinstance(settings, experiment.Settings) and settings.experiment.method == config.experiment.method
+    assert settings.matching.backend == config.fusion.exact_backend  # one exact solver for every method
     assert config.num_parents >= 2 and config.seed >= 0
     assert config.workdir.startswith("runs/")
     train_cfg = configs_util.train_config_from(config, seed=config.seed + 1)
@@ -83,6 +84,66 @@ def test_config_loads_with_expected_fields(name):
     assert module is not None and spec is not None
     with pytest.raises(AttributeError):
         config.train.epochz = 3  # locked: a typo cannot add a field
+
+
+def test_sections_are_the_library_dataclasses():
+    """config.fusion is FusionConfig (but mode), config.experiment is ExperimentConfig, config.matching is
+    WeightMatching's command-line fields plus seed; default.py's values are the library's defaults."""
+    import dataclasses
+
+    import otfusion_jax as otf
+    from otfusion_jax import experiment
+
+    default = configs_util.to_dict(_get("default"))
+    fusion_defaults = {f.name: f.default for f in dataclasses.fields(otf.FusionConfig) if f.name != "mode"}
+    assert default["fusion"] == fusion_defaults  # exactly the fields, and the library's defaults ("auto" backend)
+    assert set(default["fusion"]) == set(configs_util.FUSION_FIELDS)
+    exp_defaults = {f.name: f.default for f in dataclasses.fields(experiment.ExperimentConfig)}
+    assert default["experiment"] == exp_defaults
+    wm_defaults = {f.name: f.default for f in dataclasses.fields(otf.WeightMatching)}
+    assert default["matching"]["seed"] == 0
+    assert {k: v for k, v in default["matching"].items() if k != "seed"} == {
+        k: wm_defaults[k] for k in configs_util.MATCHING_FIELDS if k != "seed"
+    }
+    assert set(wm_defaults) - set(configs_util.MATCHING_FIELDS) == {"soft", "backend", "roles"}
+    settings = configs_util.settings_from(default)
+    assert settings.fusion == otf.FusionConfig()
+    assert settings.matching == otf.WeightMatching() and settings.matching_seed == 0
+    assert settings.experiment == experiment.ExperimentConfig() and settings.finetune is None
+
+
+def test_settings_follow_the_command_line():
+    config = _parse([
+        "--config.fusion.exact_backend=device", "--config.matching.seed=7", "--config.matching.restarts=3",
+        "--config.matching.start=greedy", "--config.experiment.finetune_epochs=2", "--config.train.lr=0.3",
+        "--config.experiment.method=wm,ot-acts:sinkhorn",
+    ])
+    s = configs_util.settings_from(configs_util.validate(config))
+    assert (s.matching.backend, s.matching.restarts, s.matching.start, s.matching_seed) == ("device", 3, "greedy", 7)
+    assert s.fusion.exact_backend == "device" and s.experiment.methods == [("wm", None), ("ot-acts", "sinkhorn")]
+    assert (s.finetune.epochs, s.finetune.lr) == (2, 0.3)  # fine-tuning starts from the parents' recipe
+
+
+def test_moved_fields_are_unknown_in_their_old_section():
+    for arg in ("--config.fusion.method=wm", "--config.fusion.num_samples=5", "--config.fusion.mode=weights"):
+        with pytest.raises((AttributeError, KeyError, flags.Error)):
+            _parse([arg])
+    old = configs_util.to_dict(_get("default"))
+    old["fusion"]["method"] = "ot-weights"
+    with pytest.raises(ValueError, match="unknown config key.*config.fusion.method"):
+        configs_util.validate(old)
+
+
+def test_checkpoints_with_the_old_config_layout_load():
+    """Shipped parents store the config of their time (driver options under fusion): loading never reads it."""
+    from otfusion_jax import parents as parents_lib
+
+    paths = [os.path.join(ROOT, "checkpoints", "digits_mlpnet", f"parent_{k}") for k in range(2)]
+    stored = checkpoints.load_metadata(paths[0])["config"]
+    assert "method" in stored["fusion"] and "experiment" not in stored  # the old layout
+    loaded, spec, metas = parents_lib.load_parents(paths)
+    parents_lib.check_config_matches(configs_util.validate(_get("digits_mlpnet")), metas)
+    assert len(loaded) == 2 and spec.plans
 
 
 def test_paper_recipes():

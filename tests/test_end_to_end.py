@@ -57,7 +57,7 @@ def _row(rows, prefix):
 
 def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
     config, dataset, spec, parents = digits_parents
-    rows, fused = experiment.run_fusion_table(parents, spec, dataset, configs_util.to_dict(config)["fusion"])
+    rows, fused = experiment.run_fusion_table(parents, spec, dataset, configs_util.settings_from(config))
     parent_acc = [r["accuracy"] for r in rows[:2]]
     assert min(parent_acc) > 0.9
     vanilla = _row(rows, "vanilla")["accuracy"]
@@ -74,7 +74,7 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     out = tmp_path / "out"
     cmd = [
         sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}", f"--config.parents_dir={config.parents_dir}",
-        f"--out={out}", "--config.fusion.method=ot-weights", "--config.fusion.solver=sinkhorn",
+        f"--out={out}", "--config.experiment.method=ot-weights", "--config.fusion.solver=sinkhorn",
         "--config.fusion.normalize_cost=mean", "--config.fusion.epsilon=0.05", "--save_fused", "--noprogress",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -96,9 +96,11 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     assert not [p for p in os.listdir(out) if ".tmp" in p]
     assert proc.stdout.splitlines()[0].startswith("2 parents (mlpnet bias=False widths=[128, 64, 32]; architecture as config.model)")
     assert proc.stdout.rstrip().endswith(f"results: {out / 'results.json'}")
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| method |"))
+    assert header.endswith("| fusion time (s) | compile (s) |")
     # the same command in-process gives the same table (same bits across processes)
     out2 = tmp_path / "out2"
-    inproc = run_script("fuse.py", *[a.replace(str(out), str(out2)) for a in cmd[2:]], "--config.fusion.plots=False")
+    inproc = run_script("fuse.py", *[a.replace(str(out), str(out2)) for a in cmd[2:]], "--config.experiment.plots=False")
     assert inproc.returncode == 0, inproc.stderr[-2000:]
     rows2 = json.loads((out2 / "results.json").read_text())["tables"][0]["rows"]
     rows = results["tables"][0]["rows"]
@@ -109,7 +111,7 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     "args,message",
     [
         (["--parents=/nonexistent/parent_0,/nonexistent/parent_1"], "parent checkpoint not found: /nonexistent/parent_0"),
-        (["--config.fusion.method=ot-magic"], "config.fusion.method: unknown 'ot-magic'; choose from ot-weights"),
+        (["--config.experiment.method=ot-magic"], "config.experiment.method: unknown 'ot-magic'; choose from ot-weights"),
         (["--config.fusion.solver=emd"], "config.fusion.solver='emd'; choose one of ('exact', 'sinkhorn')"),
         (["--config.fusion.epsilonn=1"], "unknown field config.fusion.epsilonn"),
     ],
@@ -138,4 +140,9 @@ def test_readme_python_example_runs():
 
 def test_fusion_config_fields_documented_in_default_config():
     fields = {f.name for f in dataclasses.fields(otf.FusionConfig)} - {"mode"}
-    assert fields <= set(digits_mlpnet.get_config().fusion)
+    assert fields == set(digits_mlpnet.get_config().fusion)
+    text = open(os.path.join(ROOT, "configs", "default.py")).read()
+    for section in ("fusion", "matching", "experiment"):
+        for key in digits_mlpnet.get_config()[section]:
+            line = next(l for l in text.splitlines() if l.strip().startswith(f"config.{section}.{key} ="))
+            assert "  # " in line, line  # one commented field per line

@@ -243,8 +243,8 @@ def test_unwritable_output_directory_is_named(parents, tmp_path):
 def test_num_samples_out_of_range_is_refused_before_any_work(parents, tmp_path, value):
     """Was: weight fusion ran, then activation mode died in a JAX traceback (0) or an unnamed error (-5)."""
     out = tmp_path / "out"
-    proc = _fuse(parents, out, f"--config.fusion.num_samples={value}")
-    _assert_clean_failure(proc, out, f"config.fusion.num_samples={value}", "an integer >= 1")
+    proc = _fuse(parents, out, f"--config.experiment.num_samples={value}")
+    _assert_clean_failure(proc, out, f"config.experiment.num_samples={value}", "an integer >= 1")
     assert proc.stdout == ""  # nothing evaluated
 
 
@@ -277,7 +277,7 @@ def test_parents_flag_takes_the_architecture_from_the_checkpoints(parents, tmp_p
     config = f"--config={_other_widths_config(tmp_path)}"  # config.model.widths = (8,)
     given = f"--parents={parents / 'parent_0'},{parents / 'parent_1'}"
     out = tmp_path / "out"
-    fast = ["--config.fusion.method=ot-weights", "--config.fusion.plots=False", "--noprogress"]
+    fast = ["--config.experiment.method=ot-weights", "--config.experiment.plots=False", "--noprogress"]
     unused = ["--config.num_parents=3", "--config.parents_dir=/nonexistent", "--config.parent_widths=(1.0, 2.0)"]
     agreeing = "--config.model.widths=(128, 64, 32)"
     proc = _run(FUSE, [config, given, *unused, agreeing, f"--out={out}", *fast])
@@ -300,11 +300,11 @@ def test_parents_flag_takes_the_architecture_from_the_checkpoints(parents, tmp_p
 
 def test_batchnorm_options_need_a_model_with_batchnorm(parents, tmp_path):
     out = tmp_path / "out"
-    proc = _fuse(parents, out, "--config.fusion.bn_stats=recompute")
-    _assert_clean_failure(proc, out, "config.fusion.bn_stats='recompute'", "mlpnet", "no BatchNorm")
+    proc = _fuse(parents, out, "--config.experiment.bn_stats=recompute")
+    _assert_clean_failure(proc, out, "config.experiment.bn_stats='recompute'", "mlpnet", "no BatchNorm")
     given = f"--parents={parents / 'parent_0'},{parents / 'parent_1'}"
-    proc = _run(FUSE, [given, "--config.fusion.bn_stats=recompute", f"--out={out}", "--noprogress"])
-    _assert_clean_failure(proc, out, "config.fusion.bn_stats='recompute'", str(parents / "parent_0"), "no BatchNorm")
+    proc = _run(FUSE, [given, "--config.experiment.bn_stats=recompute", f"--out={out}", "--noprogress"])
+    _assert_clean_failure(proc, out, "config.experiment.bn_stats='recompute'", str(parents / "parent_0"), "no BatchNorm")
     proc = _fuse(parents, out, "--config.model.norm=True")
     _assert_clean_failure(proc, out, "config.model.norm=True", "mlpnet does not take norm")
 
@@ -445,7 +445,7 @@ def test_same_seed_same_bits(pristine, tmp_path):
     rows = []
     for run in ("a", "b"):
         out = tmp_path / f"fuse_{run}"
-        proc = _fuse(pristine, out, "--config.fusion.plots=False")
+        proc = _fuse(pristine, out, "--config.experiment.plots=False")
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows.append(json.loads((out / "results.json").read_text())["tables"][0]["rows"])
     assert [r["method"] for r in rows[0]] == [r["method"] for r in rows[1]]

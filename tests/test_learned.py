@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -46,9 +47,12 @@ def test_learned_fusion_lowers_the_training_loss(shipped_digits):
 
 def test_beyond_the_original_rows(shipped_digits):
     parents, spec, ds = shipped_digits
-    fusion_cfg = dict(configs_util.to_dict(digits_mlpnet.get_config())["fusion"])
-    fusion_cfg.update(method="ot-acts,wm,wm-soft,learned", repair=True, learn_steps=5)
-    rows, fused = experiment.run_fusion_table(parents, spec, ds, fusion_cfg)
+    settings = configs_util.settings_from(digits_mlpnet.get_config())
+    settings = dataclasses.replace(
+        settings,
+        experiment=dataclasses.replace(settings.experiment, method="ot-acts,wm,wm-soft,learned", repair=True, learn_steps=5),
+    )
+    rows, fused = experiment.run_fusion_table(parents, spec, ds, settings)
     acc = {r["method"]: r["accuracy"] for r in rows}
     for label in ("weight matching", "soft weight matching", "learned fusion (Sinkhorn eps)"):
         assert acc[label] > acc["vanilla averaging"] + 0.2, acc
