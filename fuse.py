@@ -17,6 +17,10 @@ config.matching weight matching's (otf.WeightMatching, its own seed; the exact
 solver is config.fusion.exact_backend), config.experiment what this script
 makes (methods, tables, REPAIR, fine-tuning, plots, averaging weights, target).
 
+Compiled programs are kept in a persistent compilation cache
+($OTFUSION_JAX_CACHE, default ~/.cache/otfusion-jax/jax; OTFUSION_JAX_CACHE=off
+turns it off): a second run on the same shapes loads them instead of compiling.
+
 Parents come from <parents_dir>/parent_<k> (written by train.py; ready-made ones
 in checkpoints/), or from --parents=PATH,PATH,... (our checkpoints, or the
 original OTFusion's PyTorch checkpoints, detected from their content or forced
@@ -61,7 +65,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import default`
-from otfusion_jax.cli import define_config_flag, run, usage_error  # noqa: E402
+from otfusion_jax.cli import CompileLog, define_config_flag, enable_compilation_cache, run, usage_error  # noqa: E402
 
 _PROG = "fuse.py"
 _CONFIG = define_config_flag(_PROG, config_flags, flags)
@@ -78,6 +82,8 @@ def main(argv: list[str]) -> None:
         usage_error(_PROG, f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    cache_dir = enable_compilation_cache()
+    before = CompileLog.snapshot()
     from otfusion_jax import runner  # pylint: disable=import-outside-toplevel
 
     overridden = [p.split(".", 1)[1] for p in config_flags.get_override_values(flags.FLAGS["config"]) if p.startswith("model.")]
@@ -93,8 +99,15 @@ def main(argv: list[str]) -> None:
         results = runner.run_fuse(job, progress=say, on_table=lambda t: print(f"\n{t.title}\n\n{t.markdown()}\n"))
     except ValueError as e:
         usage_error(_PROG, e)
+    compilation = {"cache_dir": cache_dir, **CompileLog.since(before)}
     path = runner.write_fuse_results(
-        job, results, save_fused=_SAVE.value, on_saved=lambda label, p: print(f"saved {label} to {p}")
+        job, results, save_fused=_SAVE.value, on_saved=lambda label, p: print(f"saved {label} to {p}"),
+        compilation=compilation,
+    )
+    print(
+        f"compilation: {compilation['programs']} programs in {compilation['compile_seconds']:.1f} s, "
+        f"{compilation['loaded']} loaded from the cache, {compilation['written']} written to it "
+        f"({cache_dir or 'persistent cache off'})"
     )
     print(f"\nresults: {path}")
 

@@ -18,6 +18,8 @@ Any config field can be overridden with --config.<section>.<field>=<value>; an
 unknown field is an error. Every field is checked before any work
 (configs_util.validate): a bad value is one line naming the field and its allowed
 values, exit status 2, nothing written. See configs/default.py for every field.
+Compiled programs are kept in the persistent compilation cache that fuse.py uses
+($OTFUSION_JAX_CACHE, default ~/.cache/otfusion-jax/jax; off: OTFUSION_JAX_CACHE=off).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import default`
-from otfusion_jax.cli import define_config_flag, run, usage_error  # noqa: E402
+from otfusion_jax.cli import define_config_flag, enable_compilation_cache, run, usage_error  # noqa: E402
 
 _PROG = "train.py"
 _CONFIG = define_config_flag(_PROG, config_flags, flags)
@@ -44,6 +46,7 @@ def main(argv: list[str]) -> None:
         usage_error(_PROG, f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and jax log a lot at INFO
+    enable_compilation_cache()
     # Heavy imports after flag parsing keep --help fast.
     from otfusion_jax import runner  # pylint: disable=import-outside-toplevel
 

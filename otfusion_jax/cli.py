@@ -1,8 +1,12 @@
-"""Command-line plumbing shared by train.py and fuse.py: the config flag and one-line errors.
+"""Command-line plumbing shared by train.py and fuse.py: the config flag, one-line errors, the compilation cache.
 
 Every way a command line can be wrong ends in one line ``<prog>: error: <message>`` on stderr and exit
 status 2, before any work: an unknown flag or config field, a value the flag parser refuses
 (``--config.experiment.num_samples=abc``), or a value ``configs_util.validate`` refuses.
+
+Both scripts keep JAX's compiled programs in a persistent compilation cache (:func:`enable_compilation_cache`:
+``$OTFUSION_JAX_CACHE``, default ``~/.cache/otfusion-jax/jax``), so a second run on the same shapes loads
+them instead of compiling; :class:`CompileLog` counts what was compiled, loaded and written.
 """
 
 from __future__ import annotations
@@ -12,9 +16,21 @@ import contextlib
 import os
 import re
 import sys
+import threading
 from typing import Any, NoReturn
 
-__all__ = ["clean_error", "usage_error", "define_config_flag", "flag_error_message", "DEFAULT_CONFIG", "run"]
+__all__ = [
+    "clean_error",
+    "usage_error",
+    "define_config_flag",
+    "flag_error_message",
+    "DEFAULT_CONFIG",
+    "run",
+    "CACHE_ENV",
+    "compilation_cache_dir",
+    "enable_compilation_cache",
+    "CompileLog",
+]
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_mlpnet.py")
 
@@ -124,3 +140,115 @@ def run(prog: str, main: Any) -> None:
             _parse_error(prog, e, argv)
 
     app.run(main, flags_parser=parse)
+
+
+CACHE_ENV = "OTFUSION_JAX_CACHE"
+_CACHE_OFF = ("", "0", "off", "none", "false", "no")
+
+
+def compilation_cache_dir(environ: Any = None) -> str | None:
+    """Where the CLIs keep compiled programs: ``$OTFUSION_JAX_CACHE``, else ``$XDG_CACHE_HOME/otfusion-jax/jax``.
+
+    ``$XDG_CACHE_HOME`` defaults to ``~/.cache``. ``OTFUSION_JAX_CACHE`` set to ``off`` (or ``0``, ``none``,
+    ``false``, ``no``, empty) turns the cache off: None.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in _CACHE_OFF else os.path.abspath(os.path.expanduser(value))
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "otfusion-jax", "jax")
+
+
+def enable_compilation_cache(path: str | None | object = ...) -> str | None:
+    """Turns on JAX's persistent compilation cache for this process, caching every program however small.
+
+    JAX's defaults only cache programs that took >= 1 s to compile; fusion's are many small ones, so both
+    thresholds are set to cache everything (``jax_persistent_cache_min_compile_time_secs=0``,
+    ``jax_persistent_cache_min_entry_size_bytes=-1``). Programs with host callbacks (``exact_backend="host"``,
+    what "auto" picks on a CPU) carry the callback in their cache key: JAX writes them but a new process
+    cannot load them (it compiles them again), see README ("Compile time").
+
+    Args:
+      path: The cache folder; default :func:`compilation_cache_dir`. None: leave the cache off.
+
+    Returns:
+      The folder in use, or None when off or when the folder cannot be created (then nothing is cached).
+    """
+    if path is ...:
+        path = compilation_cache_dir()
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    import jax  # pylint: disable=import-outside-toplevel
+
+    jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return os.fspath(path)
+
+
+class CompileLog:
+    """Counts this process's XLA compilations from ``jax.monitoring`` events (listeners registered once).
+
+    ``CompileLog.snapshot()`` before and after a run, ``CompileLog.since(before)`` for the difference:
+    ``programs`` (compiled or loaded), ``compile_seconds`` (their total, loading included), ``loaded``
+    (persistent-cache hits), ``written`` (new cache entries), ``trace_seconds`` and ``lower_seconds`` (tracing to
+    jaxprs and lowering to MLIR: done again by every process, cache or not).
+    """
+
+    _lock = threading.Lock()
+    _counts = {"programs": 0, "compile_seconds": 0.0, "loaded": 0, "written": 0, "trace_seconds": 0.0, "lower_seconds": 0.0}
+    _registered = False
+
+    _DURATIONS = {
+        "/jax/core/compile/backend_compile_duration": ("programs", "compile_seconds"),
+        "/jax/core/compile/jaxpr_trace_duration": (None, "trace_seconds"),
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": (None, "lower_seconds"),
+    }
+    _EVENTS = {"/jax/compilation_cache/cache_hits": "loaded", "/jax/compilation_cache/cache_misses": "written"}
+
+    @classmethod
+    def _on_event(cls, event: str, **_kwargs: Any) -> None:
+        key = cls._EVENTS.get(event)
+        if key is not None:
+            with cls._lock:
+                cls._counts[key] += 1
+
+    @classmethod
+    def _on_duration(cls, event: str, duration_secs: float, **_kwargs: Any) -> None:
+        keys = cls._DURATIONS.get(event)
+        if keys is not None:
+            count, secs = keys
+            with cls._lock:
+                if count is not None:
+                    cls._counts[count] += 1
+                cls._counts[secs] += float(duration_secs)
+
+    @classmethod
+    def register(cls) -> None:
+        """Registers the listeners (once per process)."""
+        with cls._lock:
+            if cls._registered:
+                return
+            cls._registered = True
+        from jax import monitoring  # pylint: disable=import-outside-toplevel
+
+        monitoring.register_event_listener(cls._on_event)
+        monitoring.register_event_duration_secs_listener(cls._on_duration)
+
+    @classmethod
+    def snapshot(cls) -> dict[str, float]:
+        """The counts so far (registers the listeners first)."""
+        cls.register()
+        with cls._lock:
+            return dict(cls._counts)
+
+    @classmethod
+    def since(cls, before: dict[str, float]) -> dict[str, float]:
+        """The counts since ``before`` (a :meth:`snapshot`), seconds rounded to milliseconds."""
+        now = cls.snapshot()
+        return {k: round(now[k] - before[k], 3) if isinstance(now[k], float) else now[k] - before[k] for k in now}

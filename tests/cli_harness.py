@@ -11,6 +11,9 @@ flags that existed before any script ran: the flags a previous run defined are d
 reset to its default (``unparse_flags``), the script is executed afresh (defining its flags for this
 command line), and afterwards its flags are deleted again. sys.argv, sys.path, the working directory
 and absl's log verbosity are restored, so runs are independent of each other and of the test order.
+
+The scripts' persistent compilation cache (``$OTFUSION_JAX_CACHE``) is off during a run unless the test asks
+for one (``cache=<folder>``): the test process keeps its in-memory caches, and nothing is written to ~/.cache.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from absl import command_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["ROOT", "Result", "run_script"]
+__all__ = ["ROOT", "Result", "run_script", "subprocess_env"]
+
+CACHE_ENV = "OTFUSION_JAX_CACHE"
+
+
+def subprocess_env(cache: str | os.PathLike = "off", **more: str) -> dict[str, str]:
+    """The environment of a real ``python fuse.py`` / ``train.py`` in a test: CPU, its compilation cache off
+    (or ``cache``), and ``more``."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", CACHE_ENV: os.fspath(cache), **more}
 
 _BASE_FLAGS: set[str] | None = None  # the flags defined before any script ran
 
@@ -71,13 +82,16 @@ def _exit_code(code: object, stderr: io.StringIO) -> int:
     return 1
 
 
-def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None) -> Result:
+def run_script(
+    script: str, *args: str, cwd: str | os.PathLike | None = None, cache: str | os.PathLike = "off"
+) -> Result:
     """Runs ``python <script> <args>`` in this process.
 
     Args:
       script: "fuse.py" or "train.py" (a path relative to the repository root).
       *args: The command line after the script name.
       cwd: Working directory of the run (default: the repository root).
+      cache: ``$OTFUSION_JAX_CACHE`` during the run ("off": no persistent compilation cache).
 
     Returns:
       The exit status (0 when main returns, the ``sys.exit`` code otherwise, 1 with a traceback on
@@ -88,10 +102,12 @@ def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None) ->
     saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
     saved_verbosity = absl_logging.get_verbosity()
     saved_rename = command_name.make_process_name_useful
+    saved_cache = os.environ.get(CACHE_ENV)
     code = 0
     _reset_flags()
     try:
         command_name.make_process_name_useful = lambda: None  # absl would rename the test process
+        os.environ[CACHE_ENV] = os.fspath(cache)
         sys.argv = [path, *args]
         os.chdir(cwd or ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -104,6 +120,10 @@ def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None) ->
                 code = 1
     finally:
         _reset_flags()
+        if saved_cache is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = saved_cache
         command_name.make_process_name_useful = saved_rename
         sys.argv[:] = saved_argv
         sys.path[:] = saved_path

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import pytest
 from absl import flags
-from cli_harness import run_script
+from cli_harness import run_script, subprocess_env
 from ml_collections import config_flags
 
 from otfusion_jax import checkpoints, configs_util, training
@@ -252,7 +252,7 @@ def _run_train(*args: str, cwd):
 
 
 def _run_train_subprocess(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), *args],
         cwd=cwd,
@@ -351,3 +351,16 @@ def test_train_py_help(tmp_path):
     assert proc.returncode in (0, 1)  # absl exits with 1 after --help
     assert "Traceback" not in proc.stderr
     assert "--overwrite" in proc.stdout and "--config" in proc.stdout and "parent_<k>" in proc.stdout
+
+
+def test_compilation_cache_folder_from_the_environment(tmp_path):
+    from otfusion_jax import cli
+
+    assert cli.compilation_cache_dir({"HOME": "/h", "XDG_CACHE_HOME": "/c"}) == "/c/otfusion-jax/jax"
+    assert cli.compilation_cache_dir({cli.CACHE_ENV: str(tmp_path / "x")}) == str(tmp_path / "x")
+    for off in ("off", "0", "", "None", "false"):
+        assert cli.compilation_cache_dir({cli.CACHE_ENV: off}) is None, off
+    assert cli.enable_compilation_cache(None) is None  # off: JAX's config is left alone
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert cli.enable_compilation_cache(str(blocked / "cache")) is None  # cannot be created: run without it

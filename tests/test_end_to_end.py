@@ -14,7 +14,7 @@ import sys
 
 import jax
 import pytest
-from cli_harness import run_script
+from cli_harness import run_script, subprocess_env
 
 import otfusion_jax as otf
 from otfusion_jax import checkpoints, configs_util, experiment, training
@@ -77,7 +77,8 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
         f"--out={out}", "--config.experiment.method=ot-weights", "--config.fusion.solver=sinkhorn",
         "--config.fusion.normalize_cost=mean", "--config.fusion.epsilon=0.05", "--save_fused", "--noprogress",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    env = subprocess_env(cache=tmp_path / "jax-cache")  # a fresh persistent compilation cache
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     methods = [r["method"] for r in results["tables"][0]["rows"]]
@@ -98,6 +99,19 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     assert proc.stdout.rstrip().endswith(f"results: {out / 'results.json'}")
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| method |"))
     assert header.endswith("| fusion time (s) | compile (s) |")
+    first = results["compilation"]
+    assert first["cache_dir"] == str(tmp_path / "jax-cache") and first["written"] > 0 and first["programs"] > 0
+    assert f"{first['written']} written to it" in proc.stdout
+    # a second process loads every program the first wrote, compiles only what JAX cannot cache (host callbacks)
+    out3 = tmp_path / "out3"
+    again = subprocess.run([a.replace(str(out), str(out3)) for a in cmd], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    results3 = json.loads((out3 / "results.json").read_text())
+    second = results3["compilation"]
+    assert second["written"] == 0 and second["loaded"] == first["loaded"] + first["written"], (first, second)
+    assert second["programs"] == first["programs"]
+    same = [(r["method"], r["accuracy"], r["loss"]) for r in results["tables"][0]["rows"]]
+    assert [(r["method"], r["accuracy"], r["loss"]) for r in results3["tables"][0]["rows"]] == same
     # the same command in-process gives the same table (same bits across processes)
     out2 = tmp_path / "out2"
     inproc = run_script("fuse.py", *[a.replace(str(out), str(out2)) for a in cmd[2:]], "--config.experiment.plots=False")
