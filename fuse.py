@@ -19,7 +19,9 @@ makes (methods, tables, REPAIR, fine-tuning, plots, averaging weights, target).
 
 Compiled programs are kept in a persistent compilation cache
 ($OTFUSION_JAX_CACHE, default ~/.cache/otfusion-jax/jax; OTFUSION_JAX_CACHE=off
-turns it off): a second run on the same shapes loads them instead of compiling.
+turns it off): a second run on the same shapes loads them instead of compiling,
+except programs with host callbacks, which JAX does not cache (exact_backend
+"host", what "auto" picks on a CPU: see README, "Compile time").
 
 Parents come from <parents_dir>/parent_<k> (written by train.py; ready-made ones
 in checkpoints/), or from --parents=PATH,PATH,... (our checkpoints, or the
