@@ -253,6 +253,7 @@ class Group:
         *,
         key: Any = None,
         extra: Mapping[str, Any] | Callable[[engine.FusionAux], Mapping[str, Any]] | None = None,
+        **fuse_options: Any,
     ) -> Outcome:
         """Fuses the group with ``engine.fuse`` and ``aligner``: timed twice (compile, then compiled).
 
@@ -262,18 +263,24 @@ class Group:
           solver: "exact" or "sinkhorn" (the fused checkpoint's name).
           key: the aligner's key (weight matching's sweep orders).
           extra: more row fields, or a function of the fusion's aux returning them.
+          **fuse_options: more keyword arguments of ``engine.fuse`` and ``engine.align_parents``
+            (e.g. ``iterations=`` for the iterative barycentre).
         """
         acts = self.activations() if aligner.needs_activations else None
         variables, weights, target = self.variables, self.weights, self.target
 
         def once():
-            return engine.fuse(variables, self.spec, aligner, activations=acts, weights=weights, target=target, key=key)
+            return engine.fuse(
+                variables, self.spec, aligner, activations=acts, weights=weights, target=target, key=key, **fuse_options
+            )
 
         _, first = _timed(once)  # compiles (or loads from the persistent compilation cache)
         (fused, aux), secs = _timed(once)
 
         def align():
-            return engine.align_parents(variables, self.spec, aligner, activations=acts, target=target, key=key)[0]
+            return engine.align_parents(
+                variables, self.spec, aligner, activations=acts, target=target, key=key, **fuse_options
+            )[0]
 
         more = dict(extra(aux) if callable(extra) else (extra or {}))
         return Outcome(label, solver, fused, aux, secs, max(first - secs, 0.0), align, more)

@@ -160,3 +160,53 @@ def test_fusion_config_fields_documented_in_default_config():
         for key in digits_mlpnet.get_config()[section]:
             line = next(l for l in text.splitlines() if l.strip().startswith(f"config.{section}.{key} ="))
             assert "  # " in line, line  # one commented field per line
+
+
+def test_runner_groups_write_every_output(tmp_path):
+    """Two tables from the shipped digits parents through the library calls fuse.py makes, fused checkpoints per group."""
+    from otfusion_jax import runner
+
+    config = configs_util.to_dict(digits_mlpnet.get_config())
+    config["num_parents"] = 4
+    config["parents_dir"] = os.path.join(ROOT, "checkpoints", "digits_mlpnet")
+    config["experiment"].update(method="ot-weights,wm", groups=("0,1", "3,2"), plots=False)
+    config["matching"].update(restarts=2, seed=1)
+    job = runner.prepare_fuse(config, out=str(tmp_path / "out"))
+    assert job.groups == [[0, 1], [3, 2]] and job.settings.matching_seed == 1 and job.settings.matching.restarts == 2
+    seen = []
+    results = runner.run_fuse(job, on_table=seen.append)
+    assert [t.title for t in seen] == ["parents 0, 1 (target: parent 1)", "parents 3, 2 (target: parent 2)"]
+    assert results.barrier is not None and len(results.cost_curves) == 2  # OT weights in both groups; wm has none
+    saved = []
+    path = runner.write_fuse_results(job, results, save_fused=True, on_saved=lambda label, p: saved.append(p))
+    names = sorted(os.path.basename(p) for p in saved)
+    assert names == [
+        "fused_ot-weights_exact_parents0-1", "fused_ot-weights_exact_parents3-2",
+        "fused_wm_exact_parents0-1", "fused_wm_exact_parents3-2",
+    ]
+    assert checkpoints.load_metadata(saved[0])["model"] == job.metas[1]["model"]
+    record = json.loads(open(path).read())
+    assert [t["parents"] for t in record["tables"]] == [[0, 1], [3, 2]]
+    assert record["config"]["experiment"]["groups"] == ["0,1", "3,2"]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([*names, "results.json", "results.md"])  # plots off
+    later = os.path.getmtime(path)
+    assert all(os.path.getmtime(tmp_path / "out" / n) <= later for n in ("results.md", *names))  # results.json last
+
+
+def test_a_new_method_is_one_table_entry(digits_parents, monkeypatch):
+    """The driver's dispatch: a METHODS entry whose fuse() returns an Outcome is a row, with REPAIR, like the rest."""
+    _, dataset, spec, parents = digits_parents
+
+    def fuse_identity(group, solver):
+        aligner = dataclasses.replace(group.settings.matching, restarts=1, max_sweeps=0)  # identity plans: vanilla
+        return group.run_aligner(aligner, "identity matching", "exact", key=0)
+
+    monkeypatch.setitem(experiment.METHODS, "identity", experiment.Method("no alignment", fuse_identity))
+    settings = experiment.Settings(experiment.ExperimentConfig(method="identity,vanilla", repair=True))
+    rows, fused = experiment.run_fusion_table(parents, spec, dataset, settings)
+    acc = {r["method"]: r for r in rows}
+    assert abs(acc["identity matching"]["accuracy"] - acc["vanilla averaging"]["accuracy"]) < 1e-9
+    assert "identity matching + REPAIR" in acc and acc["identity matching"]["compile_seconds"] >= 0
+    assert set(fused) == {"identity matching"} and fused["identity matching"].method == "identity"
+    with pytest.raises(ValueError, match="experiment.method: unknown 'identity:sinkhorn'"):
+        experiment.ExperimentConfig(method="identity:sinkhorn")
