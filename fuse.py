@@ -102,10 +102,13 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         usage_error(_PROG, e)
     compilation = {"cache_dir": cache_dir, **CompileLog.since(before)}
-    path = runner.write_fuse_results(
-        job, results, save_fused=_SAVE.value, on_saved=lambda label, p: print(f"saved {label} to {p}"),
-        compilation=compilation,
-    )
+    try:
+        path = runner.write_fuse_results(
+            job, results, save_fused=_SAVE.value, on_saved=lambda label, p: print(f"saved {label} to {p}"),
+            compilation=compilation,
+        )
+    except runner.ERRORS as e:  # e.g. a --save_fused path that holds something other than a checkpoint
+        usage_error(_PROG, e)
     print(
         f"compilation: {compilation['programs']} programs in {compilation['compile_seconds']:.1f} s, "
         f"{compilation['loaded']} loaded from the cache, {compilation['written']} written to it "
