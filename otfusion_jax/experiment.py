@@ -28,11 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from otfusion_jax import data as data_lib
 from otfusion_jax import engine, learned, models, repair, training
 from otfusion_jax import fusion as fusion_lib
 from otfusion_jax import matching as matching_lib
+from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
 ]
 
 BN_STATS = ("align", "recompute")
+WM_RANKS = ("train_loss", "objective")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,13 @@ class ExperimentConfig:
       weights: per-parent averaging weights (None: 1/K), normalised by ``engine.fuse``.
       ensemble_step: two parents: the target's weight s (the original's ``--ensemble-step``); beats ``weights``.
       target: index (in each group) of the parent whose widths and neuron order the fused model takes.
+      many_method: a :data:`METHODS` name added to every table of more than two parents unless listed already
+        (default "wm-many", the best many-parent method measured, docs/RESULTS.md); "" adds none.
+      barycenter_iterations: "wm-many" / "ot-many": at most this many rounds of the iterative barycentre.
+      wm_rank: how weight matching picks among its restarts (``config.matching.restarts``): "train_loss" (the
+        loss of the parent's restart averaged with the target, on ``rank_samples`` training images: training
+        data, never the test set) or "objective" (the matching objective, the library's own choice).
+      rank_samples: "train_loss": how many training images (drawn with ``sample_seed``).
     """
 
     method: str = "ot-weights,ot-acts"
@@ -102,9 +112,17 @@ class ExperimentConfig:
     weights: tuple[float, ...] | None = None
     ensemble_step: float | None = None
     target: int = -1
+    many_method: str = "wm-many"
+    barycenter_iterations: int = 10
+    wm_rank: str = "train_loss"
+    rank_samples: int = 2000
 
     def __post_init__(self):
         object.__setattr__(self, "groups", tuple(self.groups))
+        if self.many_method:
+            parse_methods(self.many_method)
+        if self.wm_rank not in WM_RANKS:
+            raise ValueError(f"experiment.wm_rank must be one of {WM_RANKS}, got {self.wm_rank!r}")
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         parse_methods(self.method)
@@ -327,9 +345,74 @@ def _wm_method(
         if refine:
             aligner = matching_lib.Refine(dataclasses.replace(s.fusion, mode="weights", solver="exact"), aligner)
         out = group.run_aligner(aligner, label, "sinkhorn" if soft else "exact", key=int(s.matching_seed))
+        if s.experiment.wm_rank == "train_loss" and not soft and s.matching.restarts > 1:
+            out = _rank_restarts_by_train_loss(group, out)
         return dataclasses.replace(out, aux=None)  # weight matching: no OT costs to plot
 
     return fuse_wm
+
+
+def _rank_restarts_by_train_loss(group: Group, out: Outcome) -> Outcome:
+    """Weight matching's restarts ranked by training loss instead of the matching objective.
+
+    For each non-target parent, restart r's permutations move it onto the target; the restart whose mean with
+    the target has the lowest loss on ``rank_samples`` training images wins (the objective ranks restarts only
+    loosely: docs/RESULTS.md). The fused model is the weighted mean of the chosen aligned parents.
+    """
+    exp = group.settings.experiment
+    x_train, y_train = group.dataset.x_train, group.dataset.y_train
+    rng = np.random.default_rng(exp.sample_seed + 1)  # not the activation / REPAIR samples
+    idx = np.sort(rng.choice(len(x_train), size=min(exp.rank_samples, len(x_train)), replace=False))
+    x, y = jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx])
+    module, spec, variables, t = group.target_module, group.spec, group.variables, group.target
+    start = time.perf_counter()
+
+    @jax.jit
+    def losses(parent, target, restart_perms):
+        def loss(perms):
+            mean = engine.vanilla_average([plans_lib.apply_plans(parent, spec, perms), target])
+            logits = module.apply(mean, x, train=False)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        return jax.lax.map(loss, restart_perms)
+
+    aligned, chosen = [], []
+    for i, v in enumerate(variables):
+        if i == t:
+            aligned.append(v)
+            continue
+        info = out.aux.stats[i]
+        r = int(jnp.argmin(losses(v, variables[t], info.restart_perms)))
+        chosen.append(r)
+        aligned.append(plans_lib.apply_plans(v, spec, {k: p[r] for k, p in info.restart_perms.items()}))
+    fused = jax.block_until_ready(engine.weighted_sum(aligned, engine.averaging_weights(len(variables), group.weights)))
+    extra = {**out.extra, "restart_chosen_by_train_loss": chosen}
+    return dataclasses.replace(
+        out, variables=fused, seconds=out.seconds + time.perf_counter() - start, align=lambda: aligned, extra=extra
+    )
+
+
+def _many_method(base: str) -> Callable[[Group, str | None], Outcome]:
+    def fuse_many(group: Group, solver: str | None) -> Outcome:
+        del solver
+        s = group.settings
+        n = int(s.experiment.barycenter_iterations)
+        if base == "wm":
+            # One restart: the barycentre re-aligns every parent each round, so R restarts cost R times a round.
+            aligner: Any = dataclasses.replace(s.matching, soft=False, restarts=1)
+            label, solver_name = f"weight matching, barycentre (<= {n} rounds)", "exact"
+        else:
+            aligner = dataclasses.replace(s.fusion, mode="weights", solver="exact")
+            label, solver_name = f"OT fusion (weights, exact), barycentre (<= {n} rounds)", "exact"
+        group.say(f"iterative barycentre ({base}, at most {n} rounds)")
+
+        def extra(aux):
+            return {"rounds": int(aux.iterations), "plan_change": float(aux.plan_change)}
+
+        out = group.run_aligner(aligner, label, solver_name, key=int(s.matching_seed), extra=extra, iterations=n)
+        return dataclasses.replace(out, aux=None)
+
+    return fuse_many
 
 
 def _learned_method(group: Group, solver: str | None) -> Outcome:
@@ -388,6 +471,13 @@ METHODS: dict[str, Method] = {
     "learned": Method(
         "OTFusion by weights with per-layer Sinkhorn epsilons (and mixing weights) fitted by gradient descent",
         _learned_method,
+    ),
+    "wm-many": Method(
+        "many parents: weight matching in the iterative barycentre (each parent re-aligned onto the others' mean)",
+        _many_method("wm"),
+    ),
+    "ot-many": Method(
+        "many parents: OTFusion by weights (exact) in the iterative barycentre", _many_method("ot")
     ),
     "vanilla": Method("vanilla averaging (a row of every table)"),
     "ensemble": Method("the prediction ensemble (a row of every table)"),
@@ -591,7 +681,10 @@ def run_fusion_table(
         rows.append({"method": "vanilla averaging", "accuracy": None, "loss": None, "note": "parents differ in width"})
 
     fused_out: dict[str, Fused] = {}
-    for name, solver in exp.methods:
+    methods = exp.methods
+    if len(parents) > 2 and exp.many_method and exp.many_method not in {m for m, _ in methods}:
+        methods = methods + parse_methods(exp.many_method)  # the many-parent method, by default
+    for name, solver in methods:
         entry = METHODS[name]
         if entry.fuse is None:
             continue
