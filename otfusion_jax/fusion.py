@@ -193,9 +193,11 @@ class FusionConfig:
         infos: dict[str, ot.PlanInfo] = {}
         roles = ("weight", "bias") if self.bias_in_cost else ("weight",)
         for name in spec.plans:
-            wa = _neuron_rows(fa, spec, name, plans, roles)
-            wb = _neuron_rows(fb, spec, name, None, roles)
-            n, m = wa.shape[0], wb.shape[0]
+            # Weight mode: the producers' leaves as they are stored, (..., n) with the
+            # neurons last; A's input axes moved by the plans so far.
+            cols_a = _neuron_columns(fa, spec, name, plans, roles)
+            cols_b = _neuron_columns(fb, spec, name, None, roles)
+            n, m = cols_a[0].shape[-1], cols_b[0].shape[-1]
             if name == spec.output_plan and not self.align_output:
                 if n != m:
                     raise FusionError(f"layer {name!r}: align_output=False needs equal widths, got {n} and {m}")
@@ -204,11 +206,9 @@ class FusionConfig:
             if self.mode == "activations":
                 raw = _activation_cost(parent_acts, target_acts, name, n, m, self)
             else:
-                xa, xb = wa, wb
-                if self.unit_norm_rows:
-                    xa = xa / jnp.maximum(jnp.linalg.norm(xa, axis=1, keepdims=True), 1e-12)
-                    xb = xb / jnp.maximum(jnp.linalg.norm(xb, axis=1, keepdims=True), 1e-12)
-                raw = ot.pairwise_cost(xa, xb, self.ground_metric, self.squared)
+                raw = ot.pairwise_cost_columns(
+                    cols_a, cols_b, self.ground_metric, self.squared, unit_norm=self.unit_norm_rows
+                )
             cost = ot.normalize_cost(raw, self.normalize_cost)
             use_importance = self.importance is not None and name != spec.output_plan
             if use_importance:
@@ -258,6 +258,32 @@ class FusionConfig:
 OTFusion = FusionConfig  # the aligner's name in the engine's vocabulary
 
 
+def _neuron_columns(
+    flat: Mapping[str, jax.Array],
+    spec: spec_lib.AlignmentSpec,
+    plan: str,
+    plans: Mapping[str, plans_lib.Plan] | None,
+    roles: tuple[str, ...],
+) -> list[jax.Array]:
+    """The plan's ready producers of the given roles, (..., n) each, input axes moved by ``plans``.
+
+    Every leaf keeps its stored layout with the plan's neurons on the last axis
+    (an HWIO kernel (kh, kw, in, n), a dense kernel (in, n), a bias (n,)):
+    ``ot.pairwise_cost_columns`` contracts the leading axes in place, so no
+    transposed or concatenated rows are built. ``plans=None`` reads the leaves
+    as they are (the target; raw importance norms).
+    """
+    lm = spec.leaf_map
+    cols = []
+    for path in spec.cost_producers(plan):
+        ls = lm[path]
+        if ls.role not in roles:
+            continue
+        in_axes = [] if plans is None else [ax for ax, n in enumerate(ls.axes[:-1]) if n is not None]
+        cols.append(plans_lib.move_leaf(flat[path], ls, plans or {}, in_axes, path))
+    return cols
+
+
 def _neuron_rows(
     flat: Mapping[str, jax.Array],
     spec: spec_lib.AlignmentSpec,
@@ -265,20 +291,9 @@ def _neuron_rows(
     plans: Mapping[str, plans_lib.Plan] | None,
     roles: tuple[str, ...],
 ) -> jax.Array:
-    """Rows (n, d) of the plan's ready producers of the given roles, input axes moved by ``plans``.
-
-    ``plans=None`` reads the leaves as they are (the target; raw importance norms).
-    """
-    lm = spec.leaf_map
-    parts = []
-    for path in spec.cost_producers(plan):
-        ls = lm[path]
-        if ls.role not in roles:
-            continue
-        in_axes = [] if plans is None else [ax for ax, n in enumerate(ls.axes[:-1]) if n is not None]
-        x = plans_lib.move_leaf(flat[path], ls, plans or {}, in_axes, path)
-        parts.append(jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1))
-    return jnp.concatenate(parts, axis=1)
+    """Rows (n, d) of :func:`_neuron_columns` (concatenated; for the importance marginals only)."""
+    cols = _neuron_columns(flat, spec, plan, plans, roles)
+    return jnp.concatenate([jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1) for x in cols], axis=1)
 
 
 def _activation_cost(parent_acts, target_acts, name: str, n: int, m: int, config: FusionConfig) -> jax.Array:

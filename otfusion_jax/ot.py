@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import custom_batching
 from optax import assignment as optax_assignment
-from ott.geometry import geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import implicit_differentiation, sinkhorn
 
 from otfusion_jax.plans import Permutation
+
+# OTT-JAX is imported by sinkhorn_plan on first use: importing it costs about
+# 100 MB of RSS and seconds of start-up (it pulls in lineax, equinox, jaxopt),
+# which runs with exact solvers never need.
 
 __all__ = [
     "PlanInfo",
@@ -62,7 +63,9 @@ class PlanInfo(NamedTuple):
     error: jax.Array
 
 
-def pairwise_cost(x: jax.Array, y: jax.Array, metric: str = "euclidean", squared: bool = False) -> jax.Array:
+def pairwise_cost(
+    x: jax.Array, y: jax.Array, metric: str = "euclidean", squared: bool = False, *, unit_norm: bool = False
+) -> jax.Array:
     """Ground cost between the rows of ``x`` (n, d) and ``y`` (m, d), as matmuls.
 
     Args:
@@ -70,29 +73,54 @@ def pairwise_cost(x: jax.Array, y: jax.Array, metric: str = "euclidean", squared
       y: (m, d) features of the second layer's neurons.
       metric: "euclidean" or "cosine" (1 - cosine similarity).
       squared: euclidean only: squared distance (True) or distance (False).
+      unit_norm: euclidean only: distances between the rows scaled to unit
+        norm (cosine does not depend on it).
 
     Returns:
       (n, m) cost matrix.
     """
-    return pairwise_cost_columns([x.T], [y.T], metric, squared)
+    return pairwise_cost_columns([x.T], [y.T], metric, squared, unit_norm=unit_norm)
+
+
+# Centre the neurons on their joint mean before the Gram when the mean's squared
+# norm exceeds this fraction of the neurons' mean squared norm (see pairwise_cost_columns).
+CENTER_FRACTION = 0.25
 
 
 def pairwise_cost_columns(
-    xs: Sequence[jax.Array], ys: Sequence[jax.Array], metric: str = "euclidean", squared: bool = False
+    xs: Sequence[jax.Array],
+    ys: Sequence[jax.Array],
+    metric: str = "euclidean",
+    squared: bool = False,
+    *,
+    unit_norm: bool = False,
 ) -> jax.Array:
     """:func:`pairwise_cost` for neurons stored along the last axis of one or more tensors.
 
     Neuron i of the first layer is the concatenation over ``t`` of
-    ``xs[t][..., i]`` (all leading axes flattened: samples, positions); the same
-    for ``ys`` with the second layer's m neurons. Equal to ``pairwise_cost`` on
-    those concatenated rows, but contracts over the leading axes directly, so
-    large activation tensors (S, H, W, n) are never transposed or concatenated:
-    3-4x faster for VGG11's conv1 on 200 samples on a CPU (``bench/RESULTS.md``).
+    ``xs[t][..., i]`` (all leading axes flattened: samples, positions, or the
+    spatial and input axes of an HWIO kernel); the same for ``ys`` with the
+    second layer's m neurons. Equal to ``pairwise_cost`` on those concatenated
+    rows, but reads every tensor in its stored layout: the Gram matrix is one
+    ``dot_general`` per tensor contracting its leading axes, squared norms are
+    reductions, and a unit norm is a per-neuron factor on the Gram, so in the
+    common case nothing is copied (3-4x faster than rows for VGG11's conv1
+    activations on a CPU, ``bench/RESULTS.md``).
+
+    Accuracy: the float32 expansion ``|x|^2 + |y|^2 - 2 x.y`` loses the digits
+    of small distances between rows that share a large offset (activations
+    after a ReLU, say); its rounding error scales with the squared norms of
+    the rows. Distances are translation invariant, so when the joint mean c of
+    all n + m neurons is large, ``|c|^2 > CENTER_FRACTION * mean |z|^2`` (the
+    centred squared norms ``mean |z - c|^2 = mean |z|^2 - |c|^2`` are then at
+    least a quarter smaller), the neurons are centred on c before the Gram, a
+    copy of each tensor. The choice is a ``lax.cond`` on the data: one branch
+    runs under ``jit``; under ``vmap`` (a batched predicate) both do.
 
     Args:
       xs: tensors (..., n), ``xs[t]`` with as many leading values as ``ys[t]``.
       ys: tensors (..., m).
-      metric, squared: as :func:`pairwise_cost`.
+      metric, squared, unit_norm: as :func:`pairwise_cost`.
 
     Returns:
       (n, m) cost matrix.
@@ -101,26 +129,44 @@ def pairwise_cost_columns(
         raise ValueError(f"ground_metric must be one of {METRICS}, got {metric!r}")
     if not xs or len(xs) != len(ys):
         raise ValueError(f"pairwise_cost_columns needs as many tensors on both sides (>= 1), got {len(xs)} and {len(ys)}")
-    xs = [x.reshape(-1, x.shape[-1]) for x in xs]
+    xs = [x.reshape(-1, x.shape[-1]) for x in xs]  # (f, n): a bitcast of the stored layout
     ys = [y.reshape(-1, y.shape[-1]) for y in ys]
     n, m = xs[0].shape[1], ys[0].shape[1]
 
-    def gram(x, y):  # (f, n), (f, m) -> (n, m), contracting the feature axis in place
-        return jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())))
+    def gram(xs_, ys_):  # sum over tensors of (f, n), (f, m) -> (n, m), contracting the feature axis in place
+        return sum(jax.lax.dot_general(x, y, (((0,), (0,)), ((), ()))) for x, y in zip(xs_, ys_))
 
+    nx2 = sum(jnp.sum(x * x, 0) for x in xs)  # (n,) squared norms
+    ny2 = sum(jnp.sum(y * y, 0) for y in ys)
     if metric == "cosine":
-        g = sum(gram(x, y) for x, y in zip(xs, ys))
-        nx = jnp.sqrt(sum(jnp.sum(x * x, 0) for x in xs))
-        ny = jnp.sqrt(sum(jnp.sum(y * y, 0) for y in ys))
-        return 1.0 - g / (jnp.maximum(nx, 1e-12)[:, None] * jnp.maximum(ny, 1e-12)[None, :])
-    sq = jnp.zeros((n, m), jnp.result_type(*xs, *ys))
-    for x, y in zip(xs, ys):
-        # Distances are translation invariant: centring on the joint mean keeps
-        # the float32 expansion |x|^2 + |y|^2 - 2 x.y from cancelling away
-        # small distances between large, offset rows (e.g. activations).
-        center = (jnp.sum(x, 1) + jnp.sum(y, 1)) / (n + m)
-        x, y = x - center[:, None], y - center[:, None]
-        sq = sq + jnp.sum(x * x, 0)[:, None] + jnp.sum(y * y, 0)[None, :] - 2.0 * gram(x, y)
+        g = gram(xs, ys)
+        return 1.0 - g / (jnp.maximum(jnp.sqrt(nx2), 1e-12)[:, None] * jnp.maximum(jnp.sqrt(ny2), 1e-12)[None, :])
+    if unit_norm:  # per-neuron factors, applied to the Gram and the norms rather than to copies of the rows
+        sx = 1.0 / jnp.maximum(jnp.sqrt(nx2), 1e-12)
+        sy = 1.0 / jnp.maximum(jnp.sqrt(ny2), 1e-12)
+        nx2, ny2 = nx2 * sx * sx, ny2 * sy * sy
+        sums = [x @ sx + y @ sy for x, y in zip(xs, ys)]  # (f,) per-feature sums over all neurons
+    else:
+        sx = sy = None
+        sums = [jnp.sum(x, 1) + jnp.sum(y, 1) for x, y in zip(xs, ys)]
+    centers = [s / (n + m) for s in sums]
+    c2 = sum(jnp.sum(c * c) for c in centers)
+    mean_sq = (jnp.sum(nx2) + jnp.sum(ny2)) / (n + m)
+
+    def expanded(_):
+        g = gram(xs, ys)
+        if unit_norm:
+            g = g * sx[:, None] * sy[None, :]
+        return nx2[:, None] + ny2[None, :] - 2.0 * g
+
+    def centred(_):
+        xc = [(x if sx is None else x * sx[None, :]) - c[:, None] for x, c in zip(xs, centers)]
+        yc = [(y if sy is None else y * sy[None, :]) - c[:, None] for y, c in zip(ys, centers)]
+        cx2 = sum(jnp.sum(x * x, 0) for x in xc)
+        cy2 = sum(jnp.sum(y * y, 0) for y in yc)
+        return cx2[:, None] + cy2[None, :] - 2.0 * gram(xc, yc)
+
+    sq = jax.lax.cond(c2 > CENTER_FRACTION * mean_sq, centred, expanded, None)
     sq = jnp.maximum(sq, 0.0)
     if squared:
         return sq
@@ -523,6 +569,11 @@ def sinkhorn_plan(
     Returns:
       (plan, info).
     """
+    # pylint: disable=import-outside-toplevel
+    from ott.geometry import geometry
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import implicit_differentiation, sinkhorn
+
     geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon, relative_epsilon=relative_epsilon)
     prob = linear_problem.LinearProblem(geom, a=a, b=b, tau_a=tau, tau_b=tau)
     solver = sinkhorn.Sinkhorn(
