@@ -393,7 +393,12 @@ class WeightMatching:
         if self.restarts == 1:
             return one(key)
         keys = jnp.stack([key] + [jax.random.fold_in(key, r) for r in range(1, self.restarts)])
-        all_perms, all_info = jax.vmap(one)(keys)
+        if ot.resolve_backend(self.backend) == "auction":
+            # The auction's custom vmap rule fails inside vmap(while_loop(switch(...))) (a JAX assertion on
+            # batched constants of the rule), so its restarts run one after another.
+            all_perms, all_info = jax.lax.map(one, keys)
+        else:
+            all_perms, all_info = jax.vmap(one)(keys)
         finals = all_info.objective[:, -1]
         best = jnp.argmax(finals)  # the first of equal bests: restart 0 wins ties
         pick = functools.partial(jax.tree_util.tree_map, lambda x: x[best])
