@@ -18,7 +18,6 @@ Nothing is chosen on the test set: the restarts are ranked by the objective.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

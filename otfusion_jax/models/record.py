@@ -45,7 +45,7 @@ from otfusion_jax import spec as spec_lib
 from otfusion_jax.models.common import ACT_COLLECTIONS, ACT_PREFIX
 from otfusion_jax.models.torch_layout import LayoutError, TorchLayout, flax_shape, torch_shape
 
-__all__ = ["ModelRecord", "RecordError", "check_record", "never", "sown_activations"]
+__all__ = ["ModelRecord", "RecordError", "ConvNetOptions", "conv_net_record", "check_record", "never", "sown_activations"]
 
 
 class RecordError(ValueError):
@@ -363,3 +363,48 @@ def _check_torch(record: ModelRecord, where: str, opts: Any, shape, num_classes:
 
 def _read_shapes(reads, have: Mapping[str, tuple]) -> dict[str, tuple]:
     return {key: torch_shape(have[path]) for path, key, _ in reads if path in have}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNetOptions:
+    """Options shared by the conv nets (``vgg11``, ``resnet18``); each subclasses it with its own defaults.
+
+    Attributes:
+      bias: biases in every layer (the paper's models have none).
+      norm: BatchNorm after each conv.
+      width: channel multiplier (1.0: 64..512 channels).
+    """
+
+    bias: bool = False
+    norm: bool = False
+    width: float = 1.0
+    model = "conv net"  # the model's name in messages (a class attribute, not an option)
+
+    def __post_init__(self):
+        if not self.width > 0:
+            raise ValueError(f"{self.model} width must be > 0, got {self.width}")
+
+
+def conv_net_record(
+    name: str,
+    options: type,
+    module: type,
+    spec: Callable[[Any, tuple[int, int, int]], spec_lib.AlignmentSpec],
+    **fields: Any,
+) -> ModelRecord:
+    """The record of a conv net whose module takes ``num_classes, use_bias, use_norm, width`` and options
+    ``bias, norm, width`` (:class:`ConvNetOptions`): BatchNorm iff ``norm``, biases iff ``bias``, the width
+    multiplier scales. ``fields``: the rest of the record (torch layout, example shapes).
+    """
+    return ModelRecord(
+        name=name,
+        options=options,
+        module=lambda o, input_shape, num_classes: module(
+            num_classes=num_classes, use_bias=o.bias, use_norm=o.norm, width=o.width
+        ),
+        spec=spec,
+        has_batchnorm=lambda o: o.norm,
+        has_bias=lambda o: o.bias,
+        scale_width=lambda o, factor: dataclasses.replace(o, width=o.width * factor),
+        **fields,
+    )

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.models import torch_layout as tl
 from otfusion_jax.models.common import sow_acts
-from otfusion_jax.models.record import ModelRecord
+from otfusion_jax.models.record import ConvNetOptions, conv_net_record
 
 __all__ = ["ResNet18", "ResNet18Options", "resnet18_spec", "RECORD"]
 
@@ -31,22 +31,11 @@ BLOCKS_PER_STAGE = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class ResNet18Options:
-    """Options of ``models.build("resnet18", ...)`` and ``config.model``.
+class ResNet18Options(ConvNetOptions):
+    """Options of ``models.build("resnet18", ...)`` and ``config.model`` (``ConvNetOptions``; BatchNorm on by default)."""
 
-    Attributes:
-      bias: biases in every layer (the paper's model has none).
-      norm: BatchNorm after each conv.
-      width: channel multiplier (1.0: 64..512 channels).
-    """
-
-    bias: bool = False
     norm: bool = True
-    width: float = 1.0
-
-    def __post_init__(self):
-        if not self.width > 0:
-            raise ValueError(f"resnet18 width must be > 0, got {self.width}")
+    model = "resnet18"
 
 
 def _needs_projection(stage: int, block: int) -> bool:
@@ -219,16 +208,11 @@ def _torch_reads(paths: Collection[str]):
     ]
 
 
-RECORD = ModelRecord(
-    name="resnet18",
-    options=ResNet18Options,
-    module=lambda o, input_shape, num_classes: ResNet18(
-        num_classes=num_classes, use_bias=o.bias, use_norm=o.norm, width=o.width
-    ),
-    spec=lambda o, input_shape: resnet18_spec(bias=o.bias, norm=o.norm),
-    has_batchnorm=lambda o: o.norm,
-    has_bias=lambda o: o.bias,
-    scale_width=lambda o, factor: dataclasses.replace(o, width=o.width * factor),
+RECORD = conv_net_record(
+    "resnet18",
+    ResNet18Options,
+    ResNet18,
+    lambda o, input_shape: resnet18_spec(bias=o.bias, norm=o.norm),
     torch=tl.TorchLayout(detect=_torch_detect, entries=_torch_entries, infer=_torch_infer, reads=_torch_reads),
     example_input_shape=(8, 8, 3),
     examples=(ResNet18Options(width=0.125), ResNet18Options(bias=True, norm=False, width=0.125)),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.models import torch_layout as tl
 from otfusion_jax.models.common import sow_acts
-from otfusion_jax.models.record import ModelRecord
+from otfusion_jax.models.record import ConvNetOptions, conv_net_record
 
 __all__ = ["VGG11", "VGG11Options", "vgg11_spec", "VGG11_CFG", "RECORD"]
 
@@ -29,22 +29,11 @@ VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 @dataclasses.dataclass(frozen=True)
-class VGG11Options:
-    """Options of ``models.build("vgg11", ...)`` and ``config.model``.
+class VGG11Options(ConvNetOptions):
+    """Options of ``models.build("vgg11", ...)`` and ``config.model`` (``ConvNetOptions``; BatchNorm off by default)."""
 
-    Attributes:
-      bias: biases in every layer (the paper's model has none).
-      norm: BatchNorm after each conv.
-      width: channel multiplier (1.0: 64..512 channels).
-    """
-
-    bias: bool = False
     norm: bool = False
-    width: float = 1.0
-
-    def __post_init__(self):
-        if not self.width > 0:
-            raise ValueError(f"vgg11 width must be > 0, got {self.width}")
+    model = "vgg11"
 
 
 def _widths(width: float) -> list[int]:
@@ -182,16 +171,11 @@ def _torch_reads(paths: Collection[str]):
     ]
 
 
-RECORD = ModelRecord(
-    name="vgg11",
-    options=VGG11Options,
-    module=lambda o, input_shape, num_classes: VGG11(
-        num_classes=num_classes, use_bias=o.bias, use_norm=o.norm, width=o.width
-    ),
-    spec=lambda o, input_shape: vgg11_spec(input_shape[:2], bias=o.bias, norm=o.norm),
-    has_batchnorm=lambda o: o.norm,
-    has_bias=lambda o: o.bias,
-    scale_width=lambda o, factor: dataclasses.replace(o, width=o.width * factor),
+RECORD = conv_net_record(
+    "vgg11",
+    VGG11Options,
+    VGG11,
+    lambda o, input_shape: vgg11_spec(input_shape[:2], bias=o.bias, norm=o.norm),
     torch=tl.TorchLayout(detect=_torch_detect, entries=_torch_entries, infer=_torch_infer, reads=_torch_reads),
     example_input_shape=(32, 32, 3),
     examples=(VGG11Options(width=0.125), VGG11Options(bias=True, norm=True, width=0.125)),
