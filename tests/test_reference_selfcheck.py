@@ -347,6 +347,37 @@ def test_exact_plans_of_independent_models_are_permutations():
         np.testing.assert_allclose(corrected.sum(axis=1), 1.0, **TIGHT)
 
 
+@pytest.mark.parametrize("mode", ["weights", "activations"])
+@pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
+def test_float32_reference_agrees_with_float64(mode, solver):
+    """``dtype=np.float32`` (the benchmark's, as the original) computes in float32 and agrees with float64."""
+    rng = np.random.default_rng(11)
+    channels = [3, 6, 5]
+    w_a, b_a = random_cnn(rng, channels, hidden=7, n_out=4, with_bias=True)
+    w_b, b_b = random_cnn(rng, channels, hidden=7, n_out=4, with_bias=True)
+    kwargs = dict(biases_a=b_a, biases_b=b_b, mode=mode, solver=solver, flatten_shapes=cnn_flatten(channels),
+                  normalize_cost="mean", reg=0.1, sinkhorn_threshold=1e-8, sinkhorn_max_iter=20_000)
+    if mode == "activations":
+        x = rng.normal(size=(6, 3, 8, 8))
+        kwargs["acts_a"] = ref.forward_cnn(w_a, b_a, x, pool_after=CNN_POOL_AFTER)
+        kwargs["acts_b"] = ref.forward_cnn(w_b, b_b, x, pool_after=CNN_POOL_AFTER)
+    w64, b64, p64 = ref.fuse_reference(w_a, w_b, **kwargs)
+    w32, b32, p32 = ref.fuse_reference(w_a, w_b, **kwargs, dtype=np.float32)
+    for got, want in zip(w32 + b32 + p32, w64 + b64 + p64):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_euclidean_cost_keeps_its_digits_for_offset_rows():
+    """The matmul expansion is computed on centred rows: small distances between far-off rows stay accurate."""
+    rng = np.random.default_rng(12)
+    x = 1e3 + rng.normal(size=(5, 40))
+    y = 1e3 + rng.normal(size=(6, 40))
+    direct = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(ref.ground_cost(x, y), direct, **TIGHT)
+    np.testing.assert_allclose(ref.ground_cost(x.astype(np.float32), y.astype(np.float32)), direct, rtol=1e-5)
+
+
 def test_correction_off_and_past_correction_off():
     rng = np.random.default_rng(10)
     w_a, _ = random_mlp(rng, [6, 8, 7, 3], with_bias=False)
