@@ -129,7 +129,7 @@ def _contract_axis(array: np.ndarray, plan: np.ndarray, axis: int) -> np.ndarray
     """``out[.., j, ..] = sum_i array[.., i, ..] * plan[i, j]`` on ``axis``, as one BLAS matmul.
 
     (``np.einsum`` without ``optimize`` runs such products in its own loops, about
-    100x slower than BLAS on VGG11's 512-channel convs; the original multiplies with
+    10x slower than BLAS on a VGG11 512-channel conv, 1.8 s against 0.17 s here; the original multiplies with
     torch matmuls.)
     """
     # Contiguous, so that the reshapes of the cost and the transport that follow are views.
