@@ -12,21 +12,31 @@ ended by ``jax.block_until_ready``; the compile time is reported apart):
 * one pair, per model (MLPNet 784-400-200-100-10 no bias, VGG11 on 32x32x3,
   ResNet18 on 32x32x3 with BatchNorm), mode (weights, activations of
   ``--samples`` inputs; capturing them is timed apart) and solver
-  (``exact-device``: optax Hungarian on the device, ``exact-auction``: the
-  parallel auction on the device, ``exact-host``: scipy/POT through a host
-  callback, ``sinkhorn``: OTT-JAX). The jitted call is
+  (``exact-auto``: the default ``FusionConfig``, whose "auto" backend is
+  ``exact-host`` on a CPU and the auction elsewhere; ``exact-device``: optax
+  Hungarian on the device, ``exact-auction``: the parallel auction on the
+  device, ``exact-host``: scipy/POT through a host callback, ``sinkhorn``:
+  OTT-JAX). The jitted call is
   ``jax.jit(lambda parents, acts: otf.fuse(parents, spec, config, ...))``:
   inside jit there are no host-side input checks; the checks that
   ``otf.fuse`` runs on concrete inputs (structure, NaN/Inf on the host) are
   timed apart as ``check_ms``;
 * the same pair fused by the NumPy + POT reference (``tests/reference_otfusion.py``,
-  torch layouts, float64) for MLPNet and VGG11 (ResNet18's residual streams are
-  not supported by the reference), and the ratio reference / JAX;
+  torch layouts, float32 like the original, matmul-based costs like the original's
+  ``--ground-metric-eff``) for MLPNet and VGG11 (ResNet18's residual streams
+  are not supported by the reference), and the ratio reference / JAX;
+* the ratio against the ORIGINAL OTFusion code (PyTorch + POT) from its
+  figures measured in issue 15 on the same CPU (``ORIGINAL_ANCHOR``; the
+  original is not run here), for the cases whose shapes match;
 * vmap throughput (pairs/s) over stacks of MLPNet pairs, and K-parent fusion.
 
 Memory: the process RSS sampled every few ms during each measurement (peak
 and increase over the RSS before it), and the process's lifetime peak
 (``resource.getrusage``); on a GPU also the device's ``peak_bytes_in_use``.
+With ``--rss-subprocess`` (default outside ``--quick``) each pair is also fused
+in a fresh process that loads the parents from a file, as the CLI does, and
+does nothing else: its peak RSS (``VmHWM``) is the figure comparable to the
+original's, with the cold compile time of that process.
 
 The parents are independently initialised networks and the inputs random
 normal images (no data set is needed); timings of the exact solvers depend on
@@ -45,6 +55,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -73,12 +84,25 @@ import otfusion_jax as otf  # noqa: E402
 from otfusion_jax.interop import layouts  # noqa: E402
 from otfusion_jax.models import build, capture_activations, init  # noqa: E402
 
-try:  # the reference needs POT (a test extra)
-    import reference_otfusion as reference  # noqa: E402
-    from fusion_helpers import to_torch_layers  # noqa: E402
-except ImportError as _e:  # pragma: no cover
-    reference = None
-    _REFERENCE_IMPORT_ERROR = repr(_e)
+# The reference (NumPy + POT, a test extra) is imported on first use: POT
+# imports torch, which would inflate the RSS of the --rss-child processes.
+reference: Any = None
+to_torch_layers: Any = None
+_REFERENCE_IMPORT_ERROR = ""
+
+
+def _load_reference() -> bool:
+    """Imports ``tests/reference_otfusion.py`` and the layout helper once; False if POT is missing."""
+    global reference, to_torch_layers, _REFERENCE_IMPORT_ERROR  # pylint: disable=global-statement
+    if reference is None and not _REFERENCE_IMPORT_ERROR:
+        try:
+            import reference_otfusion  # pylint: disable=import-outside-toplevel
+            from fusion_helpers import to_torch_layers as _to_torch  # pylint: disable=import-outside-toplevel
+        except ImportError as e:  # pragma: no cover
+            _REFERENCE_IMPORT_ERROR = repr(e)
+        else:
+            reference, to_torch_layers = reference_otfusion, _to_torch
+    return reference is not None
 
 try:
     import psutil
@@ -88,6 +112,8 @@ except ImportError:  # pragma: no cover
 __all__ = ["main", "device_info", "run"]
 
 SOLVERS: dict[str, dict[str, Any]] = {
+    # The default FusionConfig: exact_backend="auto" (ot.resolve_backend: "host" on a CPU, "auction" elsewhere).
+    "exact-auto": dict(solver="exact", exact_backend="auto"),
     "exact-device": dict(solver="exact", exact_backend="device"),
     "exact-auction": dict(solver="exact", exact_backend="auction"),
     "exact-host": dict(solver="exact", exact_backend="host"),
@@ -99,10 +125,34 @@ SINKHORN_MAX_ITERATIONS = 2000
 # configuration on a 2-core CPU, most for the while loops of the device
 # Hungarian and Sinkhorn over ResNet18's 13 plans).
 QUICK_PLAN: dict[str, dict[str, list[str]]] = {
-    "mlpnet": {"weights": list(SOLVERS), "activations": ["exact-host"]},
+    "mlpnet": {"weights": [s for s in SOLVERS if s != "exact-auto"], "activations": ["exact-host"]},
     "vgg11": {"weights": ["exact-host"]},
     "resnet18": {"weights": ["exact-host"]},
 }
+
+# The ORIGINAL OTFusion code (sidak/otfusion, PyTorch 2.13 CPU + POT 0.9.7, its
+# README flags, its fusion call only, warm medians) as measured in issue 15 on
+# the project's 2-core CPU: seconds per pair and the peak RSS of its process.
+# Only cases whose shapes match the original's models carry an anchor (the
+# issue's ResNet18 had no BatchNorm, the bench's has). The issue fused trained
+# MNIST MLPNet parents, the bench random ones: exact solver times depend
+# somewhat on the costs, so the MLPNet ratio is an estimate.
+ANCHOR_SOURCE = (
+    "issue 15: original OTFusion (PyTorch 2.13 CPU + POT 0.9.7, README flags, fusion call only, warm median), "
+    "measured on this project's 2-core CPU"
+)
+ORIGINAL_ANCHOR: dict[tuple[str, str], dict[str, Any]] = {
+    ("mlpnet", "weights"): {"fuse_s": 0.67, "peak_rss_gb": 1.29, "note": "trained MNIST parents"},
+    ("mlpnet", "activations"): {"fuse_s": 0.42, "peak_rss_gb": 0.60, "note": "200 samples"},
+    ("vgg11", "weights"): {"fuse_s": 0.43, "peak_rss_gb": 0.59, "note": "bias-free, CIFAR shapes"},
+}
+
+
+def anchor_for(case: ModelCase, mode: str, quick: bool) -> dict[str, Any] | None:
+    """The original's figures for this case, or None (quick runs, other shapes, no anchor)."""
+    if quick or (case.name == "vgg11" and dict(case.options).get("width") != 1.0):
+        return None
+    return ORIGINAL_ANCHOR.get((case.name, mode))
 
 
 # ----------------------------------------------------------------------------- device and memory
@@ -164,6 +214,21 @@ def _rss_mb() -> float:
 
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _hwm_mb() -> float:
+    """This process's own peak RSS: ``VmHWM`` of /proc/self/status, else ``ru_maxrss``.
+
+    ``ru_maxrss`` survives ``execve``: a child started by ``subprocess`` reports
+    at least its parent's peak; ``VmHWM`` belongs to the new address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):  # pragma: no cover
+        pass
+    return _maxrss_mb()
 
 
 def _device_peak_bytes() -> int | None:
@@ -383,7 +448,10 @@ def _reference_inputs(case: ModelCase, spec, parents, acts, mode: str) -> dict[s
 
 def _reference_options(solver: str, mode: str) -> dict[str, Any]:
     # Same output-layer rule as the JAX config (``align_output`` <-> ``align_last``).
-    opts: dict[str, Any] = {"mode": mode, "ensemble_step": 0.5, "align_last": _config(solver, mode).align_output}
+    # float32 like the original (and like us); the tests run the reference in float64.
+    opts: dict[str, Any] = {
+        "mode": mode, "ensemble_step": 0.5, "align_last": _config(solver, mode).align_output, "dtype": np.float32,
+    }
     if solver == "sinkhorn":
         s = SOLVERS["sinkhorn"]
         opts.update(
@@ -425,6 +493,74 @@ def _interleaved_ratios(
     return {s: {"median": statistics.median(r), "rounds": [round(x, 3) for x in r]} for s, r in ratios.items()}
 
 
+def fresh_process_run(case: ModelCase, mode: str, solver: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One pair fused in a new Python process (``--rss-child``): its peak RSS and cold compile time.
+
+    The figure comparable to the original's peak RSS: a process that imports
+    the library, builds both parents (and captures their activations),
+    compiles and runs the fusion a few times, and nothing else (no reference,
+    no POT, no torch, no other case's buffers).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        # The parents reach the child as a file, as a checkpoint reaches the CLI
+        # (initialising them there would add Flax's init to its peak).
+        _, _, parents = _parents(case, 2, args.seed)
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(parents)]
+        np.savez(Path(tmp) / "parents.npz", *leaves)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", case.name, mode, solver,
+               "--rss-child-parents", str(Path(tmp) / "parents.npz"),
+               "--samples", str(args.samples), "--vgg-width", str(args.vgg_width), "--seed", str(args.seed)]
+        if args.quick:
+            cmd.append("--quick")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ), check=False)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"status": "error", "error": proc.stderr[-2000:]}
+    return {**json.loads(lines[-1]), "status": "ok"}
+
+
+def rss_child(args: argparse.Namespace) -> int:
+    """``--rss-child MODEL MODE SOLVER``: fuse one pair in this fresh process, print one JSON line."""
+    model_name, mode, solver = args.rss_child
+    rss_import = _hwm_mb()
+    case = {c.name: c for c in model_cases(args.quick, args.vgg_width)}[model_name]
+    model, spec = build(case.name, input_shape=case.input_shape, num_classes=10, **dict(case.options))
+    if args.rss_child_parents:  # the structure from an abstract init, the values from the file
+        shapes = jax.eval_shape(lambda k: init(model, k, case.input_shape), jax.random.key(0))
+        treedef = jax.tree_util.tree_structure(shapes)
+        with np.load(args.rss_child_parents) as f:
+            leaves = [jnp.asarray(f[f"arr_{i}"]) for i in range(len(f.files))]
+        half = len(leaves) // 2
+        parents = [jax.tree_util.tree_unflatten(treedef, leaves[:half]),
+                   jax.tree_util.tree_unflatten(treedef, leaves[half:])]
+    else:
+        _, _, parents = _parents(case, 2, args.seed)
+    acts = None
+    if mode == "activations":
+        x = jax.random.normal(jax.random.key(1234), (args.samples, *case.input_shape), jnp.float32)
+        cap = jax.jit(lambda v, x_: capture_activations(model, v, x_))
+        acts = [_block(cap(p, x)) for p in parents]
+    _block(parents)
+    rss_inputs = _hwm_mb()
+    t0 = time.perf_counter()
+    compiled = jax.jit(_pair_fn(spec, _config(solver, mode))).lower(parents, acts).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(3):
+        _block(compiled(parents, acts))
+    print(json.dumps({
+        "maxrss_mb": round(_hwm_mb(), 1),
+        "maxrss_after_import_mb": round(rss_import, 1),
+        "maxrss_after_inputs_mb": round(rss_inputs, 1),
+        "cold_compile_s": round(compile_s, 3),
+        "torch_imported": "torch" in sys.modules,
+        "pot_imported": "ot" in sys.modules,
+    }))
+    return 0
+
+
 def bench_pair(
     case: ModelCase, mode: str, solvers: Sequence[str], args: argparse.Namespace, dev: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -462,6 +598,15 @@ def bench_pair(
                 timing = time_calls(lambda: compiled(parents, acts), args.repeats, args.budget_s)
             fused, aux = compiled(parents, acts)
             entry.update(compile_s=round(comp_s, 3), fuse_ms=timing["median_ms"], timing=timing, **mon.as_dict())
+            anchor = anchor_for(case, mode, args.quick)
+            if anchor is not None:
+                entry["original_anchor"] = {
+                    **anchor,
+                    "source": ANCHOR_SOURCE,
+                    "speedup": anchor["fuse_s"] * 1e3 / timing["median_ms"],
+                }
+            if args.rss_subprocess:
+                entry["fresh_process"] = fresh_process_run(case, mode, solver, args)
             if solver == "sinkhorn":
                 entry.update(_sinkhorn_summary(aux))
             elif solver == "exact-auction":
@@ -479,10 +624,10 @@ def bench_pair(
     # The NumPy + POT reference on the same pair.
     if args.no_reference:
         pass
-    elif case.torch_kinds is None or reference is None:
+    elif case.torch_kinds is None or not _load_reference():
         why = (
             "the reference supports chains of dense/conv layers only (no residual streams, no BatchNorm)"
-            if reference is not None
+            if case.torch_kinds is None
             else f"reference unavailable: {_REFERENCE_IMPORT_ERROR}"
         )
         results.append({**common, "kind": "reference", "status": "unsupported", "reason": why, "device": dev})
@@ -608,6 +753,44 @@ def _f(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _original_table(pairs: list[dict[str, Any]], refs: dict[tuple, dict[str, Any]]) -> list[str]:
+    """Rows "against the original": the issue-15 anchor, every solver's time and both ratios, compile, RSS."""
+    cases: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in pairs:
+        if r["status"] == "ok" and "original_anchor" in r:
+            cases.setdefault((r["model"], r["mode"]), {})[r["solver"]] = r
+    if not cases:
+        return []
+    cols = [s for s in SOLVERS if any(s in c for c in cases.values())]
+    lines = ["", "### Against the original (anchor: issue 15, same 2-core CPU)", "",
+             "Each cell: ms (original / ours, reference / ours). Compile: the default's trace+lower+compile in this "
+             "process and cold in a fresh one. Peak RSS: a fresh process fusing this pair (original's in brackets).", "",
+             "| case | original (anchor) | " + " | ".join(f"ours {s}" for s in cols)
+             + " | compile s (this / fresh) | peak RSS MB, fresh process (original) |",
+             "|---|---:|" + "---:|" * len(cols) + "---:|---:|"]
+    for (model, mode), by in cases.items():
+        first = next(iter(by.values()))
+        anchor = first["original_anchor"]
+        cells = []
+        for s in cols:
+            r = by.get(s)
+            if r is None:
+                cells.append("-")
+                continue
+            ref = refs.get((model, mode, "reference-" + s.split("-")[0]))
+            vs_ref = ref["speedup"].get(s) if ref and ref.get("status") == "ok" else None
+            cells.append(f"{_f(r['fuse_ms'])} ({_f(r['original_anchor']['speedup'], 3)}x, "
+                         f"{_f(vs_ref, 3) + 'x' if vs_ref else '-'})")
+        default = by.get("exact-auto", first)
+        fresh = default.get("fresh_process", {})
+        lines.append(
+            f"| {first['model_label']} by {mode} | {anchor['fuse_s'] * 1e3:.0f} ms | " + " | ".join(cells)
+            + f" | {_f(default['compile_s'])} / {_f(fresh.get('cold_compile_s'))} | "
+            f"{_f(fresh.get('maxrss_mb'), 4)} ({anchor['peak_rss_gb'] * 1024:.0f}) |"
+        )
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Markdown tables of a report (what ``main`` prints)."""
     dev = report["device"]
@@ -647,6 +830,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_f(r.get('capture_ms'))} | {_f(r['check_ms'])} | {ref_ms} | {ratio} | {inter} | {diff} | "
             f"{_f(r['rss_peak_mb'], 4)} (+{_f(r['rss_delta_mb'], 3)}) | {r['timing']['repeats']} |"
         )
+    lines += _original_table(pairs, refs)
     vm = [r for r in report["results"] if r["kind"] == "vmap"]
     if vm:
         lines += ["", "### vmap over MLPNet pairs (weights mode)", "",
@@ -728,7 +912,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="rounds of alternating reference / JAX calls for the ratio (default 10, quick 1)")
     p.add_argument("--no-reference", action="store_true", help="skip the NumPy + POT reference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rss-subprocess", action=argparse.BooleanOptionalAction, default=None,
+                   help="also fuse each pair in a fresh process for its peak RSS and cold compile time "
+                        "(default: on, quick: off)")
+    p.add_argument("--rss-child", nargs=3, metavar=("MODEL", "MODE", "SOLVER"), default=None,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--rss-child-parents", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rss_subprocess is None:
+        args.rss_subprocess = not args.quick
     q = args.quick
     defaults = dict(repeats=2 if q else 10, interleave_rounds=1 if q else 10, ref_repeats=1 if q else 3, budget_s=2.0 if q else 20.0,
                     samples=16 if q else 200, vmap_counts=[2] if q else [1, 8, 64, 256],
@@ -767,6 +959,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sinkhorn_max_iterations": SINKHORN_MAX_ITERATIONS,
             "statistic": "median of warm calls, block_until_ready; compile (trace+lower+compile) apart",
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "original_anchor": {"source": ANCHOR_SOURCE, **{f"{m}/{mode}": a for (m, mode), a in ORIGINAL_ANCHOR.items()}},
+            "rss_subprocess": args.rss_subprocess,
         },
         "results": [],
     }
@@ -797,6 +991,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs, writes ``--out`` (and ``--markdown``), prints the Markdown tables."""
     args = parse_args(argv)
+    if args.rss_child:
+        return rss_child(args)
     report = run(args)
     md = markdown(report)
     print(md)
