@@ -85,6 +85,9 @@ def pairwise_cost(
 # Centre the neurons on their joint mean before the Gram when the mean's squared
 # norm exceeds this fraction of the neurons' mean squared norm (see pairwise_cost_columns).
 CENTER_FRACTION = 0.25
+# Costs over fewer values than this (all tensors of both sides) are always
+# centred: there the copy costs less than compiling a conditional's two branches.
+CENTER_ALWAYS_BELOW = 1 << 20
 
 
 def pairwise_cost_columns(
@@ -115,7 +118,10 @@ def pairwise_cost_columns(
     centred squared norms ``mean |z - c|^2 = mean |z|^2 - |c|^2`` are then at
     least a quarter smaller), the neurons are centred on c before the Gram, a
     copy of each tensor. The choice is a ``lax.cond`` on the data: one branch
-    runs under ``jit``; under ``vmap`` (a batched predicate) both do.
+    runs under ``jit``; under ``vmap`` (a batched predicate) both do. Costs
+    over fewer than ``CENTER_ALWAYS_BELOW`` values are always centred: a
+    conditional's two branches doubled the compile time of an MLPNet pair
+    (0.65 against 0.24 s) to save copies worth well under a millisecond there.
 
     Args:
       xs: tensors (..., n), ``xs[t]`` with as many leading values as ``ys[t]``.
@@ -166,7 +172,10 @@ def pairwise_cost_columns(
         cy2 = sum(jnp.sum(y * y, 0) for y in yc)
         return cx2[:, None] + cy2[None, :] - 2.0 * gram(xc, yc)
 
-    sq = jax.lax.cond(c2 > CENTER_FRACTION * mean_sq, centred, expanded, None)
+    if sum(x.size for x in xs) + sum(y.size for y in ys) < CENTER_ALWAYS_BELOW:
+        sq = centred(None)
+    else:
+        sq = jax.lax.cond(c2 > CENTER_FRACTION * mean_sq, centred, expanded, None)
     sq = jnp.maximum(sq, 0.0)
     if squared:
         return sq
