@@ -12,6 +12,14 @@ import pytest
 from otfusion_jax import ot
 
 
+@pytest.fixture(params=["cond", "always-centred"])
+def centring(request, monkeypatch):
+    """Both code paths on small tensors: the data-dependent ``lax.cond`` (forced) and the unconditional centring."""
+    if request.param == "cond":
+        monkeypatch.setattr(ot, "CENTER_ALWAYS_BELOW", 0)
+    return request.param
+
+
 def _rows(tensors):
     return np.concatenate([np.moveaxis(t, -1, 0).reshape(t.shape[-1], -1) for t in tensors], axis=1).astype(np.float64)
 
@@ -36,7 +44,7 @@ def _kernel_and_bias(rng, n, offset, spread=1.0):
 @pytest.mark.parametrize("offset", [0.0, 0.3, 1.0, 50.0])
 @pytest.mark.parametrize("unit_norm", [False, True])
 @pytest.mark.parametrize("squared", [False, True])
-def test_kernel_columns_match_float64_rows(offset, unit_norm, squared):
+def test_kernel_columns_match_float64_rows(offset, unit_norm, squared, centring):
     """Small relative errors whatever the offset: large offsets take the centred branch."""
     rng = np.random.default_rng(int(offset * 10) + 2 * unit_norm + squared)
     xs, ys = _kernel_and_bias(rng, 20, offset), _kernel_and_bias(rng, 24, offset)
@@ -50,8 +58,9 @@ def test_kernel_columns_match_float64_rows(offset, unit_norm, squared):
     np.testing.assert_allclose(got, np.asarray(rows), rtol=2e-6)
 
 
-def test_expansion_without_centring_would_cancel():
+def test_expansion_without_centring_would_cancel(monkeypatch):
     """The case the centring exists for: without it the float32 expansion is orders of magnitude off."""
+    monkeypatch.setattr(ot, "CENTER_ALWAYS_BELOW", 0)  # the cond must pick the centred branch
     rng = np.random.default_rng(0)
     xs, ys = _kernel_and_bias(rng, 20, 50.0), _kernel_and_bias(rng, 24, 50.0)
     want = _exact(xs, ys)
@@ -64,14 +73,14 @@ def test_expansion_without_centring_would_cancel():
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_cosine_and_unit_norm(metric):
+def test_cosine_and_unit_norm(metric, centring):
     rng = np.random.default_rng(1)
     xs, ys = _kernel_and_bias(rng, 7, 0.2), _kernel_and_bias(rng, 9, 0.2)
     got = np.asarray(ot.pairwise_cost_columns(xs, ys, metric, unit_norm=True))
     np.testing.assert_allclose(got, _exact(xs, ys, metric, unit_norm=True), rtol=1e-5, atol=1e-6)
 
 
-def test_zero_neurons_are_finite():
+def test_zero_neurons_are_finite(centring):
     x = np.zeros((3, 3, 4, 5), np.float32)
     y = np.random.default_rng(2).normal(size=(3, 3, 4, 6)).astype(np.float32)
     for unit_norm in (False, True):
@@ -80,7 +89,7 @@ def test_zero_neurons_are_finite():
             assert np.all(np.isfinite(c))
 
 
-def test_vmap_mixes_branches():
+def test_vmap_mixes_branches(centring):
     """Under vmap the predicate is batched (both branches run, a select picks): each item as unbatched."""
     rng = np.random.default_rng(3)
     x = np.stack([rng.normal(o, 1, (3, 3, 8, 10)) for o in (0.0, 50.0)]).astype(np.float32)
@@ -92,7 +101,7 @@ def test_vmap_mixes_branches():
 
 
 @pytest.mark.parametrize("offset", [0.0, 50.0])
-def test_gradients_match_float64(offset):
+def test_gradients_match_float64(offset, centring):
     rng = np.random.default_rng(4)
     x = rng.normal(offset, 1, (2, 2, 3, 5))
     y = rng.normal(offset, 1, (2, 2, 3, 4))
@@ -110,7 +119,16 @@ def test_gradients_match_float64(offset):
     np.testing.assert_allclose(got, want, rtol=2e-3 if offset else 1e-4, atol=1e-4)
 
 
-def test_kernels_are_read_in_their_stored_layout():
+def test_large_costs_take_the_conditional():
+    """Above ``CENTER_ALWAYS_BELOW`` values the centring is a conditional; below, there is none."""
+    small = [jnp.zeros((3, 3, 8, 16))]
+    large = [jnp.zeros((ot.CENTER_ALWAYS_BELOW // 32, 16))]
+    hlo = lambda xs: jax.jit(lambda a: ot.pairwise_cost_columns(a, a)).lower(xs).compile().as_text()
+    assert " conditional(" in hlo(large)
+    assert " conditional(" not in hlo(small)
+
+
+def test_kernels_are_read_in_their_stored_layout(centring):
     """No transposes or copies of the kernels in the compiled cost (the Gram contracts the leading axes)."""
     rng = np.random.default_rng(5)
     a = jnp.asarray(rng.normal(size=(3, 3, 64, 128)), jnp.float32)
