@@ -319,7 +319,7 @@ def _aux(results, parents, spec, w) -> FusionAux:
             infos.append(None)
             stats.append(None)
             continue
-        sizes = {name: n for name, n in spec.check_variables(parents[i]).items()}
+        sizes = spec.check_variables(parents[i])
         dtype = jnp.result_type(*jax.tree_util.tree_leaves(parents[i]))
         plans.append({name: plans_lib.as_matrix(p, sizes[name], dtype) for name, p in res.plans.items()})
         infos.append(res.info)
@@ -327,13 +327,22 @@ def _aux(results, parents, spec, w) -> FusionAux:
     return FusionAux(tuple(plans), tuple(infos), w, tuple(stats))
 
 
-def _fuse_impl(parents, spec, aligner, activations, weights, key, params, target, iterations=1, tol=0.0):
+def _align_impl(parents, spec, aligner, activations, weights, key, params, target, iterations=1, tol=0.0):
+    """(aligned parents, FusionAux): the one implementation behind ``align_parents`` and ``fuse``."""
     w = averaging_weights(len(parents), weights)
     aligned, results = _align_all(parents, spec, aligner, activations, key, params, target)
     aux = _aux(results, parents, spec, w)
     if iterations > 1:
         aligned, aux = _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol)
-    return weighted_sum(aligned, w), aux
+    return aligned, aux
+
+
+def _fuse_impl(parents, spec, aligner, activations, weights, key, params, target, iterations=1, tol=0.0):
+    aligned, aux = _align_impl(parents, spec, aligner, activations, weights, key, params, target, iterations, tol)
+    return weighted_sum(aligned, aux.weights), aux
+
+
+_ROUND_KEYS = 1 << 20
 
 
 def _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol):
@@ -376,10 +385,15 @@ def _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, it
         current, plans, infos, stats = list(current), list(old), list(infos), list(stats)
         for i, parent in enumerate(parents):
             rest = jnp.concatenate([w[:i], w[i + 1:]])
-            others = weighted_sum(current[:i] + current[i + 1:], rest / jnp.sum(rest))
+            total = jnp.sum(rest)
+            # All others weighted 0 (e.g. ensemble weights (0, 1)): their plain mean, not 0 / 0.
+            rest = jnp.where(total > 0, rest / jnp.where(total > 0, total, 1.0), 1.0 / (k - 1))
+            others = weighted_sum(current[:i] + current[i + 1:], rest)
             res = aligner.align(
                 parent, others, spec,
-                key=None if key is None else jax.random.fold_in(jax.random.fold_in(key, i), it),
+                # Round r of parent i: fold_in(fold_in(key, i), ROUND_KEYS + r), apart from the keys of
+                # round 1 (fold_in(key, i)) and of any restarts inside (fold_in(that, small r)).
+                key=None if key is None else jax.random.fold_in(jax.random.fold_in(key, i), _ROUND_KEYS + it),
                 params=params,
             )
             current[i] = plans_lib.apply_plans(parent, spec, res.plans, incoming=aligner.incoming)
@@ -397,17 +411,9 @@ def _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, it
     return aligned, FusionAux(tuple(plans), tuple(infos), w, tuple(stats), it, change)
 
 
-def _align_impl(parents, spec, aligner, activations, key, params, target, iterations=1, tol=0.0):
-    w = jnp.full((len(parents),), 1.0 / len(parents))
-    aligned, results = _align_all(parents, spec, aligner, activations, key, params, target)
-    aux = _aux(results, parents, spec, w)
-    if iterations > 1:
-        aligned, aux = _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol)
-    return aligned, aux
-
-
-_fuse_jit = jax.jit(_fuse_impl, static_argnames=("spec", "aligner", "target", "iterations", "tol"))
-_align_jit = jax.jit(_align_impl, static_argnames=("spec", "aligner", "target", "iterations", "tol"))
+_STATIC = ("spec", "aligner", "target", "iterations", "tol")
+_fuse_jit = jax.jit(_fuse_impl, static_argnames=_STATIC)
+_align_jit = jax.jit(_align_impl, static_argnames=_STATIC)
 
 
 def _check_iterations(aligner, iterations, tol) -> None:
@@ -422,9 +428,11 @@ def _check_iterations(aligner, iterations, tol) -> None:
         )
 
 
-def _prepare(parents, spec, aligner, activations, key, params, target):
+def _prepare(parents, spec, aligner, activations, key, params, target, weights=None):
     """Checks shared by fuse and align_parents; returns normalised arguments."""
     parents = [dict(p) for p in parents]
+    if weights is not None and _is_concrete(weights):
+        averaging_weights(len(parents), weights)  # shape and sign checked here, on concrete values
     sizes = check_parents(parents, spec, target)
     if _is_concrete(parents):
         check_finite(parents)
@@ -439,7 +447,9 @@ def _prepare(parents, spec, aligner, activations, key, params, target):
         activations = [dict(a) for a in activations]
     else:
         activations = None
-    if key is not None and not isinstance(key, jax.Array):
+    if key is None:
+        key = jax.random.key(0)  # seeded aligners: parent i still gets its own stream, fold_in(key, i)
+    elif not isinstance(key, jax.Array):
         key = jax.random.key(int(key))
     return parents, activations, key, params, t
 
@@ -476,7 +486,7 @@ def fuse(
       target: index of the parent whose widths and neuron order the fused
         model takes (default the last, the original's model B).
       key: PRNG key (or int seed) of seeded aligners (weight matching's sweep
-        order); parent i uses ``fold_in(key, i)``.
+        order; default ``key(0)``); parent i uses ``fold_in(key, i)``.
       params: traced parameters of the aligner (OTFusion: plan name ->
         Sinkhorn epsilon, see ``otfusion_jax.learned``).
       iterations: 1 (default): one-shot, every parent aligned onto the target.
@@ -487,7 +497,9 @@ def fuse(
         (``aux.iterations``, ``aux.plan_change``). Aligners by weights only
         (the means have no activations of their own).
       tol: iterative barycentre: the plan change under which it stops (0:
-        hard plans identical; a small positive value for Sinkhorn plans).
+        hard plans identical). With Sinkhorn plans the barycentre blurs its
+        means round after round (digits K = 4: 11% after 10 rounds,
+        docs/RESULTS.md): use exact plans or weight matching.
 
     Returns:
       (fused variables with the target's shapes, FusionAux).
@@ -497,7 +509,7 @@ def fuse(
 
         aligner = FusionConfig()
     _check_iterations(aligner, iterations, tol)
-    parents, acts, key, params, t = _prepare(parents, spec, aligner, activations, key, params, target)
+    parents, acts, key, params, t = _prepare(parents, spec, aligner, activations, key, params, target, weights)
     return _fuse_jit(parents, spec, aligner, acts, weights, key, params, t, iterations, float(tol))
 
 
@@ -507,6 +519,7 @@ def align_parents(
     aligner: Aligner,
     *,
     activations: Sequence[Activations] | None = None,
+    weights: Any = None,
     target: int = -1,
     key: jax.Array | int | None = None,
     params: Any = None,
@@ -515,9 +528,11 @@ def align_parents(
 ) -> tuple[list[dict[str, Any]], FusionAux]:
     """The parents moved onto the target (the target as it is), before averaging: ``fuse`` without its last step.
 
-    REPAIR's interpolated statistics and learned fusion's per-layer mixing start from these.
-    Arguments as :func:`fuse`; ``aux.weights`` is 1/K.
+    ``fuse(...) == weighted_sum(*align_parents(...))`` with the same arguments (``aux.weights`` holds the
+    normalised weights); REPAIR's interpolated statistics and learned fusion's per-layer mixing start from
+    these. ``weights`` matter here only for the iterative barycentre (its means of the other parents).
+    Arguments as :func:`fuse`.
     """
     _check_iterations(aligner, iterations, tol)
-    parents, acts, key, params, t = _prepare(parents, spec, aligner, activations, key, params, target)
-    return _align_jit(parents, spec, aligner, acts, key, params, t, iterations, float(tol))
+    parents, acts, key, params, t = _prepare(parents, spec, aligner, activations, key, params, target, weights)
+    return _align_jit(parents, spec, aligner, acts, weights, key, params, t, iterations, float(tol))

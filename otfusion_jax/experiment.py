@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -61,6 +61,8 @@ __all__ = [
     "repair_fused",
     "mean_costs",
     "format_table",
+    "TrainLossRanked",
+    "RankedInfo",
 ]
 
 BN_STATS = ("align", "recompute")
@@ -89,7 +91,8 @@ class ExperimentConfig:
       ensemble_step: two parents: the target's weight s (the original's ``--ensemble-step``); beats ``weights``.
       target: index (in each group) of the parent whose widths and neuron order the fused model takes.
       many_method: a :data:`METHODS` name added to every table of more than two parents unless listed already
-        (default "wm-many", the best many-parent method measured, docs/RESULTS.md); "" adds none.
+        (default "wm-many", the best many-parent method measured, docs/RESULTS.md; "ot-many" instead for
+        parents of different widths, which weight matching cannot take); "" adds none.
       barycenter_iterations: "wm-many" / "ot-many": at most this many rounds of the iterative barycentre.
       wm_rank: how weight matching picks among its restarts (``config.matching.restarts``): "train_loss" (the
         loss of the parent's restart averaged with the target, on ``rank_samples`` training images: training
@@ -263,6 +266,14 @@ class Group:
             self._acts[kind] = [models.capture_activations(p.module, p.variables, x, kind) for p in self.parents]
         return self._acts[kind]
 
+    def rank_data(self) -> dict[str, jax.Array]:
+        """``experiment.rank_samples`` training images and labels (not the activation / REPAIR samples)."""
+        exp = self.settings.experiment
+        x_train, y_train = self.dataset.x_train, self.dataset.y_train
+        rng = np.random.default_rng(exp.sample_seed + 1)
+        idx = np.sort(rng.choice(len(x_train), size=min(exp.rank_samples, len(x_train)), replace=False))
+        return {"x": jnp.asarray(x_train[idx]), "y": jnp.asarray(y_train[idx])}
+
     def run_aligner(
         self,
         aligner: Any,
@@ -297,7 +308,8 @@ class Group:
 
         def align():
             return engine.align_parents(
-                variables, self.spec, aligner, activations=acts, target=target, key=key, **fuse_options
+                variables, self.spec, aligner, activations=acts, weights=weights, target=target, key=key,
+                **fuse_options,
             )[0]
 
         more = dict(extra(aux) if callable(extra) else (extra or {}))
@@ -344,52 +356,60 @@ def _wm_method(
         aligner: Any = dataclasses.replace(s.matching, soft=soft)
         if refine:
             aligner = matching_lib.Refine(dataclasses.replace(s.fusion, mode="weights", solver="exact"), aligner)
-        out = group.run_aligner(aligner, label, "sinkhorn" if soft else "exact", key=int(s.matching_seed))
+        options: dict[str, Any] = {}
         if s.experiment.wm_rank == "train_loss" and not soft and s.matching.restarts > 1:
-            out = _rank_restarts_by_train_loss(group, out)
+            aligner = TrainLossRanked(aligner, group.target_module)
+            options = {"params": group.rank_data(), "extra": _chosen_restarts}
+        out = group.run_aligner(aligner, label, "sinkhorn" if soft else "exact", key=int(s.matching_seed), **options)
         return dataclasses.replace(out, aux=None)  # weight matching: no OT costs to plot
 
     return fuse_wm
 
 
-def _rank_restarts_by_train_loss(group: Group, out: Outcome) -> Outcome:
-    """Weight matching's restarts ranked by training loss instead of the matching objective.
+class RankedInfo(NamedTuple):
+    """``aux.stats[i]`` of :class:`TrainLossRanked`: the matching's report, the restart chosen, every restart's loss."""
 
-    For each non-target parent, restart r's permutations move it onto the target; the restart whose mean with
-    the target has the lowest loss on ``rank_samples`` training images wins (the objective ranks restarts only
-    loosely: docs/RESULTS.md). The fused model is the weighted mean of the chosen aligned parents.
+    matching: matching_lib.MatchingInfo
+    chosen: jax.Array
+    losses: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLossRanked:
+    """Weight matching whose restarts are ranked by training loss instead of the matching objective (an aligner).
+
+    For a parent and the target, each restart's permutations move the parent; the restart whose mean with the
+    target has the lowest cross-entropy on training images ``params = {"x": ..., "y": ...}`` wins (the
+    objective ranks restarts only loosely: docs/RESULTS.md). Training data only: never the test set.
     """
-    exp = group.settings.experiment
-    x_train, y_train = group.dataset.x_train, group.dataset.y_train
-    rng = np.random.default_rng(exp.sample_seed + 1)  # not the activation / REPAIR samples
-    idx = np.sort(rng.choice(len(x_train), size=min(exp.rank_samples, len(x_train)), replace=False))
-    x, y = jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx])
-    module, spec, variables, t = group.target_module, group.spec, group.variables, group.target
-    start = time.perf_counter()
 
-    @jax.jit
-    def losses(parent, target, restart_perms):
+    matching: matching_lib.WeightMatching
+    module: nn.Module
+
+    needs_activations = False
+    incoming = True
+
+    def check(self, sizes, target):
+        self.matching.check(sizes, target)
+
+    def align(self, parent, target, spec, *, parent_acts=None, target_acts=None, key=None, params=None):
+        del parent_acts, target_acts
+        _, info = self.matching.match(parent, target, spec, key)
+
         def loss(perms):
             mean = engine.vanilla_average([plans_lib.apply_plans(parent, spec, perms), target])
-            logits = module.apply(mean, x, train=False)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            logits = self.module.apply(mean, params["x"], train=False)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, params["y"]).mean()
 
-        return jax.lax.map(loss, restart_perms)
+        losses = jax.lax.map(loss, info.restart_perms)
+        r = jnp.argmin(losses)
+        best = {k: p[r] for k, p in info.restart_perms.items()}
+        plans = {k: plans_lib.Permutation(p, 1.0) for k, p in best.items()}
+        return engine.Alignment(plans, {}, RankedInfo(info, r, losses))
 
-    aligned, chosen = [], []
-    for i, v in enumerate(variables):
-        if i == t:
-            aligned.append(v)
-            continue
-        info = out.aux.stats[i]
-        r = int(jnp.argmin(losses(v, variables[t], info.restart_perms)))
-        chosen.append(r)
-        aligned.append(plans_lib.apply_plans(v, spec, {k: p[r] for k, p in info.restart_perms.items()}))
-    fused = jax.block_until_ready(engine.weighted_sum(aligned, engine.averaging_weights(len(variables), group.weights)))
-    extra = {**out.extra, "restart_chosen_by_train_loss": chosen}
-    return dataclasses.replace(
-        out, variables=fused, seconds=out.seconds + time.perf_counter() - start, align=lambda: aligned, extra=extra
-    )
+
+def _chosen_restarts(aux: engine.FusionAux) -> dict[str, Any]:
+    return {"restart_chosen_by_train_loss": [int(st.chosen) for st in aux.stats if st is not None]}
 
 
 def _many_method(base: str) -> Callable[[Group, str | None], Outcome]:
@@ -682,8 +702,11 @@ def run_fusion_table(
 
     fused_out: dict[str, Fused] = {}
     methods = exp.methods
-    if len(parents) > 2 and exp.many_method and exp.many_method not in {m for m, _ in methods}:
-        methods = methods + parse_methods(exp.many_method)  # the many-parent method, by default
+    many = exp.many_method
+    if many == "wm-many" and not all(sh == shapes[0] for sh in shapes):
+        many = "ot-many"  # weight matching needs equal widths; OTFusion's barycentre takes any
+    if len(parents) > 2 and many and many not in {m for m, _ in methods}:
+        methods = methods + parse_methods(many)  # the many-parent method, by default
     for name, solver in methods:
         entry = METHODS[name]
         if entry.fuse is None:
