@@ -136,7 +136,8 @@ def learn_fusion(
     Returns:
       (fused variables at the final parameters, FusionAux of their alignment
       with ``aux.stats[i]`` a :class:`LearnedStats` (parameters, loss per
-      step) for every non-target parent).
+      step) for every non-target parent). ``aux.weights`` is 1/K: the fused
+      model mixes the aligned parents per layer with ``softmax(params["logits"])``.
     """
     if config.solver != "sinkhorn":
         raise engine.FusionError("learned fusion differentiates through Sinkhorn: use FusionConfig(solver='sinkhorn')")

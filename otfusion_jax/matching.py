@@ -284,8 +284,6 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: Weight
     return perms, MatchingInfo(objs, n_sweeps, converged, plans, perms, objs[-1:], {k: p[None] for k, p in perms.items()})
 
 
-
-
 # ----------------------------------------------------------------------------- the aligners
 
 
@@ -321,7 +319,8 @@ class WeightMatching:
       sinkhorn_threshold, sinkhorn_max_iterations: soft only: Sinkhorn stopping rule.
       restarts: R descents (default 8) from the same start with R different sweep orders
         (keys ``key, fold_in(key, 1), ..., fold_in(key, R - 1)``), solved
-        together under ``vmap``; the plans with the best final objective win
+        together under ``vmap`` (one after another with the auction backend,
+        whose vmap rule fails inside this loop); the plans with the best final objective win
         (never worse than any single restart; restart 0 is the single run).
         Git Re-Basin's own result varies with its seed (its sweep order): this
         takes the best of R seeds in one call.

@@ -28,6 +28,7 @@ __all__ = [
     "Plan",
     "as_plan",
     "move_axis",
+    "move_leaf",
     "apply_plans",
     "as_matrix",
     "perms_to_plans",
