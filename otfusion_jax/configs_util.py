@@ -385,7 +385,7 @@ FIELDS: dict[str, Field] = {
     "experiment.weights": Field("tuple", "per-parent averaging weights", item="float", low=0, optional=True),
     "experiment.ensemble_step": _float("2 parents: the target's weight", 0, 1, optional=True),
     "experiment.target": _int("index of the target parent in each group"),
-    "experiment.many_method": Field("str", 'method added to tables of > 2 parents ("": none)', check=lambda m: m and _check_methods(m)),
+    "experiment.many_method": Field("str", 'method added to tables of > 2 parents ("": none)', check=lambda m: m and experiment.parse_methods(m, "experiment.many_method")),
     "experiment.barycenter_iterations": _int("iterative barycentre: at most this many rounds", 1),
     "experiment.wm_rank": _choice("how weight matching ranks its restarts", lambda: experiment.WM_RANKS),
     "experiment.rank_samples": _int("training images ranking weight matching's restarts", 1),

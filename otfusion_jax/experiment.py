@@ -123,7 +123,7 @@ class ExperimentConfig:
     def __post_init__(self):
         object.__setattr__(self, "groups", tuple(self.groups))
         if self.many_method:
-            parse_methods(self.many_method)
+            parse_methods(self.many_method, "experiment.many_method")
         if self.wm_rank not in WM_RANKS:
             raise ValueError(f"experiment.wm_rank must be one of {WM_RANKS}, got {self.wm_rank!r}")
         if self.weights is not None:
@@ -505,15 +505,17 @@ METHODS: dict[str, Method] = {
 METHOD_HELP = {name: m.help for name, m in METHODS.items() if m.fuse is not None}
 
 
-def parse_methods(method: str | Sequence[str]) -> list[tuple[str, str | None]]:
+def parse_methods(method: str | Sequence[str], field: str = "experiment.method") -> list[tuple[str, str | None]]:
     """``"ot-weights,ot-acts:sinkhorn"`` -> [("ot-weights", None), ("ot-acts", "sinkhorn")].
+
+    ``field`` names the config field in the errors.
 
     Raises:
       ValueError: ``experiment.method: unknown ...`` for a name not in :data:`METHODS`, a suffix the method does not
         take, or an empty list.
     """
     if not isinstance(method, str) and not (isinstance(method, Sequence) and all(isinstance(m, str) for m in method)):
-        raise ValueError(f"experiment.method must be a comma list of methods, got {method!r}")
+        raise ValueError(f"{field} must be a comma list of methods, got {method!r}")
     items = [m.strip() for m in (method.split(",") if isinstance(method, str) else method) if m.strip()]
     out = []
     for item in items:
@@ -522,12 +524,12 @@ def parse_methods(method: str | Sequence[str]) -> list[tuple[str, str | None]]:
         if entry is None or (colon and solver not in entry.solvers):
             with_solvers = ", ".join(n for n, m in METHODS.items() if m.solvers)
             raise ValueError(
-                f"experiment.method: unknown {item!r}; choose from {', '.join(METHODS)} "
+                f"{field}: unknown {item!r}; choose from {', '.join(METHODS)} "
                 f"({with_solvers} may end in :exact or :sinkhorn)"
             )
         out.append((name, solver or None))
     if not out:
-        raise ValueError("experiment.method is empty")
+        raise ValueError(f"{field} is empty")
     return out
 
 
