@@ -11,30 +11,96 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from otfusion_jax import plans as plans_lib
+from otfusion_jax import models as models_lib
+from otfusion_jax import spec as spec_lib
 from otfusion_jax.interop import layouts
 
 
-def random_permutation_plans(spec, sizes, seed, keep_output=True):
-    """Random permutation plans (n, n) for every plan of the spec (the output plan kept if asked)."""
+def random_permutations(spec, sizes, seed, keep_output=True):
+    """Random (n,) permutations (NumPy) for every plan of the spec (the output plan kept if asked)."""
     rng = np.random.default_rng(seed)
-    plans, perms = {}, {}
-    for name in spec.plans:
-        n = sizes[name]
-        p = np.arange(n) if (keep_output and name == spec.output_plan) else rng.permutation(n)
-        perms[name] = p
-        plans[name] = jnp.eye(n, dtype=jnp.float32)[:, p]  # target j takes source p[j]
+    return {
+        name: np.arange(sizes[name]) if (keep_output and name == spec.output_plan) else rng.permutation(sizes[name])
+        for name in spec.plans
+    }
+
+
+def random_permutation_plans(spec, sizes, seed, keep_output=True):
+    """The permutations of :func:`random_permutations` and their (n, n) plan matrices.
+
+    Built in NumPy (an eager ``jnp.eye(n)[:, p]`` compiles two XLA programs for every new n).
+    """
+    perms = random_permutations(spec, sizes, seed, keep_output)
+    plans = {name: jnp.asarray(np.eye(len(p), dtype=np.float32)[:, p]) for name, p in perms.items()}  # target j takes source p[j]
     return plans, perms
 
 
+def permute_numpy(variables, spec, perms):
+    """Every leaf's plan axes permuted in NumPy: ``y = take(x, perms[plan], axis)`` (target j takes source p[j]).
+
+    The map :func:`otfusion_jax.plans.apply_plans` makes of ``(n,)`` integer plans, written again
+    without the library: test inputs do not depend on the code under test, and nothing is compiled
+    (the library's apply, eager or jitted, compiles XLA programs for every new width).
+    """
+    flat = spec_lib.flatten_paths(variables)
+    out = {}
+    for path, ls in spec.leaves:
+        leaf = np.asarray(flat[path])
+        x = leaf.reshape(spec_lib.view_shape(ls, leaf.shape, path))
+        for ax, name in enumerate(ls.axes):
+            if name is not None:
+                x = np.take(x, perms[name], axis=ax)
+        out[path] = jnp.asarray(x.reshape(leaf.shape))
+    return spec_lib.unflatten_paths(out)
+
+
 def permuted_copy(variables, spec, seed, keep_output=True):
-    """The same function with its hidden neurons randomly permuted along the spec."""
-    plans, _ = random_permutation_plans(spec, spec.check_variables(variables), seed, keep_output)
-    return plans_lib.apply_plans(variables, spec, plans)
+    """The same function with its hidden neurons randomly permuted along the spec.
+
+    The permutations of :func:`random_permutation_plans` (the same draws), applied by
+    :func:`permute_numpy`.
+    """
+    return permute_numpy(variables, spec, random_permutations(spec, spec.check_variables(variables), seed, keep_output))
 
 
 def max_abs_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    """Largest absolute difference over all leaves (in NumPy: no XLA program per leaf shape)."""
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    )
+
+
+# The library's init, jitted with the module and input shape static (modules compare by value, so
+# two equal builds share the compile): the same variables as ``models.init``, one XLA program
+# instead of one per initializer op.
+init_jit = jax.jit(models_lib.init, static_argnums=(0, 2))
+apply_jit = jax.jit(lambda model, variables, x: model.apply(variables, x), static_argnums=0)
+
+
+def random_variables(model, input_shape, seed=0):
+    """NumPy-drawn variables of the model's shapes (``jax.eval_shape`` of init: nothing to compile).
+
+    Kernels ~ N(0, 1/fan_in) (fan_in: every axis but the last), biases and BatchNorm offsets and
+    means ~ N(0, 0.1^2), scales 1 + N(0, 0.1^2), running variances in [0.5, 1.5): nonzero everywhere,
+    so a permutation that is off anywhere shows (flax's init leaves biases at zero).
+    """
+    shapes = spec_lib.flatten_paths(jax.eval_shape(lambda: models_lib.init(model, jax.random.key(0), input_shape)))
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, sd in sorted(shapes.items()):
+        leaf = path.rsplit("/", 1)[-1]
+        x = rng.standard_normal(sd.shape)
+        if leaf == "kernel":
+            x = x / np.sqrt(max(int(np.prod(sd.shape[:-1])), 1))
+        elif leaf == "var":
+            x = 0.5 + rng.random(sd.shape)
+        elif leaf == "scale":
+            x = 1.0 + 0.1 * x
+        else:
+            x = 0.1 * x
+        flat[path] = jnp.asarray(x, sd.dtype)
+    return spec_lib.unflatten_paths(flat)
 
 
 # ----------------------------------------------------------------------------- SmallCNN: the docs' example

@@ -13,16 +13,16 @@ from hypothesis import strategies as st
 
 import otfusion_jax as otf
 from otfusion_jax import engine
-from otfusion_jax.models import build, capture_activations, init, recompute_batch_stats
+from otfusion_jax.models import build, capture_activations, recompute_batch_stats
 
-from fusion_helpers import max_abs_diff, permuted_copy
+from fusion_helpers import apply_jit, init_jit, max_abs_diff, permuted_copy, random_variables
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _mlp(widths, bias, seed=0, shape=(4, 4, 1), classes=5):
     model, spec = build("mlpnet", input_shape=shape, num_classes=classes, widths=widths, bias=bias)
-    return model, spec, init(model, jax.random.key(seed), shape)
+    return model, spec, init_jit(model, jax.random.key(seed), shape)
 
 
 def _fuse_pair(model, spec, a, b, config, x=None):
@@ -40,14 +40,22 @@ def _fuse_pair(model, spec, a, b, config, x=None):
     seed=st.integers(0, 2**16),
 )
 def test_permuted_mlp_copy_is_recovered_exactly(widths, bias, mode, seed):
-    """Fusing a model with a randomly permuted copy of itself gives the model back."""
-    model, spec, v = _mlp(tuple(widths), bias, seed=seed)
+    """Fusing a model with a randomly permuted copy of itself gives the model back.
+
+    NumPy-drawn variables (biases nonzero too); every example has new shapes, so nothing but the
+    forward pass and the fusion is compiled.
+    """
+    model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=5, widths=tuple(widths), bias=bias)
+    v = random_variables(model, (4, 4, 1), seed)
     vp = permuted_copy(v, spec, seed + 1)
     x = jax.random.normal(jax.random.key(seed), (16, 4, 4, 1))
-    np.testing.assert_allclose(model.apply(vp, x), model.apply(v, x), atol=1e-5)
+    np.testing.assert_allclose(apply_jit(model, vp, x), apply_jit(model, v, x), atol=1e-5)
     fused, aux = _fuse_pair(model, spec, vp, v, otf.FusionConfig(mode=mode), x)
     assert max_abs_diff(fused, v) == 0.0
     assert set(aux.plans[0]) == set(spec.plans) and aux.plans[1] is None
+
+
+_recompute_batch_stats = jax.jit(recompute_batch_stats, static_argnums=0)
 
 
 @pytest.mark.parametrize("mode", ["weights", "activations"])
@@ -60,12 +68,16 @@ def test_permuted_mlp_copy_is_recovered_exactly(widths, bias, mode, seed):
     ],
 )
 def test_permuted_convnet_copy_is_recovered_exactly(name, shape, opts, mode):
-    """Same for VGG11 and ResNet18 (BatchNorm statistics, biases and residual streams included)."""
+    """Same for VGG11 and ResNet18 (BatchNorm statistics, biases and residual streams included).
+
+    NumPy-drawn variables (flax's init of a ResNet compiles for seconds), then the BatchNorm
+    statistics of the samples.
+    """
     model, spec = build(name, input_shape=shape, **opts)
     x = jax.random.normal(jax.random.key(1), (24, *shape))
-    v = recompute_batch_stats(model, init(model, jax.random.key(0), shape), x)
+    v = _recompute_batch_stats(model, random_variables(model, shape), x)
     vp = permuted_copy(v, spec, seed=3)
-    np.testing.assert_allclose(model.apply(vp, x), model.apply(v, x), atol=1e-4)
+    np.testing.assert_allclose(apply_jit(model, vp, x), apply_jit(model, v, x), atol=1e-4)
     fused, _ = _fuse_pair(model, spec, vp, v, otf.FusionConfig(mode=mode), x)
     assert max_abs_diff(fused, v) == 0.0
 
@@ -176,7 +188,7 @@ def test_different_widths_fuse_into_target_widths():
 
 def test_vmap_over_pairs_equals_loop():
     model, spec, _ = _mlp((10, 6), bias=True)
-    pairs = [(init(model, jax.random.key(2 * i), (4, 4, 1)), init(model, jax.random.key(2 * i + 1), (4, 4, 1))) for i in range(3)]
+    pairs = [(init_jit(model, jax.random.key(2 * i), (4, 4, 1)), init_jit(model, jax.random.key(2 * i + 1), (4, 4, 1))) for i in range(3)]
     stack = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
     for cfg in (otf.FusionConfig(), otf.FusionConfig(solver="sinkhorn", relative_epsilon="mean", epsilon=0.05)):
         batched = jax.vmap(lambda a, b: otf.fuse([a, b], spec, cfg)[0])(stack([p[0] for p in pairs]), stack([p[1] for p in pairs]))
@@ -263,6 +275,12 @@ def test_missing_activations_are_rejected():
         otf.fuse([a, a], spec, otf.FusionConfig(mode="activations"), activations=[acts, channels_first])
 
 
+# Jitted (metric and squared static): one XLA program per example and function, where eager calls
+# compile every primitive again for each new shape.
+_pairwise_cost = jax.jit(otf.ot.pairwise_cost, static_argnums=(2, 3))
+_pairwise_cost_columns = jax.jit(otf.ot.pairwise_cost_columns, static_argnums=(2, 3))
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     n=st.integers(1, 9),
@@ -279,8 +297,8 @@ def test_cost_from_activation_tensors_equals_cost_from_rows(n, m, lead, metric, 
     xs = [rng.normal(offset, 1.0, (*shape, n)).astype(np.float32) for shape in lead]
     ys = [rng.normal(offset, 1.0, (*shape, m)).astype(np.float32) for shape in lead]
     rows = lambda ts, k: np.concatenate([np.moveaxis(t, -1, 0).reshape(k, -1) for t in ts], axis=1)
-    want = otf.ot.pairwise_cost(jnp.asarray(rows(xs, n)), jnp.asarray(rows(ys, m)), metric, squared)
-    got = otf.ot.pairwise_cost_columns([jnp.asarray(x) for x in xs], [jnp.asarray(y) for y in ys], metric, squared)
+    want = _pairwise_cost(jnp.asarray(rows(xs, n)), jnp.asarray(rows(ys, m)), metric, squared)
+    got = _pairwise_cost_columns([jnp.asarray(x) for x in xs], [jnp.asarray(y) for y in ys], metric, squared)
     assert got.shape == (n, m)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5 * (1 + float(np.max(want))))
     # and both against float64 NumPy

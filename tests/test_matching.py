@@ -14,7 +14,7 @@ from otfusion_jax import matching
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.models import build, init
 
-from fusion_helpers import max_abs_diff, permuted_copy, random_permutation_plans
+from fusion_helpers import max_abs_diff, permuted_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -46,7 +46,7 @@ def test_permuted_mlp_copy_is_recovered_exactly(widths, bias, seed):
     """
     model, spec = build("mlpnet", input_shape=SHAPE, num_classes=5, widths=tuple(widths), bias=bias)
     v = _random_variables(model, SHAPE, seed)
-    vp = _permuted_copy(v, spec, seed + 1)
+    vp = permuted_copy(v, spec, seed + 1)
     fused, aux = otf.fuse([vp, v], spec, matching.WeightMatching(start="greedy", restarts=1, backend="host"), key=seed)
     assert _np_max_abs_diff(fused, v) == 0.0
     assert bool(aux.stats[0].converged) and int(aux.stats[0].n_sweeps) == 1  # the greedy start is exact
@@ -68,16 +68,10 @@ def test_permuted_convnet_copy_is_recovered_exactly(name, shape, opts):
     """
     model, spec = build(name, input_shape=shape, **opts)
     v = _random_variables(model, shape)
-    vp = _permuted_copy(v, spec, seed=3)
+    vp = permuted_copy(v, spec, seed=3)
     fused, aux = otf.fuse([vp, v], spec, matching.WeightMatching(start="greedy", restarts=1, backend="device"))
     assert _np_max_abs_diff(fused, v) == 0.0
     assert all(bool(i.converged) for i in aux.stats if i is not None)
-
-
-def _permuted_copy(v, spec, seed):
-    """fusion_helpers.permuted_copy, jitted (one compile instead of one per leaf op)."""
-    plans, _ = random_permutation_plans(spec, spec.check_variables(v), seed)
-    return jax.jit(otf.apply_plans, static_argnums=1)(v, spec, plans)
 
 
 def _random_variables(model, shape, seed=0):
@@ -115,7 +109,7 @@ def test_objective_never_decreases(start):
         np.testing.assert_array_equal(perms["fc4"], np.arange(5))  # output plan kept
 
 
-def test_greedy_start_alone_recovers_a_permuted_copy():
+def test_greedy_start_alone_recovers_apermuted_copy():
     """Objective entry 0 (after the greedy start, before any sweep) is already the optimum J(a, a)."""
     _, spec, a, _ = _pair(4)
     ap = permuted_copy(a, spec, 9)
@@ -195,7 +189,7 @@ def test_soft_variant_runs_and_is_finite():
     assert max_abs_diff(fused, expect) < 1e-5
 
 
-def test_soft_with_small_epsilon_recovers_a_permuted_copy():
+def test_soft_with_small_epsilon_recovers_apermuted_copy():
     """Same compilation as above (epsilon is traced through ``params``)."""
     _, spec, a, _ = _pair(3)
     ap = permuted_copy(a, spec, 5)

@@ -14,7 +14,16 @@ import otfusion_jax as otf
 from otfusion_jax import configs_util, models
 from otfusion_jax import spec as spec_lib
 
-from fusion_helpers import SMALL_CNN, SmallCNN, doc_example_code, permuted_copy, small_cnn_spec
+from fusion_helpers import (
+    SMALL_CNN,
+    SmallCNN,
+    apply_jit,
+    doc_example_code,
+    permuted_copy,
+    random_permutation_plans,
+    random_variables,
+    small_cnn_spec,
+)
 
 
 def _shapes(variables):
@@ -74,17 +83,27 @@ def test_resnet18_shapes_and_shared_stream_plans():
     ],
 )
 def test_spec_covers_every_leaf_and_permutations_preserve_the_function(name, shape, opts):
+    """NumPy-drawn variables of init's tree (biases nonzero; flax's eager init of a VGG11 takes seconds)."""
     model, spec = models.build(name, input_shape=shape, **opts)
     x = jax.random.normal(jax.random.key(1), (8, *shape))
-    variables = models.recompute_batch_stats(model, models.init(model, jax.random.key(0), shape), x)
+    variables = _recompute_batch_stats(model, random_variables(model, shape), x)
     assert {p for p, _ in spec.leaves} == set(spec_lib.flatten_paths(variables))
     sizes = spec.check_variables(variables)
     assert set(sizes) == set(spec.plans)
     permuted = permuted_copy(variables, spec, seed=7)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(permuted), jax.tree_util.tree_leaves(variables)))
-    np.testing.assert_allclose(model.apply(permuted, x), model.apply(variables, x), atol=1e-4, rtol=1e-4)
+    # the library's apply_plans with the same permutations as dense plans: the tests' NumPy permutation, bit for bit
+    plans, _ = random_permutation_plans(spec, sizes, seed=7)
+    by_library = otf.apply_plans(variables, spec, plans)
+    assert jax.tree_util.tree_structure(by_library) == jax.tree_util.tree_structure(permuted)
+    for a, b in zip(jax.tree_util.tree_leaves(by_library), jax.tree_util.tree_leaves(permuted)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    np.testing.assert_allclose(apply_jit(model, permuted, x), apply_jit(model, variables, x), atol=1e-4, rtol=1e-4)
     acts = models.capture_activations(model, variables, x, "post")
     assert set(acts) == set(spec.plans)
+
+
+_recompute_batch_stats = jax.jit(models.recompute_batch_stats, static_argnums=0)
 
 
 def test_spec_errors_name_the_problem():
