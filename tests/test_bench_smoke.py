@@ -1,34 +1,37 @@
-"""bench/bench_fusion.py --quick runs end to end and writes its JSON (no timing assertions)."""
+"""bench/bench_fusion.py --quick runs end to end and writes its JSON (no timing assertions).
+
+The run is a background job (tests/background.py): it starts when collection ends, beside the other tests.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+import background
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "bench_fusion.py"
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "results.json"
-    md = out.with_suffix(".md")
+def _quick_commands(folder):
+    out = folder / "results.json"
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--out", str(out), "--markdown", str(md)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-        env=env,
-    )
-    return proc, out, md
+    return [background.Command([str(BENCH), "--quick", "--out", str(out), "--markdown", str(out.with_suffix(".md"))], cwd=ROOT, env=env)]
+
+
+# Started when collection ends, beside the in-process tests (tests/background.py).
+QUICK = background.register("bench_quick", _quick_commands, fixture="quick_run", timeout=240)
+
+
+@pytest.fixture(scope="module")
+def quick_run():
+    outcome = QUICK.result()
+    out = outcome.folder / "results.json"
+    return outcome.procs[0], out, out.with_suffix(".md")
 
 
 def test_quick_exits_zero(quick_run):

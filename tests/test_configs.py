@@ -1,6 +1,7 @@
 """Tests of configs/*.py, otfusion_jax.configs_util, and train.py end to end.
 
-train.py runs in-process (tests/cli_harness.py), except one real ``python train.py`` smoke test.
+train.py runs in-process (tests/cli_harness.py), except one real ``python train.py`` smoke test (a background
+job, tests/background.py: it starts when collection ends and runs beside the other tests).
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ import glob
 import importlib
 import json
 import os
-import subprocess
 import sys
 
 import jax
+import background
 import ml_collections
 import pytest
 from absl import flags
@@ -251,26 +252,30 @@ def _run_train(*args: str, cwd):
     return run_script("train.py", *args, cwd=cwd)
 
 
-def _run_train_subprocess(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = subprocess_env()
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def _train_args(workdir, *extra):
     return [f"--config.workdir={workdir}", f"--config.parents_dir={workdir / 'parents'}", "--config.train.epochs=1", *extra]
 
 
-def test_train_py_smoke_subprocess(tmp_path):
+def _train_smoke_commands(folder):
+    args = _train_args(folder / "sub", "--config.num_parents=1", "--noprogress")
+    return [background.Command([os.path.join(ROOT, "train.py"), *args], cwd=folder, env=subprocess_env())]
+
+
+# The one real `python train.py`: started when collection ends, beside the in-process tests (tests/background.py).
+TRAIN_SMOKE = background.register("train_smoke", _train_smoke_commands, fixture="train_subprocess", timeout=300)
+
+
+@pytest.fixture
+def train_subprocess():
+    """The background `python train.py --config.num_parents=1 --config.train.epochs=1`: (folder, process)."""
+    outcome = TRAIN_SMOKE.result()
+    return outcome.folder, outcome.procs[0]
+
+
+def test_train_py_smoke_subprocess(train_subprocess, tmp_path):
     """The one real `python train.py` run: exit status, stdout, files; the same bits as an in-process run."""
-    workdir = tmp_path / "sub"
-    proc = _run_train_subprocess(*_train_args(workdir, "--config.num_parents=1", "--noprogress"), cwd=tmp_path)
+    folder, proc = train_subprocess
+    workdir = folder / "sub"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.splitlines()

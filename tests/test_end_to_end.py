@@ -1,6 +1,7 @@
 """Digits-trained parents: OT fusion beats vanilla averaging; fuse.py end to end; README example.
 
-fuse.py runs in-process (tests/cli_harness.py), except one real ``python fuse.py`` smoke test.
+fuse.py runs in-process (tests/cli_harness.py), except one real ``python fuse.py`` smoke test (a background
+job, tests/background.py: it starts when collection ends and runs beside the other tests).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
+import shutil
 import sys
 
+import background
 import jax
 import pytest
 from cli_harness import run_script, subprocess_env
@@ -20,6 +22,7 @@ import otfusion_jax as otf
 from otfusion_jax import checkpoints, configs_util, experiment, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READY = os.path.join(ROOT, "checkpoints", "digits_mlpnet")  # the shipped digits parents
 sys.path.insert(0, ROOT)
 from configs import digits_mlpnet  # noqa: E402
 
@@ -69,16 +72,41 @@ def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
     assert set(fused) == {"OT fusion (weights, exact)", "OT fusion (activations, exact)"}
 
 
-def test_fuse_script_end_to_end(digits_parents, tmp_path):
-    config, *_ = digits_parents
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable, os.path.join(ROOT, "fuse.py"), f"--config.workdir={config.workdir}", f"--config.parents_dir={config.parents_dir}",
-        f"--out={out}", "--config.experiment.method=ot-weights", "--config.fusion.solver=sinkhorn",
+def _fuse_script_commands(folder):
+    """Two real `python fuse.py` runs on copies of the shipped digits parents, sharing a fresh compilation cache."""
+    for k in range(2):
+        shutil.copytree(os.path.join(READY, f"parent_{k}"), folder / "parents" / f"parent_{k}")
+    env = subprocess_env(cache=folder / "jax-cache")  # a fresh persistent compilation cache
+    return [background.Command([os.path.join(ROOT, "fuse.py"), *_fuse_script_args(folder, out)], cwd=ROOT, env=env) for out in ("out", "out3")]
+
+
+def _fuse_script_args(folder, out):
+    return [
+        f"--config.workdir={folder / 'run'}", f"--config.parents_dir={folder / 'parents'}",
+        f"--out={folder / out}", "--config.experiment.method=ot-weights", "--config.fusion.solver=sinkhorn",
         "--config.fusion.normalize_cost=mean", "--config.fusion.epsilon=0.05", "--save_fused", "--noprogress",
     ]
-    env = subprocess_env(cache=tmp_path / "jax-cache")  # a fresh persistent compilation cache
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+
+# Started when collection ends, beside the in-process tests (tests/background.py).
+FUSE_SCRIPT = background.register("fuse_script", _fuse_script_commands, fixture="fuse_script_runs", timeout=600)
+
+
+@pytest.fixture
+def fuse_script_runs():
+    """The background job's folder and its two processes (the second loads what the first cached)."""
+    outcome = FUSE_SCRIPT.result()
+    return outcome.folder, outcome.procs
+
+
+def test_fuse_script_end_to_end(fuse_script_runs):
+    """Real `python fuse.py` twice (a cold and a warm compilation cache) and once in-process: same tables.
+
+    The shipped digits parents (seeds 0, 1, the architecture of configs/digits_mlpnet.py); the parents
+    trained in this module are fused in-process by test_ot_fusion_beats_vanilla_averaging_on_digits.
+    """
+    folder, (proc, again) = fuse_script_runs
+    out, out3 = folder / "out", folder / "out3"
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     methods = [r["method"] for r in results["tables"][0]["rows"]]
@@ -100,11 +128,9 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| method |"))
     assert header.endswith("| fusion time (s) | compile (s) |")
     first = results["compilation"]
-    assert first["cache_dir"] == str(tmp_path / "jax-cache") and first["written"] > 0 and first["programs"] > 0
+    assert first["cache_dir"] == str(folder / "jax-cache") and first["written"] > 0 and first["programs"] > 0
     assert f"{first['written']} written to it" in proc.stdout
     # a second process loads every program the first wrote, compiles only what JAX cannot cache (host callbacks)
-    out3 = tmp_path / "out3"
-    again = subprocess.run([a.replace(str(out), str(out3)) for a in cmd], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     results3 = json.loads((out3 / "results.json").read_text())
     second = results3["compilation"]
@@ -113,8 +139,8 @@ def test_fuse_script_end_to_end(digits_parents, tmp_path):
     same = [(r["method"], r["accuracy"], r["loss"]) for r in results["tables"][0]["rows"]]
     assert [(r["method"], r["accuracy"], r["loss"]) for r in results3["tables"][0]["rows"]] == same
     # the same command in-process gives the same table (same bits across processes)
-    out2 = tmp_path / "out2"
-    inproc = run_script("fuse.py", *[a.replace(str(out), str(out2)) for a in cmd[2:]], "--config.experiment.plots=False")
+    out2 = folder / "out2"
+    inproc = run_script("fuse.py", *_fuse_script_args(folder, "out2"), "--config.experiment.plots=False")
     assert inproc.returncode == 0, inproc.stderr[-2000:]
     rows2 = json.loads((out2 / "results.json").read_text())["tables"][0]["rows"]
     rows = results["tables"][0]["rows"]

@@ -1,21 +1,21 @@
 """fuse_sharded: a batch of pairs split over devices gives the vmap/loop result, really sharded.
 
 Eight CPU devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
-before JAX is imported, so those checks run in a subprocess.
+before JAX is imported, so those checks run in a subprocess (a background job: it
+starts when collection ends and runs beside the other tests).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import background
 
 import otfusion_jax as otf
 from otfusion_jax import sharding
@@ -80,14 +80,20 @@ _EIGHT_DEVICES = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def eight_device_report():
+def _eight_device_commands(folder):
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env.setdefault("JAX_PLATFORMS", "cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", _EIGHT_DEVICES], capture_output=True, text=True, timeout=300, env=env
-    )
+    return [background.Command(["-c", _EIGHT_DEVICES], cwd=folder, env=env)]
+
+
+# Started when collection ends, beside the in-process tests (tests/background.py).
+EIGHT_DEVICES = background.register("eight_devices", _eight_device_commands, fixture="eight_device_report", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def eight_device_report():
+    (proc,) = EIGHT_DEVICES.result().procs
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
     return json.loads(line[len("REPORT") :])
