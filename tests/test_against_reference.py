@@ -307,6 +307,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "pair_name,config,step",
     [(p, c, step[0] if step else None) for p, c, _, *step in CASES],

@@ -76,6 +76,7 @@ def test_float_costs_match_scipy(n, d):
     assert 0 < int(info.n_iters) < 100_000
 
 
+@pytest.mark.slow
 def test_vmap_equals_one_by_one_and_bidders_do_not_change_the_answer():
     costs = jax.random.uniform(jax.random.key(0), (6, 40, 40))
     batched = jax.vmap(lambda c: ot.exact_assignment_auction(c)[1])(costs)
@@ -99,6 +100,7 @@ def test_lockstep_vmap_of_accelerators_gives_the_same_plans(monkeypatch):
     assert cpu_jaxpr.count("scan[") == jaxpr.count("scan[") + 1  # the lax.map, on the CPU only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [256, 400])
 def test_tied_neurons_are_slow_but_optimal(n):
     """Dead ReLUs: 30 identical neurons in each model (regression: a slack > 0 ran out of rounds here)."""
@@ -148,11 +150,13 @@ def test_constant_and_non_square_costs():
         ot.exact_assignment_auction(jnp.ones((4, 4)), bidders=0)
 
 
+@pytest.mark.slow
 def test_gradient_is_stopped_not_nan():
     g = jax.grad(lambda c: ot.exact_assignment_auction(c)[2].cost)(jax.random.uniform(jax.random.key(2), (8, 8)))
     assert np.isfinite(np.asarray(g)).all()
 
 
+@pytest.mark.slow
 @settings(max_examples=4, deadline=None)
 @given(widths=st.lists(st.integers(2, 24), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 def test_auction_backend_recovers_a_permuted_copy(widths, seed):
@@ -164,6 +168,7 @@ def test_auction_backend_recovers_a_permuted_copy(widths, seed):
     assert all(bool(i.converged) for i in aux.info[0].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,shape,opts",
     [
@@ -187,6 +192,7 @@ def test_config_rejects_bad_bidders():
     assert otf.FusionConfig(exact_backend="auction", auction_bidders=np.int64(4)).auction_bidders == 4
 
 
+@pytest.mark.slow
 def test_weight_matching_with_the_auction():
     model, spec = build("mlpnet", input_shape=(6, 6, 1), num_classes=10, widths=(24, 12), bias=True)
     a, b = (init_jit(model, jax.random.key(s), (6, 6, 1)) for s in (3, 4))
@@ -197,6 +203,7 @@ def test_weight_matching_with_the_auction():
     np.testing.assert_allclose(info_a.objective, info_h.objective, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["device", "auction"])
 def test_vmap_of_grad_through_the_batched_exact_solvers(backend):
     """The solvers' custom vmap rule (lax.map on a CPU) must not break vmap(grad(fuse)): the plan is constant."""

@@ -34,11 +34,13 @@ def quick_run():
     return outcome.procs[0], out, out.with_suffix(".md")
 
 
+@pytest.mark.slow
 def test_quick_exits_zero(quick_run):
     proc, _, _ = quick_run
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_quick_writes_json_with_expected_keys(quick_run):
     _, out, _ = quick_run
     report = json.loads(out.read_text())
@@ -72,6 +74,7 @@ def test_quick_writes_json_with_expected_keys(quick_run):
         assert r["k"] >= 2 and r["fuse_ms"] > 0
 
 
+@pytest.mark.slow
 def test_quick_prints_markdown_table(quick_run):
     proc, _, md = quick_run
     assert "| model | mode | solver |" in proc.stdout

@@ -272,6 +272,7 @@ def train_subprocess():
     return outcome.folder, outcome.procs[0]
 
 
+@pytest.mark.slow
 def test_train_py_smoke_subprocess(train_subprocess, tmp_path):
     """The one real `python train.py` run: exit status, stdout, files; the same bits as an in-process run."""
     folder, proc = train_subprocess

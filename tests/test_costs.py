@@ -89,6 +89,7 @@ def test_zero_neurons_are_finite(centring):
             assert np.all(np.isfinite(c))
 
 
+@pytest.mark.slow
 def test_vmap_mixes_branches(centring):
     """Under vmap the predicate is batched (both branches run, a select picks): each item as unbatched."""
     rng = np.random.default_rng(3)

@@ -58,6 +58,7 @@ def _row(rows, prefix):
     return next(r for r in rows if r["method"].startswith(prefix))
 
 
+@pytest.mark.slow
 def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
     config, dataset, spec, parents = digits_parents
     rows, fused = experiment.run_fusion_table(parents, spec, dataset, configs_util.settings_from(config))
@@ -99,6 +100,7 @@ def fuse_script_runs():
     return outcome.folder, outcome.procs
 
 
+@pytest.mark.slow
 def test_fuse_script_end_to_end(fuse_script_runs):
     """Real `python fuse.py` twice (a cold and a warm compilation cache) and once in-process: same tables.
 
@@ -168,6 +170,7 @@ def test_fuse_script_bad_input_is_one_clear_line(digits_parents, tmp_path, args,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs():
     """The README's Python API example is executed as written."""
     text = open(os.path.join(ROOT, "README.md")).read()
@@ -188,6 +191,7 @@ def test_fusion_config_fields_documented_in_default_config():
             assert "  # " in line, line  # one commented field per line
 
 
+@pytest.mark.slow
 def test_runner_groups_write_every_output(tmp_path):
     """Two tables from the shipped digits parents through the library calls fuse.py makes, fused checkpoints per group."""
     from otfusion_jax import runner
@@ -219,6 +223,7 @@ def test_runner_groups_write_every_output(tmp_path):
     assert all(os.path.getmtime(tmp_path / "out" / n) <= later for n in ("results.md", *names))  # results.json last
 
 
+@pytest.mark.slow
 def test_a_new_method_is_one_table_entry(digits_parents, monkeypatch):
     """The driver's dispatch: a METHODS entry whose fuse() returns an Outcome is a row, with REPAIR, like the rest."""
     _, dataset, spec, parents = digits_parents

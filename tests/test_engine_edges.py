@@ -29,6 +29,7 @@ def test_bad_averaging_weights_are_refused_before_jit():
             otf.fuse([a, b], spec, otf.FusionConfig(exact_backend="host"), weights=bad)
 
 
+@pytest.mark.slow
 def test_align_parents_then_average_is_fuse_also_for_the_weighted_barycentre():
     _, spec, a = _mlp((8, 6), 0)
     parents = [a] + [_mlp((8, 6), s)[2] for s in (1, 2)]
@@ -40,6 +41,7 @@ def test_align_parents_then_average_is_fuse_also_for_the_weighted_barycentre():
     assert int(aux.iterations) == int(aux_a.iterations)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
 def test_barycentre_with_a_zero_weight_stays_finite(solver):
     """ensemble weights (0, 1): the others' mean of the target is the other parent alone, not 0 / 0."""
@@ -53,6 +55,7 @@ def test_barycentre_with_a_zero_weight_stays_finite(solver):
         np.testing.assert_allclose(model.apply(fused, x), model.apply(b, x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_many_parents_of_different_widths_get_the_ot_barycentre():
     """The default many-parent method (weight matching) needs equal widths: the driver falls back to OTFusion's."""
     parents = []

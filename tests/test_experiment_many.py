@@ -29,6 +29,7 @@ def _settings(**experiment_options):
     return experiment.Settings(experiment=exp, matching=matching.WeightMatching(restarts=4))
 
 
+@pytest.mark.slow
 def test_tables_of_more_than_two_parents_add_the_barycentre(digits4):
     parents, spec, ds = digits4
     rows, fused = experiment.run_fusion_table(parents, spec, ds, _settings(method="ot-weights"))
@@ -43,6 +44,7 @@ def test_tables_of_more_than_two_parents_add_the_barycentre(digits4):
     assert not any("barycentre" in r["method"] for r in rows_off)
 
 
+@pytest.mark.slow
 def test_restarts_ranked_by_training_loss_pick_the_lowest(digits4):
     """The chosen restart is the one whose mean with the target has the lowest training loss."""
     parents, spec, ds = digits4

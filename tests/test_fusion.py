@@ -58,6 +58,7 @@ def test_permuted_mlp_copy_is_recovered_exactly(widths, bias, mode, seed):
 _recompute_batch_stats = jax.jit(recompute_batch_stats, static_argnums=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["weights", "activations"])
 @pytest.mark.parametrize(
     "name,shape,opts",
@@ -113,6 +114,7 @@ def _noisy_permuted_pair(widths, seed=0, noise=0.05):
     return model, spec, a, b
 
 
+@pytest.mark.slow
 def test_small_epsilon_sinkhorn_agrees_with_exact():
     model, spec, a, b = _noisy_permuted_pair((16, 12))
     exact, aux_e = otf.fuse([a, b], spec, otf.FusionConfig(normalize_cost="max"))
@@ -186,6 +188,7 @@ def test_different_widths_fuse_into_target_widths():
         np.testing.assert_allclose(aux.plans[0]["fc1"].sum(0), 1.0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_vmap_over_pairs_equals_loop():
     model, spec, _ = _mlp((10, 6), bias=True)
     pairs = [(init_jit(model, jax.random.key(2 * i), (4, 4, 1)), init_jit(model, jax.random.key(2 * i + 1), (4, 4, 1))) for i in range(3)]
@@ -208,6 +211,7 @@ def test_jitted_pass_does_not_retrace_for_same_shapes():
     assert engine._fuse_jit._cache_size() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implicit", [False, True])
 def test_gradients_through_sinkhorn_are_finite(implicit):
     """d(loss of the fused model)/d(parent params, ensemble weights) through Sinkhorn, float32.
@@ -281,6 +285,7 @@ _pairwise_cost = jax.jit(otf.ot.pairwise_cost, static_argnums=(2, 3))
 _pairwise_cost_columns = jax.jit(otf.ot.pairwise_cost_columns, static_argnums=(2, 3))
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(
     n=st.integers(1, 9),
@@ -341,6 +346,7 @@ def test_vanilla_average_is_the_plain_mean():
         otf.vanilla_average([a, c])
 
 
+@pytest.mark.slow
 def test_unbalanced_sinkhorn_relaxes_the_marginals():
     model, spec, a, b = _noisy_permuted_pair((10,))
     base = dict(solver="sinkhorn", relative_epsilon="mean", epsilon=0.05, correction=False)
@@ -355,6 +361,7 @@ def test_unbalanced_sinkhorn_relaxes_the_marginals():
 # ----------------------------------------------------------------------------- many parents: the iterative barycentre
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "aligner",
     [otf.FusionConfig(exact_backend="host"), otf.WeightMatching(start="greedy", restarts=1)],
@@ -374,6 +381,7 @@ def test_barycentre_of_permuted_copies_is_the_model(aligner):
     assert all(max_abs_diff(a, v) < 1e-6 for a in aligned) and int(aux_a.iterations) == 2
 
 
+@pytest.mark.slow
 def test_barycentre_rounds_and_refusals():
     """Trained-like random parents: it runs at most `iterations` rounds; activations aligners are refused."""
     _, spec, a = _mlp((12, 8), bias=True, seed=0)

@@ -349,6 +349,7 @@ _WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_atomic_writers_survive_sigkill(tmp_path):
     """Kill a writer at random moments: results.json and the checkpoint are always one complete version.
 

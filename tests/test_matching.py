@@ -33,6 +33,7 @@ def _pair(seed):
     return model, spec, a, b
 
 
+@pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(
     widths=st.lists(st.integers(2, 16), min_size=1, max_size=3),
@@ -53,6 +54,7 @@ def test_permuted_mlp_copy_is_recovered_exactly(widths, bias, seed):
     assert aux.stats[1] is None and aux.plans[1] is None and set(aux.stats[0].perms) == set(spec.plans)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,shape,opts",
     [
@@ -92,6 +94,7 @@ def _np_max_abs_diff(a, b):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["greedy", "identity"])
 def test_objective_never_decreases(start):
     """Different random parents: a real descent over several sweeps."""
@@ -120,6 +123,7 @@ def test_greedy_start_alone_recovers_apermuted_copy():
     assert max_abs_diff(otf.apply_plans(ap, spec, perms), a) == 0.0
 
 
+@pytest.mark.slow
 def test_no_retrace_for_same_shapes():
     _, spec, a, b = _pair(0)
     matching.weight_matching(a, b, spec, seed=0)
@@ -131,6 +135,7 @@ def test_no_retrace_for_same_shapes():
     assert matching._match_jit._cache_size() == before
 
 
+@pytest.mark.slow
 def test_refinement_of_otfusion_plans_does_not_lose():
     for seed in range(3):
         _, spec, a, b = _pair(seed)
@@ -156,6 +161,7 @@ def test_perms_to_plans_matches_apply_plans_bitwise():
     assert max_abs_diff(otf.apply_plans(a, spec, plans), otf.apply_plans(a, spec, perms)) == 0.0
 
 
+@pytest.mark.slow
 def test_device_and_host_solvers_agree():
     for seed in range(2):
         _, spec, a, b = _pair(seed)
@@ -166,6 +172,7 @@ def test_device_and_host_solvers_agree():
         np.testing.assert_allclose(info_d.objective, info_h.objective, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_soft_variant_runs_and_is_finite():
     model, spec, a, b = _pair(2)
     fused, aux = otf.fuse([a, b], spec, matching.WeightMatching(soft=True, restarts=1), params={"epsilon": 0.5})
@@ -246,6 +253,7 @@ def test_identity_start_matches_the_git_rebasin_reference(seed):
     )
 
 
+@pytest.mark.slow
 def test_restarts_keep_the_best_and_equal_single_runs():
     """R restarts under vmap: each equals the single run with its key, and the best objective wins."""
     _, spec, a, b = _pair(5)

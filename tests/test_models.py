@@ -72,6 +72,7 @@ def test_resnet18_shapes_and_shared_stream_plans():
     assert lm["params/layer2_0/shortcut_conv/kernel"].axes[2] == "res1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,shape,opts",
     [
@@ -273,6 +274,7 @@ def test_model_options_of_configs_come_from_the_records():
         configs_util.model_options_from({"model": {**model, "widths": "wide"}})
 
 
+@pytest.mark.slow
 def test_the_docs_example_registers_builds_checks_and_fuses():
     code = doc_example_code()  # the one ```python block of docs/ADDING_A_MODEL.md, executed by fusion_helpers
     assert "models.register(" in code and "class SmallCNN(nn.Module)" in code

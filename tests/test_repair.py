@@ -49,6 +49,7 @@ def test_identical_parents_are_a_fixed_point_mlp():
     assert _max_diff(out, a) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.5, 0.3])
 def test_mlp_statistics_match_the_interpolated_targets(alpha):
     model, spec = _mlp()
@@ -114,6 +115,7 @@ def _bn_parent(model, shape, seed, x):
     return recompute_batch_stats(model, spec_lib.unflatten_paths(flat), x)
 
 
+@pytest.mark.slow
 def test_batchnorm_model_identity_and_statistics():
     """VGG11 with BN: REPAIR resets the statistics; BN outputs then have the interpolated mean/std."""
     shape = (32, 32, 3)

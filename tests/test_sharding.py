@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 _EIGHT_DEVICES = textwrap.dedent(
     """
     import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp
     import otfusion_jax as otf
     from otfusion_jax import sharding
@@ -82,7 +82,7 @@ _EIGHT_DEVICES = textwrap.dedent(
 
 def _eight_device_commands(folder):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
     return [background.Command(["-c", _EIGHT_DEVICES], cwd=folder, env=env)]
 
@@ -99,10 +99,12 @@ def eight_device_report():
     return json.loads(line[len("REPORT") :])
 
 
+@pytest.mark.slow
 def test_eight_devices_are_visible(eight_device_report):
     assert eight_device_report["n_devices"] == 8
 
 
+@pytest.mark.slow
 def test_sharded_equals_vmap_and_loop(eight_device_report):
     for case in eight_device_report["cases"]:
         assert case["shape0"] == case["b"] and case["plan_shape0"] == case["b"], case
@@ -112,6 +114,7 @@ def test_sharded_equals_vmap_and_loop(eight_device_report):
     assert eight_device_report["cases"][0]["vs_loop"] == 0.0
 
 
+@pytest.mark.slow
 def test_output_is_sharded_over_eight_devices(eight_device_report):
     full = [c for c in eight_device_report["cases"] if c["b"] == 8]
     assert full
@@ -121,6 +124,7 @@ def test_output_is_sharded_over_eight_devices(eight_device_report):
         assert "pairs" in case["spec"], case
 
 
+@pytest.mark.slow
 def test_uneven_batch_is_padded_then_trimmed(eight_device_report):
     uneven = [c for c in eight_device_report["cases"] if c["b"] == 5]
     assert uneven
@@ -136,6 +140,7 @@ def _pairs(b):
     return spec, vs, stack(vs[:b]), stack(vs[b:])
 
 
+@pytest.mark.slow
 def test_default_mesh_in_process_matches_loop():
     spec, vs, pa, pb = _pairs(3)
     mesh = sharding.make_pair_mesh()

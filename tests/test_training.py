@@ -266,6 +266,7 @@ class _TinyBNNet(nn.Module):
         return nn.Dense(3, name="fc")(x)
 
 
+@pytest.mark.slow
 def test_batchnorm_model_updates_batch_stats():
     rng = np.random.default_rng(0)
     ds = data.Dataset(
