@@ -13,9 +13,11 @@ ended by ``jax.block_until_ready``; the compile time is reported apart):
   ResNet18 on 32x32x3 with BatchNorm), mode (weights, activations of
   ``--samples`` inputs; capturing them is timed apart) and solver
   (``exact-auto``: the default ``FusionConfig``, whose "auto" backend is
-  ``exact-host`` on a CPU and the auction elsewhere; ``exact-device``: optax
-  Hungarian on the device, ``exact-auction``: the parallel auction on the
-  device, ``exact-host``: scipy/POT through a host callback, ``sinkhorn``:
+  ``exact-lapjv`` (or ``exact-host`` without the lapjv package) on a CPU and the
+  auction elsewhere; ``exact-device``: optax Hungarian on the device,
+  ``exact-auction``: the parallel auction on the device, ``exact-host``:
+  scipy/POT through a host callback, ``exact-lapjv``: the lapjv package's
+  Jonker-Volgenant through a host callback (timed where installed), ``sinkhorn``:
   OTT-JAX). The jitted call is
   ``jax.jit(lambda parents, acts: otf.fuse(parents, spec, config, ...))``:
   inside jit there are no host-side input checks; the checks that
@@ -80,11 +82,17 @@ import numpy as np  # noqa: E402
 # imported up front so that no compile_s, cold_compile_s included, counts it.
 import scipy.optimize  # noqa: E402, F401  # pylint: disable=unused-import
 
+try:  # the same for the optional lapjv solver
+    import lapjv  # noqa: E402, F401  # pylint: disable=unused-import
+except ImportError:  # pragma: no cover
+    pass
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import otfusion_jax as otf  # noqa: E402
+from otfusion_jax import ot  # noqa: E402
 from otfusion_jax.interop import layouts  # noqa: E402
 from otfusion_jax.models import build, capture_activations, init  # noqa: E402
 
@@ -116,20 +124,26 @@ except ImportError:  # pragma: no cover
 __all__ = ["main", "device_info", "run"]
 
 SOLVERS: dict[str, dict[str, Any]] = {
-    # The default FusionConfig: exact_backend="auto" (ot.resolve_backend: "host" on a CPU, "auction" elsewhere).
+    # The default FusionConfig: exact_backend="auto" (ot.resolve_backend: "lapjv" or "host" on a CPU, "auction" elsewhere).
     "exact-auto": dict(solver="exact", exact_backend="auto"),
     "exact-device": dict(solver="exact", exact_backend="device"),
     "exact-auction": dict(solver="exact", exact_backend="auction"),
     "exact-host": dict(solver="exact", exact_backend="host"),
+    "exact-lapjv": dict(solver="exact", exact_backend="lapjv"),
     # Cost divided by its mean, epsilon 0.01 of that: the reference gets the same problem.
     "sinkhorn": dict(solver="sinkhorn", normalize_cost="mean", epsilon=0.01, sinkhorn_threshold=1e-3),
 }
 SINKHORN_MAX_ITERATIONS = 2000
+
+
+def available_solvers() -> list[str]:
+    """Every solver of ``SOLVERS`` that runs here (``exact-lapjv`` needs the optional lapjv package)."""
+    return [s for s in SOLVERS if s != "exact-lapjv" or ot.has_lapjv()]
 # --quick times only these (compiling dominates a tiny run: about 2-15 s per
 # configuration on a 2-core CPU, most for the while loops of the device
 # Hungarian and Sinkhorn over ResNet18's 13 plans).
 QUICK_PLAN: dict[str, dict[str, list[str]]] = {
-    "mlpnet": {"weights": [s for s in SOLVERS if s != "exact-auto"], "activations": ["exact-host"]},
+    "mlpnet": {"weights": [s for s in SOLVERS if s not in ("exact-auto", "exact-lapjv")], "activations": ["exact-host"]},
     "vgg11": {"weights": ["exact-host"]},
     "resnet18": {"weights": ["exact-host"]},
 }
@@ -932,7 +946,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    fallback = list(args.solvers) if args.solvers else (["exact-host"] if q else list(SOLVERS))
+    fallback = list(args.solvers) if args.solvers else (["exact-host"] if q else available_solvers())
     args.vmap_solvers = args.vmap_solvers or fallback
     args.k_solvers = args.k_solvers or fallback
     return args
@@ -944,7 +958,7 @@ def _solvers_for(args: argparse.Namespace, model: str, mode: str) -> list[str]:
         return list(args.solvers)
     if args.quick:
         return list(QUICK_PLAN.get(model, {}).get(mode, []))
-    return list(SOLVERS)
+    return available_solvers()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -63,11 +63,13 @@ class FusionConfig:
       solver: "exact" or "sinkhorn".
       exact_backend: square uniform problems (the rest always use the host's
         exact LP), one of ``ot.EXACT_BACKENDS``: "auto" (default: the fastest
-        for the platform, ``ot.resolve_backend``: "host" on a CPU, "auction"
-        on accelerators), "device" (optax Hungarian: jit/vmap-able,
+        for the platform, ``ot.resolve_backend``: "lapjv" or "host" on a CPU,
+        "auction" on accelerators), "device" (optax Hungarian: jit/vmap-able,
         sequential), "auction" (``ot.exact_assignment_auction``: parallel
         rounds on device; optimal for the cost rounded to a grid of
-        range / (2^26 / (n + 1))) or "host" (scipy through a host callback).
+        range / (2^26 / (n + 1))), "host" (scipy through a host callback) or
+        "lapjv" (the optional ``lapjv`` package's Jonker-Volgenant through a
+        host callback: ``pip install 'otfusion-jax[fast]'``).
       auction_bidders: "auction" only: free rows bidding per round (None: 16 on
         a CPU backend, all on accelerators).
       ground_metric: "euclidean" or "cosine".

@@ -38,7 +38,7 @@ best objective.
 ``init_plans`` (e.g. OTFusion's plans: "refinement") replaces either start.
 
 Solvers: the assignment solver every aligner uses, ``ot.assignment`` with
-``backend`` one of ``ot.EXACT_BACKENDS`` ("auto": scipy on the host on a CPU,
+``backend`` one of ``ot.EXACT_BACKENDS`` ("auto": a host solver (lapjv or scipy) on a CPU,
 the auction on accelerators). Plans of equal width share one solver instance
 in the compiled graph.
 
@@ -308,7 +308,7 @@ class WeightMatching:
         (``params={"epsilon": e}`` overrides it with a traced value).
       align_output: also match the output (class) plan.
       backend: the exact assignment solver, one of ``ot.EXACT_BACKENDS``
-        (``ot.assignment``; "auto" is scipy on the host on a CPU backend).
+        (``ot.assignment``; "auto" is a host solver, lapjv or scipy, on a CPU backend).
       roles: leaf roles entering S and the objective; the default leaves out
         BatchNorm running statistics ("stat"), which describe data, not the
         function. All leaves are permuted regardless.

@@ -9,6 +9,8 @@ neither OTT-JAX nor optax has an exact transport solver on device.
 from __future__ import annotations
 
 import functools
+import importlib.util
+from collections.abc import Callable
 from typing import NamedTuple, Sequence
 
 import jax
@@ -28,6 +30,7 @@ __all__ = [
     "Permutation",
     "EXACT_BACKENDS",
     "resolve_backend",
+    "has_lapjv",
     "assignment",
     "exact_assignment_host",
     "pairwise_cost",
@@ -43,7 +46,7 @@ __all__ = [
 
 METRICS = ("euclidean", "cosine")
 # Exact assignment solvers (square costs, uniform marginals); "auto" picks the fastest for the platform.
-EXACT_BACKENDS = ("auto", "device", "auction", "host")
+EXACT_BACKENDS = ("auto", "device", "auction", "host", "lapjv")
 COST_NORMS = ("none", "log", "max", "median", "mean")
 
 
@@ -261,21 +264,42 @@ def exact_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanInfo]:
     return plan, perm, info
 
 
-def exact_assignment_host(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanInfo]:
-    """Like :func:`exact_assignment`, solved on the host by scipy. HOST CALLBACK.
+def _host_solver(solver: str) -> Callable[[np.ndarray], np.ndarray]:
+    """``solve(c) -> perm`` for one (n, n) NumPy cost on the host: ``perm[j]`` = the row sent to column j."""
+    if solver == "lapjv":
+        from lapjv import lapjv  # pylint: disable=import-outside-toplevel
 
-    scipy's ``linear_sum_assignment`` is 2-5x faster than the device Hungarian
-    on a CPU backend (``bench/RESULTS.md``); works under jit and vmap (sequentially).
-    """
+        # Jonker-Volgenant (src-d/lapjv, AVX2): float64 C-contiguous input; its second output maps columns to rows.
+        return lambda c: lapjv(np.ascontiguousarray(c, dtype=np.float64))[1].astype(np.int32)
     from scipy.optimize import linear_sum_assignment  # pylint: disable=import-outside-toplevel
 
+    def scipy_solve(c):
+        rows, cols = linear_sum_assignment(c)
+        return rows[np.argsort(cols)].astype(np.int32)
+
+    return scipy_solve
+
+
+def has_lapjv() -> bool:
+    """Whether the optional ``lapjv`` package (``pip install 'otfusion-jax[fast]'``) can be imported."""
+    return importlib.util.find_spec("lapjv") is not None
+
+
+def exact_assignment_host(cost: jax.Array, solver: str = "scipy") -> tuple[jax.Array, jax.Array, PlanInfo]:
+    """Like :func:`exact_assignment`, solved on the host. HOST CALLBACK.
+
+    ``solver`` "scipy" (``linear_sum_assignment``, 2-5x faster than the device Hungarian on a CPU
+    backend, ``bench/RESULTS.md``) or "lapjv" (the optional ``lapjv`` package's Jonker-Volgenant,
+    1.5-10x faster again than scipy here, ``bench/RESULTS.md``). Both are exact: they differ only
+    where several assignments tie. Works under jit and vmap (sequentially).
+    """
     n = cost.shape[0]
+    solve_one = _host_solver(solver)
 
     def solve(c):
         c = np.asarray(c)
         if c.ndim == 2:
-            rows, cols = linear_sum_assignment(c)
-            return rows[np.argsort(cols)].astype(np.int32)
+            return solve_one(c)
         return np.stack([solve(ci) for ci in c])
 
     perm = jax.pure_callback(
@@ -291,16 +315,22 @@ def exact_assignment_host(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanIn
 def resolve_backend(backend: str) -> str:
     """The concrete exact solver of ``backend``; "auto" is read at trace time from ``jax.default_backend()``.
 
-    "auto" is "host" (scipy through a callback) on a CPU backend, 2.5-4x faster
-    there than the device Hungarian and 1.6-2.4x faster than the auction
-    (``bench/RESULTS.md``, 2-core CPU), and the on-device "auction" on
+    "auto" is a host solver through a callback on a CPU backend: "lapjv" where the
+    optional ``lapjv`` package is installed (1.5-10x faster than scipy), else "host"
+    (scipy; 2.5-4x faster there than the device Hungarian and 1.6-2.4x faster than
+    the auction; ``bench/RESULTS.md``, 2-core CPU); and the on-device "auction" on
     accelerators, where it runs its rounds in parallel and under ``vmap`` in
-    lockstep (not yet measured on a GPU: ``bench/gpu_check.sh``).
+    lockstep (not yet measured on a GPU: ``bench/gpu_check.sh``). "lapjv" asked
+    for without the package is an error naming the extra.
     """
     if backend not in EXACT_BACKENDS:
         raise ValueError(f"exact_backend must be one of {EXACT_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "host" if jax.default_backend() == "cpu" else "auction"
+        if jax.default_backend() != "cpu":
+            return "auction"
+        return "lapjv" if has_lapjv() else "host"
+    if backend == "lapjv" and not has_lapjv():
+        raise ValueError("exact_backend='lapjv' needs the lapjv package: pip install 'otfusion-jax[fast]'")
     return backend
 
 
@@ -320,8 +350,8 @@ def assignment(
     backend = resolve_backend(backend)
     if backend == "auction":
         return exact_assignment_auction(cost, bidders=bidders)
-    if backend == "host":
-        return exact_assignment_host(cost)
+    if backend in ("host", "lapjv"):
+        return exact_assignment_host(cost, "scipy" if backend == "host" else "lapjv")
     return exact_assignment(cost)
 
 
