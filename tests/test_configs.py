@@ -36,6 +36,7 @@ EXPECTED = {
     "digits_mlpnet",
     "fashion_mlpnet",
     "fashion_vgg11",
+    "fashion_resnet18",
     "mnist_mlpnet",
     "cifar10_vgg11",
     "cifar10_resnet18",
@@ -167,8 +168,10 @@ def test_paper_recipes():
     t = resnet.train
     assert (t.lr, t.momentum, t.weight_decay, t.batch_size, t.epochs) == (0.1, 0.9, 1e-4, 256, 300)
     assert (t.schedule, tuple(t.milestones), t.gamma) == ("multistep", (150, 250), 0.1)
-    fvgg = _get("fashion_vgg11")
-    assert fvgg.data.pad_to == 32 and fvgg.model.name == "vgg11"
+    for name, model in (("fashion_vgg11", "vgg11"), ("fashion_resnet18", "resnet18")):
+        c = _get(name)  # the original's bias-free, BatchNorm-free nets, CPU-sized, 5,000 training images held out
+        assert (c.model.name, c.model.bias, c.model.norm, c.data.pad_to) == (model, False, False, 32), name
+        assert c.data.max_train == 55000 and c.parents_dir == f"checkpoints/{name}", name
     digits = _get("digits_mlpnet")
     assert digits.data.name == "digits" and digits.num_parents == 2
 
