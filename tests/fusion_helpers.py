@@ -109,6 +109,21 @@ DOC_EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 _DOC_MODULE = "adding_a_model_example"
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+
+
+def shipped_parents(name="digits_mlpnet", count=2):
+    """The ready-made parents ``checkpoints/<name>/parent_<k>``, k < count, as experiment Parents, and their spec."""
+    from otfusion_jax import checkpoints, configs_util, experiment  # pylint: disable=import-outside-toplevel
+
+    parents, spec = [], None
+    for k in range(count):
+        variables, meta = checkpoints.load(os.path.join(SHIPPED, name, f"parent_{k}"))
+        module, spec = configs_util.model_from_metadata(meta)
+        parents.append(experiment.Parent(f"parent {k}", module, variables))
+    return parents, spec
+
+
 def doc_example_code(path=DOC_EXAMPLE):
     """The one ```python code block of docs/ADDING_A_MODEL.md."""
     with open(path, encoding="utf-8") as f:

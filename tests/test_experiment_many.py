@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
 
-from otfusion_jax import checkpoints, configs_util, data, experiment, matching
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fusion_helpers import shipped_parents
+from otfusion_jax import data, experiment, matching
 
 
 @pytest.fixture(scope="module")
 def digits4():
     """The four ready-made digits parents in checkpoints/."""
-    parents = []
-    for k in range(4):
-        variables, meta = checkpoints.load(os.path.join(ROOT, "checkpoints", "digits_mlpnet", f"parent_{k}"))
-        module, spec = configs_util.model_from_metadata(meta)
-        parents.append(experiment.Parent(f"parent {k}", module, variables))
+    parents, spec = shipped_parents("digits_mlpnet", 4)
     return parents, spec, data.load("digits")
 
 

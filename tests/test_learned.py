@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,19 +11,14 @@ import pytest
 
 import otfusion_jax as otf
 from configs import digits_mlpnet
-from otfusion_jax import checkpoints, configs_util, data, experiment, learned
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fusion_helpers import shipped_parents
+from otfusion_jax import configs_util, data, experiment, learned
 
 
 @pytest.fixture(scope="module")
 def shipped_digits():
     """The ready-made digits parents in checkpoints/ (no training needed)."""
-    parents = []
-    for k in range(2):
-        variables, meta = checkpoints.load(os.path.join(ROOT, "checkpoints", "digits_mlpnet", f"parent_{k}"))
-        module, spec = configs_util.model_from_metadata(meta)
-        parents.append(experiment.Parent(f"parent {k}", module, variables))
+    parents, spec = shipped_parents("digits_mlpnet", 2)
     return parents, spec, data.load("digits")
 
 
