@@ -135,10 +135,6 @@ SOLVERS: dict[str, dict[str, Any]] = {
 }
 SINKHORN_MAX_ITERATIONS = 2000
 
-
-def available_solvers() -> list[str]:
-    """Every solver of ``SOLVERS`` that runs here (``exact-lapjv`` needs the optional lapjv package)."""
-    return [s for s in SOLVERS if s != "exact-lapjv" or ot.has_lapjv()]
 # --quick times only these (compiling dominates a tiny run: about 2-15 s per
 # configuration on a 2-core CPU, most for the while loops of the device
 # Hungarian and Sinkhorn over ResNet18's 13 plans).
@@ -147,6 +143,11 @@ QUICK_PLAN: dict[str, dict[str, list[str]]] = {
     "vgg11": {"weights": ["exact-host"]},
     "resnet18": {"weights": ["exact-host"]},
 }
+
+
+def available_solvers() -> list[str]:
+    """Every solver of ``SOLVERS`` that runs here (``exact-lapjv`` needs the optional lapjv package)."""
+    return [s for s in SOLVERS if s != "exact-lapjv" or ot.has_lapjv()]
 
 # The ORIGINAL OTFusion code (sidak/otfusion, PyTorch 2.13 CPU + POT 0.9.7, its
 # README flags, its fusion call only, warm medians) as measured in issue 15 on
