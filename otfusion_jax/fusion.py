@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from otfusion_jax import heads as heads_lib
 from otfusion_jax import ot
 from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
@@ -193,25 +194,23 @@ class FusionConfig:
         dtype = jnp.result_type(*[x.dtype for x in fb.values()])
         plans: dict[str, plans_lib.Plan] = {}
         infos: dict[str, ot.PlanInfo] = {}
-        roles = ("weight", "bias") if self.bias_in_cost else ("weight",)
+        roles = ("weight", "bias", "additive") if self.bias_in_cost else ("weight", "additive")
         for name in spec.plans:
-            # Weight mode: the producers' leaves as they are stored, (..., n) with the
-            # neurons last; A's input axes moved by the plans so far.
-            cols_a = _neuron_columns(fa, spec, name, plans, roles)
-            cols_b = _neuron_columns(fb, spec, name, None, roles)
-            n, m = cols_a[0].shape[-1], cols_b[0].shape[-1]
+            if name in plans:
+                continue  # solved with its head group
+            eps = None if params is None else params.get(name)
+            group = spec.head_group(name)
+            if group is not None:
+                costs = [self._cost(fa, fb, spec, p, plans, roles, parent_acts, target_acts)[0] for p in group.plans]
+                for p, plan, info in zip(group.plans, *self._solve_heads(costs, group, eps, dtype)):
+                    plans[p], infos[p] = plan, info
+                continue
+            cost, n, m = self._cost(fa, fb, spec, name, plans, roles, parent_acts, target_acts)
             if name == spec.output_plan and not self.align_output:
                 if n != m:
                     raise FusionError(f"layer {name!r}: align_output=False needs equal widths, got {n} and {m}")
                 plans[name] = plans_lib.Permutation(jnp.arange(n), 1.0)
                 continue
-            if self.mode == "activations":
-                raw = _activation_cost(parent_acts, target_acts, name, n, m, self)
-            else:
-                raw = ot.pairwise_cost_columns(
-                    cols_a, cols_b, self.ground_metric, self.squared, unit_norm=self.unit_norm_rows
-                )
-            cost = ot.normalize_cost(raw, self.normalize_cost)
             use_importance = self.importance is not None and name != spec.output_plan
             if use_importance:
                 # Like the original: norms of the raw incoming weights, biases left out.
@@ -220,10 +219,76 @@ class FusionConfig:
             else:
                 a = jnp.full((n,), 1.0 / n, cost.dtype)
                 b = jnp.full((m,), 1.0 / m, cost.dtype)
-            eps = None if params is None else params.get(name)
             plan, infos[name] = self._solve(cost, a, b, not use_importance, eps, n, dtype)
+            if name in spec.permutation_only and not isinstance(plan, plans_lib.Permutation):
+                plan = self._rounded(name, plan, n, m)
             plans[name] = plan
         return Alignment(plans, infos)
+
+    def _cost(self, fa, fb, spec, name, plans, roles, parent_acts, target_acts) -> tuple[jax.Array, int, int]:
+        """The plan's normalised (n, m) ground cost, from its producers' aligned weights or its activations."""
+        # Weight mode: the producers' leaves as they are stored, (..., n) with the
+        # neurons last; A's input axes moved by the plans so far.
+        cols_a = _neuron_columns(fa, spec, name, plans, roles)
+        cols_b = _neuron_columns(fb, spec, name, None, roles)
+        n, m = cols_a[0].shape[-1], cols_b[0].shape[-1]
+        if name == spec.output_plan and not self.align_output:
+            return jnp.zeros((0, 0)), n, m  # not solved: the output keeps the classes in place
+        if self.mode == "activations":
+            raw = _activation_cost(parent_acts, target_acts, name, n, m, self)
+        else:
+            raw = ot.pairwise_cost_columns(
+                cols_a, cols_b, self.ground_metric, self.squared, unit_norm=self.unit_norm_rows
+            )
+        return ot.normalize_cost(raw, self.normalize_cost), n, m
+
+    def _solve_heads(self, costs, group: spec_lib.HeadGroup, epsilon, dtype):
+        """A head group's plans (:mod:`otfusion_jax.heads`): whole heads matched, then neurons within heads."""
+        for p, c in zip(group.plans, costs):
+            if c.shape[0] != c.shape[1]:
+                raise FusionError(
+                    f"layer {p!r}: head-structured plans need the same heads and head size in every parent; "
+                    f"the parent has {c.shape[0]} neurons, the target {c.shape[1]} ({group.heads} heads in the spec)"
+                )
+        if self.importance is not None:
+            raise FusionError(f"layer {group.plans[0]!r}: importance marginals are not defined for attention heads")
+        if self.solver == "exact":
+            perms, _, _ = heads_lib.head_assignment(costs, group.heads, self.exact_backend, bidders=self.auction_bidders)
+            out = [plans_lib.Permutation(p, self._permutation_scale(c.shape[0])) for p, c in zip(perms, costs)]
+            infos = [
+                ot.PlanInfo(
+                    cost=jnp.sum(c[p, jnp.arange(c.shape[1])]) / c.shape[0],
+                    converged=jnp.array(True),
+                    n_iters=jnp.array(0, jnp.int32),
+                    error=jnp.array(0.0, c.dtype),
+                )
+                for p, c in zip(perms, costs)
+            ]
+            return out, infos
+        raw, info = heads_lib.head_sinkhorn(
+            costs,
+            group.heads,
+            epsilon=self.epsilon if epsilon is None else epsilon,
+            relative_epsilon=self.relative_epsilon,
+            threshold=self.sinkhorn_threshold,
+            max_iterations=self.sinkhorn_max_iterations,
+            implicit_diff=self.implicit_diff,
+        )
+        out = [
+            (ot.correct_plan(t, proper_marginals=self.proper_marginals) if self.correction else t).astype(dtype)
+            for t in raw
+        ]
+        return out, [info] * len(out)
+
+    def _rounded(self, name: str, plan: jax.Array, n: int, m: int) -> plans_lib.Permutation:
+        """A permutation-only plan (a stream through LayerNorm): the permutation nearest to a soft plan."""
+        if n != m:
+            raise FusionError(
+                f"layer {name!r} must stay a permutation (it passes through LayerNorm), so parents need equal "
+                f"widths there; got {n} and {m}"
+            )
+        perm = ot.assignment(-jax.lax.stop_gradient(plan), self.exact_backend, bidders=self.auction_bidders)[1]
+        return plans_lib.Permutation(perm, self._permutation_scale(n))
 
     def _solve(self, cost, a, b, uniform: bool, epsilon, n: int, dtype) -> tuple[plans_lib.Plan, ot.PlanInfo]:
         """One layer's corrected plan: a Permutation for square uniform exact problems, else a matrix."""

@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from otfusion_jax import heads as heads_lib
 from otfusion_jax import ot
 from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
@@ -167,9 +168,17 @@ def _assignment(s: jax.Array, backend: str) -> jax.Array:
     return ot.assignment(-jax.lax.stop_gradient(s), backend)[1]
 
 
-def _solve(s: jax.Array, old: jax.Array, epsilon: jax.Array, opts: WeightMatching) -> tuple[jax.Array, jax.Array]:
-    """Re-solves one plan from its similarity S (n, n). Returns (new perm or plan, changed)."""
+def _solve(
+    s: jax.Array, old: jax.Array, epsilon: jax.Array, opts: WeightMatching, hard: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Re-solves one plan from its similarity S (n, n). Returns (new perm or plan, changed).
+
+    ``hard`` (a permutation-only plan of a soft descent): the best permutation, as a matrix.
+    """
     n = s.shape[0]
+    if opts.soft and hard:
+        new = plans_lib.as_matrix(plans_lib.Permutation(_assignment(s, opts.backend), 1.0), n, old.dtype)
+        return new, jnp.max(jnp.abs(new - old)) > opts.soft_tol
     if opts.soft:
         # Sinkhorn on C / epsilon with regularisation 1 is Sinkhorn on C with
         # epsilon: epsilon stays a traced value (new values do not recompile).
@@ -194,7 +203,9 @@ def _solve(s: jax.Array, old: jax.Array, epsilon: jax.Array, opts: WeightMatchin
     return jnp.where(better, perm.astype(old.dtype), old), better
 
 
-def _group_branch(names, va, vb, epsilon, spec, opts: WeightMatching, ready: Mapping[str, frozenset] | None):
+def _group_branch(
+    names, va, vb, epsilon, spec, opts: WeightMatching, ready: Mapping[str, frozenset] | None, hard: bool = False
+):
     """One switch branch for all plans of one width: a single solver instance in the graph.
 
     The solver (a Hungarian or Sinkhorn loop) dominates compile time, so plans of
@@ -214,10 +225,52 @@ def _group_branch(names, va, vb, epsilon, spec, opts: WeightMatching, ready: Map
 
     def branch(ps, local):
         s, old = jax.lax.switch(local, sims, ps) if len(sims) > 1 else sims[0](ps)
-        new, changed = _solve(s, old, epsilon, opts)
+        new, changed = _solve(s, old, epsilon, opts, hard)
         ps = dict(ps)
         for j, name in enumerate(names):
             ps[name] = jnp.where(local % len(names) == j, new, ps[name])
+        return ps, changed
+
+    return branch
+
+
+def _head_branch(group: spec_lib.HeadGroup, va, vb, epsilon, spec, opts: WeightMatching, ready):
+    """The switch branch of one attention head group: its plans re-solved together, whole heads first.
+
+    ``local`` 0 re-solves from the full similarities, 1 (greedy start) from the
+    members whose other plans are ready. Exact: the best head-structured
+    permutations of ``sum_p S_p`` (``heads.head_assignment``), accepted if they
+    raise the group's term; soft: head-structured Sinkhorn plans.
+    """
+    def sims(ps, rd=None):
+        return [_similarity(va, vb, spec, p, ps, opts.roles, None if rd is None else rd[p]) for p in group.plans]
+
+    cases = [sims] + ([lambda ps: sims(ps, ready)] if ready is not None else [])
+
+    def branch(ps, local):
+        ss = jax.lax.switch(local, cases, ps) if len(cases) > 1 else cases[0](ps)
+        old = [ps[p] for p in group.plans]
+        if opts.soft:
+            costs = [-s / ((jnp.std(s) + 1e-12) * epsilon) for s in ss]
+            raw, _ = heads_lib.head_sinkhorn(
+                costs,
+                group.heads,
+                epsilon=1.0,
+                relative_epsilon=None,
+                threshold=opts.sinkhorn_threshold,
+                max_iterations=opts.sinkhorn_max_iterations,
+                implicit_diff=False,
+            )
+            new = [(t * t.shape[0]).astype(o.dtype) for t, o in zip(raw, old)]
+            changed = jnp.any(jnp.stack([jnp.max(jnp.abs(a - b)) > opts.soft_tol for a, b in zip(new, old)]))
+        else:
+            perms, _, _ = heads_lib.head_assignment([-jax.lax.stop_gradient(s) for s in ss], group.heads, opts.backend)
+            gain_old = sum(jnp.sum(s[o, jnp.arange(s.shape[1])]) for s, o in zip(ss, old))
+            gain_new = sum(jnp.sum(s[p, jnp.arange(s.shape[1])]) for s, p in zip(ss, perms))
+            changed = gain_new > gain_old + opts.tol * jnp.abs(gain_old)
+            new = [jnp.where(changed, p.astype(o.dtype), o) for p, o in zip(perms, old)]
+        ps = dict(ps)
+        ps.update(zip(group.plans, new))
         return ps, changed
 
     return branch
@@ -230,18 +283,37 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: Weight
     if opts.soft:
         perms = plans_lib.perms_to_plans(perms, jnp.float32)
     active = [p for p in spec.plans if opts.align_output or p != spec.output_plan]
-    groups: dict[int, list[str]] = {}
-    for name in active:
-        groups.setdefault(init[name].shape[0], []).append(name)
-    group_of = jnp.array([list(groups).index(init[n].shape[0]) for n in active], jnp.int32)
-    local_of = np.array([groups[init[n].shape[0]].index(n) for n in active], np.int32)
-    greedy_of = local_of + np.array([len(groups[init[n].shape[0]]) for n in active], np.int32)
+    # A unit is solved in one step: a plan, or an attention head group (its plans share the head map).
+    units = [(p,) if spec.head_group(p) is None else spec.head_group(p).plans for p in active]
+    units = [u for i, u in enumerate(units) if u not in units[:i]]
+    # Single plans share a solver per (width, permutation-only): a soft descent keeps those hard.
+    groups: dict[tuple[int, bool], list[str]] = {}
+    group_key = {p: (init[p].shape[0], p in spec.permutation_only) for p in active}
+    for (name, *_) in units:
+        if spec.head_group(name) is None:
+            groups.setdefault(group_key[name], []).append(name)
+    head_units = [u for u in units if spec.head_group(u[0]) is not None]
     ready = None
     if greedy:
         # Plans before P in spec.plans (topological), plus the fixed ones.
         fixed = frozenset(p for p in spec.plans if p not in active)
         ready = {p: fixed | frozenset(spec.plans[: spec.plans.index(p)]) for p in active}
-    branches = [_group_branch(names, va, vb, epsilon, spec, opts, ready) for names in groups.values()]
+    branches = [_group_branch(names, va, vb, epsilon, spec, opts, ready, hard) for (_, hard), names in groups.items()]
+    branches += [_head_branch(spec.head_group(u[0]), va, vb, epsilon, spec, opts, ready) for u in head_units]
+    branch_of, local_of, greedy_of = [], [], []
+    for u in units:
+        if u in head_units:
+            branch_of.append(len(groups) + head_units.index(u))
+            local_of.append(0)
+            greedy_of.append(1)
+        else:
+            names = groups[group_key[u[0]]]
+            branch_of.append(list(groups).index(group_key[u[0]]))
+            local_of.append(names.index(u[0]))
+            greedy_of.append(names.index(u[0]) + len(names))
+    group_of = jnp.array(branch_of, jnp.int32)
+    local_of, greedy_of = np.array(local_of, np.int32), np.array(greedy_of, np.int32)
+    active = units  # the descent visits units
 
     def step_fn(plan_index, local):
         def step(k, carry):
@@ -279,6 +351,9 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: Weight
     if opts.soft:
         plans = perms
         perms = {k: _assignment(t, opts.backend) for k, t in plans.items()}
+        for group in spec.heads:  # the nearest permutations that move whole heads
+            nearest, _, _ = heads_lib.head_assignment([-plans[p] for p in group.plans], group.heads, opts.backend)
+            perms.update(zip(group.plans, nearest))
     else:
         plans = plans_lib.perms_to_plans(perms, jnp.result_type(*[x.dtype for x in vb.values()]))
     return perms, MatchingInfo(objs, n_sweeps, converged, plans, perms, objs[-1:], {k: p[None] for k, p in perms.items()})

@@ -118,10 +118,13 @@ def apply_plans(
         axes = [ax for ax, n in enumerate(ls.axes) if n is not None and (incoming or ax == last)]
         x = move_leaf(leaf, ls, plans, axes, path)
         if ls.view:
-            # A flat input axis (a dense kernel after a flatten) takes the target's
-            # size: the plan inside the view may change the width (C_A -> C_B).
-            lead = (-1,) if leaf.ndim == 2 else leaf.shape[:-1]
-            x = x.reshape(lead + x.shape[-1:])
+            if x.shape == spec_lib.view_shape(ls, leaf.shape, path):
+                x = x.reshape(leaf.shape)  # widths unchanged: the stored layout (attention's heads axis too)
+            else:
+                # A flat input axis (a dense kernel after a flatten) takes the target's
+                # size: the plan inside the view may change the width (C_A -> C_B).
+                lead = (-1,) if leaf.ndim == 2 else leaf.shape[:-1]
+                x = x.reshape(lead + x.shape[-1:])
         out[path] = x
     return spec_lib.unflatten_paths(out)
 

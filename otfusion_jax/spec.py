@@ -8,6 +8,20 @@ carry the same plan name, so skip connections share a plan by construction; the
 conv-to-dense flatten is described by a ``view`` (the shape the flat kernel is
 read as), never guessed from shapes.
 
+Transformers add two declarations (see :class:`HeadGroup`):
+
+* **head groups**: attention's Q/K/V kernels ``(embed, heads, head_dim)`` are
+  read through a view ``(embed, heads * head_dim)`` with one flat plan on the
+  last axis (``qk`` for Q and K, ``vo`` for V and the output projection's
+  input); a head group says that these flat plans move *whole heads* together
+  (one permutation of heads shared by all of them) and neurons only *within*
+  a head. Aligners solve a group's plans together (:mod:`otfusion_jax.heads`);
+  the flat plans are block-structured and applied like any other plan.
+* **permutation-only plans**: a residual stream that passes through
+  LayerNorm may only be permuted (LayerNorm commutes with a permutation of its
+  features, not with a barycentric mix of them); aligners return a
+  permutation for these whatever their solver (Sinkhorn is rounded).
+
 Flax layouts put a layer's output features on the *last* axis of its kernel and
 on the only axis of its bias / norm parameters, so a plan on a leaf's last axis
 is that leaf's *output* (the leaf "produces" the plan's neurons); a plan on any
@@ -25,11 +39,16 @@ import jax
 
 __all__ = [
     "LeafSpec",
+    "HeadGroup",
     "AlignmentSpec",
     "SpecError",
     "dense",
     "conv",
     "norm",
+    "layer_norm",
+    "embedding",
+    "attention",
+    "mlp_block",
     "flatten_dense",
     "flatten_paths",
     "view_shape",
@@ -37,7 +56,7 @@ __all__ = [
     "unflatten_paths",
 ]
 
-ROLES = ("weight", "bias", "norm", "stat")
+ROLES = ("weight", "bias", "norm", "stat", "additive")
 
 
 class SpecError(ValueError):
@@ -54,8 +73,12 @@ class LeafSpec:
         kernel after a flatten, ``(H*W*C, out)`` read as ``(H, W, C, out)``);
         None reads the leaf as it is.
       role: "weight" (kernels: rows enter weight-mode costs), "bias" (enters the
-        cost as an extra feature), "norm" (BatchNorm scale/bias), "stat"
-        (BatchNorm running mean/var). Only alignment, never cost, for the last two.
+        cost as an extra feature), "norm" (BatchNorm and LayerNorm scale/bias),
+        "stat" (BatchNorm running mean/var), "additive" (a tensor added into a
+        stream as it is: a position embedding, a class token, a token-embedding
+        table; it produces the stream's neurons and its values enter
+        weight-mode costs like a kernel's). Only alignment, never cost, for
+        "norm" and "stat".
     """
 
     axes: tuple[str | None, ...]
@@ -75,6 +98,37 @@ class LeafSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadGroup:
+    """Flat plans over attention's ``heads * head_dim`` axis that permute whole heads together.
+
+    Every plan of the group acts on an axis viewed as ``heads`` consecutive
+    blocks of ``size // heads`` neurons (Flax's ``(embed, heads, head_dim)``
+    kernels read as ``(embed, heads * head_dim)``). A plan of the group sends
+    parent head ``h`` to target head ``g`` with the same head map for every
+    plan of the group, and mixes neurons only within the matched heads:
+    ``T[(h, i), (g, j)] = H[h, g] * W[h, g][i, j]``. With Q and K sharing one
+    plan (``q . k`` of a head is invariant only when both move alike) and V
+    and the output projection another, a group of the two plans keeps every
+    head's attention pattern and output.
+
+    Attributes:
+      plans: the flat plans sharing the head map, e.g. ``("blk0_qk", "blk0_vo")``;
+        listed consecutively in ``AlignmentSpec.plans``.
+      heads: number of heads.
+    """
+
+    plans: tuple[str, ...]
+    heads: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "plans", tuple(self.plans))
+        if not self.plans or len(set(self.plans)) != len(self.plans):
+            raise SpecError(f"a head group needs distinct plans, got {self.plans}")
+        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+            raise SpecError(f"head group {self.plans}: heads must be an int >= 1, got {self.heads!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class AlignmentSpec:
     """A model's alignment spec: hashable, so it can be a static jit argument.
 
@@ -84,18 +138,32 @@ class AlignmentSpec:
         plan on an input axis of a plan's producers comes earlier).
       output_plan: the plan over the classes (the last layer's outputs); fusion
         may align it or keep it as the identity.
+      heads: attention head groups (:class:`HeadGroup`): plans solved together,
+        moving whole heads.
+      permutation_only: plans that must stay permutations (residual streams
+        through LayerNorm); they need equal widths in every parent.
     """
 
     leaves: tuple[tuple[str, LeafSpec], ...]
     plans: tuple[str, ...]
     output_plan: str | None = None
+    heads: tuple[HeadGroup, ...] = ()
+    permutation_only: tuple[str, ...] = ()
 
     @classmethod
     def build(
-        cls, leaves: Mapping[str, LeafSpec], plans: Sequence[str], output_plan: str | None = None
+        cls,
+        leaves: Mapping[str, LeafSpec],
+        plans: Sequence[str],
+        output_plan: str | None = None,
+        *,
+        heads: Sequence[HeadGroup] = (),
+        permutation_only: Iterable[str] = (),
     ) -> "AlignmentSpec":
         """Builds and checks a spec from a path -> LeafSpec mapping."""
-        spec = cls(tuple(sorted(leaves.items())), tuple(plans), output_plan)
+        spec = cls(
+            tuple(sorted(leaves.items())), tuple(plans), output_plan, tuple(heads), tuple(sorted(set(permutation_only)))
+        )
         spec.check_order()
         return spec
 
@@ -103,11 +171,15 @@ class AlignmentSpec:
     def leaf_map(self) -> dict[str, LeafSpec]:
         return dict(self.leaves)
 
+    def head_group(self, plan: str) -> HeadGroup | None:
+        """The head group ``plan`` belongs to, or None."""
+        return next((g for g in self.heads if plan in g.plans), None)
+
     def members(self, plan: str) -> list[tuple[str, int]]:
         """All (path, axis) pairs the plan acts on (derived, never written by hand)."""
         return [(p, ax) for p, ls in self.leaves for ax, name in enumerate(ls.axes) if name == plan]
 
-    def producers(self, plan: str, roles: Iterable[str] = ("weight", "bias")) -> list[str]:
+    def producers(self, plan: str, roles: Iterable[str] = ("weight", "bias", "additive")) -> list[str]:
         """Paths of leaves whose output axis is ``plan`` and whose role is in ``roles``."""
         roles = tuple(roles)
         return [p for p, ls in self.leaves if ls.output_plan == plan and ls.role in roles]
@@ -144,6 +216,29 @@ class AlignmentSpec:
                     f"plan {plan!r} is listed before the input plans of all its producers: "
                     f"reorder spec.plans"
                 )
+        unknown = [p for p in self.permutation_only if p not in self.plans]
+        if unknown:
+            raise SpecError(f"permutation_only names plans not in spec.plans: {unknown}")
+        seen: set[str] = set()
+        for group in self.heads:
+            where = f"head group {group.plans}"
+            bad = [p for p in group.plans if p not in self.plans]
+            if bad:
+                raise SpecError(f"{where}: plans not in spec.plans: {bad}")
+            if seen & set(group.plans):
+                raise SpecError(f"{where}: plan(s) {sorted(seen & set(group.plans))} in two head groups")
+            seen |= set(group.plans)
+            first = self.plans.index(group.plans[0])
+            if self.plans[first:first + len(group.plans)] != group.plans:
+                raise SpecError(f"{where}: list the group's plans consecutively, in this order, in spec.plans")
+            if self.output_plan in group.plans or set(group.plans) & set(self.permutation_only):
+                raise SpecError(f"{where}: a head group's plans cannot be the output plan or permutation-only")
+            lm = self.leaf_map
+            for p in group.plans:
+                for path in self.cost_producers(p):
+                    inner = [n for n in lm[path].axes[:-1] if n in group.plans]
+                    if inner:
+                        raise SpecError(f"{where}: producer {path} of {p!r} reads plan {inner[0]!r} of its own group")
 
     def check_variables(self, variables: Any, what: str = "variables") -> dict[str, tuple[int, ...]]:
         """Checks that ``variables`` has exactly the spec's leaves with consistent plan sizes.
@@ -179,6 +274,13 @@ class AlignmentSpec:
                         f"but {view[ax]} at {path} axis {ax}"
                     )
                 sizes.setdefault(name, (view[ax], path))
+        for group in self.heads:
+            for p in group.plans:
+                if p in sizes and sizes[p][0] % group.heads:
+                    raise SpecError(
+                        f"{what}: plan {p!r} has {sizes[p][0]} neurons at {sizes[p][1]}, "
+                        f"not a multiple of its head group's {group.heads} heads"
+                    )
         return {n: s for n, (s, _) in sizes.items()}
 
 
@@ -188,8 +290,12 @@ def with_biases(spec: AlignmentSpec) -> AlignmentSpec:
     for path, ls in spec.leaves:
         bias = path.rsplit("/", 1)[0] + "/bias"
         if ls.role == "weight" and bias not in leaves:
-            leaves[bias] = LeafSpec((ls.output_plan,), role="bias")
-    return AlignmentSpec.build(leaves, spec.plans, spec.output_plan)
+            # A viewed kernel (attention's (embed, heads, head_dim)) has a bias read the same way.
+            view = (ls.view[-1],) if ls.view else None
+            leaves[bias] = LeafSpec((ls.output_plan,), view=view, role="bias")
+    return AlignmentSpec.build(
+        leaves, spec.plans, spec.output_plan, heads=spec.heads, permutation_only=spec.permutation_only
+    )
 
 
 def _is_flat(tree: Any) -> bool:
@@ -276,4 +382,72 @@ def norm(name: str, plan: str) -> dict[str, LeafSpec]:
         f"params/{name}/bias": LeafSpec((plan,), role="norm"),
         f"batch_stats/{name}/mean": LeafSpec((plan,), role="stat"),
         f"batch_stats/{name}/var": LeafSpec((plan,), role="stat"),
+    }
+
+
+def layer_norm(name: str, plan: str) -> dict[str, LeafSpec]:
+    """A LayerNorm: scale and bias, both carrying ``plan``.
+
+    LayerNorm commutes with a permutation of its features but not with a soft
+    plan: declare ``plan`` in ``AlignmentSpec.build(..., permutation_only=...)``.
+    """
+    return {
+        f"params/{name}/scale": LeafSpec((plan,), role="norm"),
+        f"params/{name}/bias": LeafSpec((plan,), role="norm"),
+    }
+
+
+def embedding(path: str, plan: str, ndim: int = 2) -> dict[str, LeafSpec]:
+    """A tensor added into (or producing) a stream as it is, its features last.
+
+    A position embedding ``(1, T, E)`` (``ndim=3``), a class token ``(1, 1, E)``
+    (``ndim=3``), a token-embedding table ``(vocab, E)`` (``ndim=2``).
+
+    Args:
+      path: the leaf's full path, e.g. ``"params/pos_embed"``.
+      plan: the stream's plan.
+      ndim: the leaf's number of axes.
+    """
+    return {path: LeafSpec((None,) * (ndim - 1) + (plan,), role="additive")}
+
+
+def attention(
+    name: str,
+    in_plan: str | None,
+    qk_plan: str,
+    vo_plan: str,
+    out_plan: str | None,
+    *,
+    heads: int,
+    head_dim: int,
+    bias: bool,
+) -> dict[str, LeafSpec]:
+    """Multi-head attention in Flax's layout (``nn.DenseGeneral`` / ``MultiHeadDotProductAttention``).
+
+    ``query``, ``key``, ``value`` kernels ``(embed, heads, head_dim)`` are read as
+    ``(embed, heads * head_dim)``: Q and K carry ``qk_plan``, V carries ``vo_plan``
+    on that axis; the ``out`` kernel ``(heads, head_dim, embed)`` is read as
+    ``(heads * head_dim, embed)`` with ``vo_plan`` on its input. Biases
+    ``(heads, head_dim)`` are read flat. Put ``HeadGroup((qk_plan, vo_plan), heads)``
+    in the spec so that the plans move whole heads.
+    """
+    flat = heads * head_dim
+    out: dict[str, LeafSpec] = {}
+    for proj, plan in (("query", qk_plan), ("key", qk_plan), ("value", vo_plan)):
+        out[f"params/{name}/{proj}/kernel"] = LeafSpec((in_plan, plan), view=(-1, flat))
+        if bias:
+            out[f"params/{name}/{proj}/bias"] = LeafSpec((plan,), view=(flat,), role="bias")
+    out[f"params/{name}/out/kernel"] = LeafSpec((vo_plan, out_plan), view=(flat, -1))
+    if bias:
+        out[f"params/{name}/out/bias"] = LeafSpec((out_plan,), role="bias")
+    return out
+
+
+def mlp_block(
+    name: str, in_plan: str | None, hidden_plan: str, out_plan: str | None, *, bias: bool
+) -> dict[str, LeafSpec]:
+    """A transformer MLP: ``{name}/fc1`` (in -> hidden), ``{name}/fc2`` (hidden -> out)."""
+    return {
+        **dense(f"{name}/fc1", in_plan, hidden_plan, bias=bias),
+        **dense(f"{name}/fc2", hidden_plan, out_plan, bias=bias),
     }

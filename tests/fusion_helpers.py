@@ -17,12 +17,22 @@ from otfusion_jax.interop import layouts
 
 
 def random_permutations(spec, sizes, seed, keep_output=True):
-    """Random (n,) permutations (NumPy) for every plan of the spec (the output plan kept if asked)."""
+    """Random (n,) permutations (NumPy) for every plan of the spec (the output plan kept if asked).
+
+    The plans of an attention head group share one random permutation of whole heads and
+    each gets its own random permutation within every head (what keeps the model's function).
+    """
     rng = np.random.default_rng(seed)
-    return {
+    perms = {
         name: np.arange(sizes[name]) if (keep_output and name == spec.output_plan) else rng.permutation(sizes[name])
         for name in spec.plans
     }
+    for group in spec.heads:
+        heads = rng.permutation(group.heads)
+        for name in group.plans:
+            d = sizes[name] // group.heads
+            perms[name] = np.concatenate([heads[g] * d + rng.permutation(d) for g in range(group.heads)])
+    return perms
 
 
 def random_permutation_plans(spec, sizes, seed, keep_output=True):

@@ -19,21 +19,24 @@ import jax
 import jax.numpy as jnp
 
 from otfusion_jax import spec as spec_lib
-from otfusion_jax.models import mlp, resnet, vgg
+from otfusion_jax.models import mlp, resnet, vgg, vit
 from otfusion_jax.models.common import ACT_COLLECTIONS, ACT_PREFIX, sow_acts
 from otfusion_jax.models.mlp import MLPNet, MLPNetOptions
 from otfusion_jax.models.record import ModelRecord, RecordError, check_record, sown_activations
 from otfusion_jax.models.resnet import ResNet18, ResNet18Options
 from otfusion_jax.models.torch_layout import LayoutError, TorchEntry, TorchLayout
 from otfusion_jax.models.vgg import VGG11, VGG11Options
+from otfusion_jax.models.vit import ViT, ViTOptions
 
 __all__ = [
     "MLPNet",
     "VGG11",
     "ResNet18",
+    "ViT",
     "MLPNetOptions",
     "VGG11Options",
     "ResNet18Options",
+    "ViTOptions",
     "ModelRecord",
     "RecordError",
     "TorchLayout",
@@ -188,6 +191,6 @@ def recompute_batch_stats(module: nn.Module, variables: Mapping[str, Any], x: jn
     return {**variables, "batch_stats": state["batch_stats"]}
 
 
-for _record in (mlp.RECORD, vgg.RECORD, resnet.RECORD):
+for _record in (mlp.RECORD, vgg.RECORD, resnet.RECORD, vit.RECORD):
     register(_record)
 del _record

@@ -1,0 +1,233 @@
+"""Vision Transformer (pre-LN, class token, learned position embedding), described once.
+
+Layout of the variables (timm's names, Flax's attention layout):
+
+* ``patch_embed`` (conv ``(p, p, C, E)``, stride p), ``cls_token`` ``(1, 1, E)``,
+  ``pos_embed`` ``(1, 1 + T, E)``;
+* ``block{b}``: ``norm1``, ``attn`` (``query``/``key``/``value`` kernels
+  ``(E, heads, head_dim)``, ``out`` kernel ``(heads, head_dim, E)``: Flax's
+  ``MultiHeadDotProductAttention`` layout), ``norm2``, ``mlp`` (``fc1``
+  ``(E, M)``, ``fc2`` ``(M, E)``), GELU;
+* ``norm`` (final LayerNorm), ``head`` (dense ``(E, classes)`` on the class token).
+
+Plans (the spec): one residual-stream plan ``res`` shared by every tensor summed
+into the stream (patch embedding, class token, position embedding, every block's
+attention-output and MLP-output projection) and by every LayerNorm; it is
+permutation-only (LayerNorm commutes with permutations only). Per block, a head
+group ``(block{b}_qk, block{b}_vo)``: Q and K share the within-head plan
+``qk``, V and the output projection ``vo``, and both move whole heads together;
+``block{b}_mlp`` on the MLP's hidden units (any width: different MLP widths fuse
+with OT plans). ``head`` is the output plan.
+
+Activations (``capture_activations``): ``res`` is the stream after the
+embeddings and after every residual addition (all of its producers' outputs);
+``qk`` the queries and keys, ``vo`` the values (``pre``) or the heads' outputs
+before the output projection (``post``), ``mlp`` the hidden units before /
+after GELU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from otfusion_jax import spec as spec_lib
+from otfusion_jax.models.common import sow_acts
+from otfusion_jax.models.record import ModelRecord
+
+__all__ = ["ViT", "ViTOptions", "vit_spec", "RECORD", "STREAM"]
+
+STREAM = "res"  # the residual stream's plan
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTOptions:
+    """Options of ``models.build("vit", ...)`` and ``config.model``.
+
+    Attributes:
+      depth: number of transformer blocks.
+      width: embedding width E (the residual stream).
+      heads: attention heads (``width`` must be a multiple).
+      mlp_dim: the MLP's hidden width (timm: ``mlp_ratio * width``).
+      patch: patch size (the image's height and width must be multiples).
+      bias: biases in every dense layer (timm's ViTs have them).
+    """
+
+    depth: int = 2
+    width: int = 64
+    heads: int = 4
+    mlp_dim: int = 128
+    patch: int = 4
+    bias: bool = True
+
+    def __post_init__(self):
+        for name in ("depth", "width", "heads", "mlp_dim", "patch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"vit {name} must be >= 1, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise ValueError(f"vit width {self.width} must be a multiple of heads {self.heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+def block_plans(b: int) -> tuple[str, str, str]:
+    """Plan names of block ``b``: (qk, vo, mlp)."""
+    return f"block{b}_qk", f"block{b}_vo", f"block{b}_mlp"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention in Flax's DenseGeneral layout; sows q/k (``qk``) and v / head outputs (``vo``)."""
+
+    heads: int
+    qk_plan: str
+    vo_plan: str
+    use_bias: bool = True
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Args: x: (N, T, E). Returns: (N, T, E)."""
+        n, t, e = x.shape
+        d = e // self.heads
+        proj = lambda name: nn.DenseGeneral((self.heads, d), use_bias=self.use_bias, name=name)  # noqa: E731
+        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (N, T, H, d)
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / jnp.sqrt(d).astype(x.dtype)
+        if self.causal:
+            mask = jnp.tril(jnp.ones((t, t), bool))
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        ctx = jnp.einsum("nhqk,nkhd->nqhd", nn.softmax(logits, axis=-1), v)
+        flat = lambda a: a.reshape(n, t, self.heads * d)  # noqa: E731
+        sow_acts(self, self.qk_plan, flat(q))
+        sow_acts(self, self.qk_plan, flat(k))
+        sow_acts(self, self.vo_plan, flat(v), flat(ctx))
+        return nn.DenseGeneral(e, axis=(-2, -1), use_bias=self.use_bias, name="out")(ctx)
+
+
+class Mlp(nn.Module):
+    """fc1 - GELU - fc2; sows the hidden units."""
+
+    hidden: int
+    plan: str
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        h = nn.Dense(self.hidden, use_bias=self.use_bias, name="fc1")(x)
+        g = nn.gelu(h, approximate=False)
+        sow_acts(self, self.plan, h, g)
+        return nn.Dense(x.shape[-1], use_bias=self.use_bias, name="fc2")(g)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); sows the stream after each sum."""
+
+    heads: int
+    mlp_dim: int
+    index: int
+    use_bias: bool = True
+    causal: bool = False
+    ln_epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        qk, vo, mlp = block_plans(self.index)
+        y = nn.LayerNorm(epsilon=self.ln_epsilon, name="norm1")(x)
+        x = x + Attention(self.heads, qk, vo, self.use_bias, self.causal, name="attn")(y)
+        sow_acts(self, STREAM, x)
+        y = nn.LayerNorm(epsilon=self.ln_epsilon, name="norm2")(x)
+        x = x + Mlp(self.mlp_dim, mlp, self.use_bias, name="mlp")(y)
+        sow_acts(self, STREAM, x)
+        return x
+
+
+class ViT(nn.Module):
+    """A small ViT classifier on (N, H, W, C) images; logits from the class token."""
+
+    num_classes: int = 10
+    depth: int = 2
+    width: int = 64
+    heads: int = 4
+    mlp_dim: int = 128
+    patch: int = 4
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Args: x: (N, H, W, C). Returns: (N, num_classes) logits."""
+        del train  # no dropout
+        p = self.patch
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=self.use_bias, name="patch_embed")(x)
+        n = x.shape[0]
+        x = x.reshape(n, -1, self.width)  # (N, T, E), patches in row-major order
+        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)).astype(x.dtype), x], axis=1)
+        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
+        x = x + pos
+        sow_acts(self, STREAM, x)
+        for b in range(self.depth):
+            x = Block(self.heads, self.mlp_dim, b, self.use_bias, name=f"block{b}")(x)
+        x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+        x = nn.Dense(self.num_classes, use_bias=self.use_bias, name="head")(x[:, 0])
+        sow_acts(self, "head", x)
+        return x
+
+
+def transformer_block_spec(prefix: str, b: int, o, *, bias: bool) -> dict[str, spec_lib.LeafSpec]:
+    """The leaves of one pre-LN block ``{prefix}block{b}`` on the stream plan (ViT and decoder alike)."""
+    qk, vo, mlp = block_plans(b)
+    name = f"{prefix}block{b}"
+    return {
+        **spec_lib.layer_norm(f"{name}/norm1", STREAM),
+        **spec_lib.attention(
+            f"{name}/attn", STREAM, qk, vo, STREAM, heads=o.heads, head_dim=o.width // o.heads, bias=bias
+        ),
+        **spec_lib.layer_norm(f"{name}/norm2", STREAM),
+        **spec_lib.mlp_block(f"{name}/mlp", STREAM, mlp, STREAM, bias=bias),
+    }
+
+
+def vit_spec(o: ViTOptions) -> spec_lib.AlignmentSpec:
+    """Spec of a ViT: one permutation-only stream plan, a head group and an MLP plan per block."""
+    leaves = {
+        **spec_lib.conv("patch_embed", None, STREAM, bias=o.bias),
+        **spec_lib.embedding("params/cls_token", STREAM, ndim=3),
+        **spec_lib.embedding("params/pos_embed", STREAM, ndim=3),
+        **spec_lib.layer_norm("norm", STREAM),
+        **spec_lib.dense("head", STREAM, "head", bias=o.bias),
+    }
+    plans, heads = [STREAM], []
+    for b in range(o.depth):
+        leaves.update(transformer_block_spec("", b, o, bias=o.bias))
+        qk, vo, mlp = block_plans(b)
+        plans += [qk, vo, mlp]
+        heads.append(spec_lib.HeadGroup((qk, vo), o.heads))
+    plans.append("head")
+    return spec_lib.AlignmentSpec.build(leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM])
+
+
+def _module(o: ViTOptions, input_shape: tuple[int, int, int], num_classes: int) -> ViT:
+    h, w, _ = input_shape
+    if h % o.patch or w % o.patch:
+        raise ValueError(f"vit patch {o.patch} must divide the image size {h}x{w}")
+    return ViT(num_classes, o.depth, o.width, o.heads, o.mlp_dim, o.patch, o.bias)
+
+
+def _scale_width(o: ViTOptions, factor: float) -> ViTOptions:
+    """Wider parents widen the MLP only: the stream is permutation-only and heads keep their size."""
+    return dataclasses.replace(o, mlp_dim=max(1, int(round(o.mlp_dim * factor))))
+
+
+RECORD = ModelRecord(
+    name="vit",
+    options=ViTOptions,
+    module=_module,
+    spec=lambda o, input_shape: vit_spec(o),
+    has_bias=lambda o: o.bias,
+    scale_width=_scale_width,
+    example_input_shape=(8, 8, 1),
+    examples=(ViTOptions(depth=1, width=8, heads=2, mlp_dim=6, patch=4), ViTOptions(depth=2, width=6, heads=3, mlp_dim=4, patch=2, bias=False)),
+)

@@ -1,0 +1,281 @@
+"""Transformers: head-structured plans, permutation-only streams, the ViT and its fusion (issue 12)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otfusion_jax as otf
+from otfusion_jax import heads as heads_lib
+from otfusion_jax import models
+from otfusion_jax import spec as spec_lib
+
+from fusion_helpers import apply_jit, init_jit, max_abs_diff, permuted_copy
+
+X8 = (8, 8, 1)
+
+
+def _vit(seed=0, **options):
+    opts = dict(depth=1, width=8, heads=2, mlp_dim=6, patch=4)
+    opts.update(options)
+    model, spec = models.build("vit", input_shape=X8, num_classes=3, **opts)
+    variables = init_jit(model, jax.random.key(seed), X8)
+    # cls_token starts at zero and biases too: give every leaf a nonzero random part
+    rng = np.random.default_rng(seed + 100)
+    variables = jax.tree_util.tree_map(
+        lambda a: a + 0.2 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), variables
+    )
+    return model, spec, variables
+
+
+def _images(seed=1, n=6):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((n, *X8)), jnp.float32)
+
+
+def _head_sources(plan, heads):
+    """Per target head, the number of parent heads that send it mass (1: whole heads move)."""
+    m = np.asarray(plan)
+    d = m.shape[0] // heads
+    mass = np.abs(m.reshape(heads, d, heads, d)).sum((1, 3))  # [parent head, target head]
+    return (mass > 1e-6).sum(0), np.argmax(mass, 0)
+
+
+def _is_permutation(plan):
+    m = np.asarray(plan)
+    return bool(np.all(np.isin(m, (0.0, 1.0))) and np.all(m.sum(0) == 1) and np.all(m.sum(1) == 1))
+
+
+# ----------------------------------------------------------------------------- the head solvers
+
+
+def _brute_force(costs, heads):
+    """Minimum of sum_p C_p over all head-structured permutations (shared head map), by enumeration."""
+    best = np.inf
+    ds = [c.shape[0] // heads for c in costs]
+    for sigma in itertools.permutations(range(heads)):
+        total = 0.0
+        for c, d in zip(costs, ds):
+            for g, h in enumerate(sigma):  # target head g takes parent head h
+                block = c[h * d:(h + 1) * d, g * d:(g + 1) * d]
+                total += min(sum(block[p[j], j] for j in range(d)) for p in itertools.permutations(range(d)))
+        best = min(best, total)
+    return best
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), heads=st.sampled_from([1, 2, 3]), dims=st.sampled_from([(2, 2), (2, 3), (3, 1)]))
+def test_head_assignment_is_the_optimum_over_head_structured_permutations(seed, heads, dims):
+    rng = np.random.default_rng(seed)
+    costs = [rng.integers(0, 5, (heads * d, heads * d)).astype(np.float32) for d in dims]  # ties included
+    perms, head_perm, total = jax.jit(lambda cs: heads_lib.head_assignment(cs, heads, "host"))(
+        [jnp.asarray(c) for c in costs]
+    )
+    assert np.isclose(float(total), _brute_force(costs, heads))
+    for c, d, p in zip(costs, dims, perms):
+        p = np.asarray(p)
+        assert sorted(p.tolist()) == list(range(heads * d))  # a permutation
+        src_heads = p.reshape(heads, d) // d
+        assert np.all(src_heads == np.asarray(head_perm)[:, None])  # whole heads, the same map for every plan
+    assert np.isclose(float(total), sum(c[np.asarray(p), np.arange(len(p))].sum() for c, p in zip(costs, perms)))
+
+
+def test_head_sinkhorn_has_uniform_marginals_and_approaches_the_exact_plan():
+    rng = np.random.default_rng(0)
+    heads, d = 3, 4
+    base = np.asarray(
+        np.eye(heads * d)[:, np.concatenate([h * d + rng.permutation(d) for h in rng.permutation(heads)])]
+    )
+    costs = [jnp.asarray(1.0 - base + 0.05 * rng.random(base.shape), jnp.float32)]
+    plans, info = heads_lib.head_sinkhorn(
+        costs, heads, epsilon=0.01, relative_epsilon=None, threshold=1e-5, max_iterations=5000, implicit_diff=False
+    )
+    t = np.asarray(plans[0])
+    n = heads * d
+    np.testing.assert_allclose(t.sum(0), 1.0 / n, atol=1e-4)
+    np.testing.assert_allclose(t.sum(1), 1.0 / n, atol=1e-4)
+    np.testing.assert_allclose(t * n, base, atol=0.02)
+    assert bool(info.converged)
+
+
+# ----------------------------------------------------------------------------- spec checks
+
+
+def test_head_groups_and_permutation_only_plans_are_checked():
+    _, spec, variables = _vit()
+    leaves = dict(spec.leaves)
+    with pytest.raises(spec_lib.SpecError, match="consecutively"):
+        spec_lib.AlignmentSpec.build(
+            leaves, ("res", "block0_qk", "block0_mlp", "block0_vo", "head"), "head",
+            heads=[spec_lib.HeadGroup(("block0_qk", "block0_vo"), 2)],
+        )
+    with pytest.raises(spec_lib.SpecError, match="permutation_only names plans not in spec.plans"):
+        spec_lib.AlignmentSpec.build(leaves, spec.plans, "head", heads=spec.heads, permutation_only=["stream"])
+    with pytest.raises(spec_lib.SpecError, match="heads must be an int >= 1"):
+        spec_lib.HeadGroup(("a",), 0)
+    three = spec_lib.AlignmentSpec.build(leaves, spec.plans, "head", heads=[spec_lib.HeadGroup(("block0_qk", "block0_vo"), 3)])
+    with pytest.raises(spec_lib.SpecError, match="plan 'block0_qk' has 8 neurons .* not a multiple of its head group's 3 heads"):
+        three.check_variables(variables)
+
+
+def test_the_vit_spec_shares_one_stream_plan_through_every_sum_and_layernorm():
+    _, spec, _ = _vit(depth=2)
+    stream = {p for p, ax in spec.members("res")}
+    for b in range(2):
+        for leaf in ("attn/out/kernel", "attn/out/bias", "mlp/fc2/kernel", "norm1/scale", "norm2/bias",
+                     "attn/query/kernel", "mlp/fc1/kernel"):
+            assert f"params/block{b}/{leaf}" in stream
+    assert {"params/cls_token", "params/pos_embed", "params/patch_embed/kernel", "params/norm/scale",
+            "params/head/kernel"} <= stream
+    assert spec.permutation_only == ("res",)
+    assert [g.plans for g in spec.heads] == [("block0_qk", "block0_vo"), ("block1_qk", "block1_vo")]
+    # the stream's weight-mode cost reads every producer ready at its turn: the embeddings, and the biases of
+    # the projections that write into the stream (their kernels read plans solved later)
+    assert set(spec.cost_producers("res")) == {
+        "params/patch_embed/kernel", "params/patch_embed/bias", "params/cls_token", "params/pos_embed",
+        *[f"params/block{b}/{leaf}/bias" for b in range(2) for leaf in ("attn/out", "mlp/fc2")]}
+
+
+# ----------------------------------------------------------------------------- permuted copies
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    depth=st.sampled_from([1, 2]),
+    shape=st.sampled_from([(8, 2), (6, 3), (8, 4), (4, 1)]),  # (width, heads)
+    mlp_dim=st.sampled_from([4, 6]),
+)
+def test_a_permuted_vit_computes_the_same_logits(seed, depth, shape, mlp_dim):
+    width, heads = shape
+    model, spec, variables = _vit(seed, depth=depth, width=width, heads=heads, mlp_dim=mlp_dim)
+    copy = permuted_copy(variables, spec, seed)
+    assert max_abs_diff(copy, variables) > 0.1  # really moved
+    x = _images(seed)
+    np.testing.assert_allclose(apply_jit(model, copy, x), apply_jit(model, variables, x), atol=2e-5)
+
+
+def test_a_flat_permutation_across_heads_changes_the_function():
+    """The reason for head groups: moving a neuron to another head changes q . k."""
+    model, spec, variables = _vit()
+    sizes = spec.check_variables(variables)
+    perms = {p: np.arange(n) for p, n in sizes.items()}
+    perms["block0_qk"] = np.array([0, 1, 2, 4, 3, 5, 6, 7])  # neurons 3 and 4 swap heads
+    moved = otf.apply_plans(variables, spec, {k: jnp.asarray(v) for k, v in perms.items()})
+    x = _images()
+    assert float(jnp.max(jnp.abs(apply_jit(model, moved, x) - apply_jit(model, variables, x)))) > 1e-3
+
+
+ALIGNERS = {
+    "ot-weights": otf.FusionConfig(mode="weights"),
+    "ot-acts": otf.FusionConfig(mode="activations"),
+    "wm": otf.WeightMatching(restarts=1),
+    "wm-greedy": otf.WeightMatching(start="greedy", restarts=1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(ALIGNERS))
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 1000), depth=st.sampled_from([1, 2]), shape=st.sampled_from([(8, 2), (6, 3)]))
+def test_fusing_a_vit_with_its_permuted_copy_gives_it_back(method, seed, depth, shape):
+    width, heads = shape
+    model, spec, variables = _vit(seed, depth=depth, width=width, heads=heads)
+    copy = permuted_copy(variables, spec, seed + 1)
+    aligner = ALIGNERS[method]
+    acts = None
+    if aligner.needs_activations:
+        x = _images(seed)
+        acts = [models.capture_activations(model, v, x) for v in (copy, variables)]
+    fused, _ = otf.fuse([copy, variables], spec, aligner, activations=acts)
+    assert max_abs_diff(fused, variables) < 1e-5
+
+
+# ----------------------------------------------------------------------------- independent parents
+
+
+SOFT = {
+    "ot-sinkhorn": otf.FusionConfig(mode="weights", solver="sinkhorn", epsilon=0.05, relative_epsilon="mean"),
+    "wm-soft": otf.WeightMatching(soft=True, restarts=1),
+}
+
+
+@pytest.mark.parametrize("method", ["ot-weights", "wm", "ot-sinkhorn", "wm-soft"])
+def test_plans_move_whole_heads_and_keep_the_stream_a_permutation(method):
+    _, spec, a = _vit(0, heads=2)
+    _, _, b = _vit(7, heads=2)
+    aligner = {**ALIGNERS, **SOFT}[method]
+    _, aux = otf.fuse([a, b], spec, aligner)
+    plans = aux.plans[0]
+    assert _is_permutation(plans["res"])  # LayerNorm's stream, whatever the solver
+    qk_sources, qk_map = _head_sources(plans["block0_qk"], 2)
+    vo_sources, vo_map = _head_sources(plans["block0_vo"], 2)
+    if method in SOFT:
+        assert not _is_permutation(plans["block0_qk"])  # soft inside heads
+        np.testing.assert_allclose(np.asarray(plans["block0_qk"]).sum(0), 1.0, atol=1e-2)  # barycentric columns
+    else:
+        assert list(qk_sources) == [1, 1] and list(vo_sources) == [1, 1]  # one parent head per target head
+        assert list(qk_map) == list(vo_map)  # Q/K and V/O share the head map
+        assert _is_permutation(plans["block0_qk"]) and _is_permutation(plans["block0_vo"])
+
+
+def test_a_vit_fuses_with_a_wider_mlp_by_ot_and_weight_matching_refuses_it():
+    model, spec, a = _vit(0, mlp_dim=6)
+    _, spec8, b = _vit(1, mlp_dim=8)
+    assert spec8 == spec  # the MLP width is not in the spec: parents of different MLP widths share it
+    fused, aux = otf.fuse([a, b], spec, otf.FusionConfig(mode="weights", solver="sinkhorn", epsilon=0.05,
+                                                          relative_epsilon="mean"))
+    assert fused["params"]["block0"]["mlp"]["fc1"]["kernel"].shape == (8, 8)
+    assert aux.plans[0]["block0_mlp"].shape == (6, 8)
+    with pytest.raises(otf.FusionError, match="weight matching needs equal widths, but plan 'block0_mlp'"):
+        otf.fuse([a, b], spec, otf.WeightMatching())
+
+
+def test_a_permutation_only_plan_of_different_widths_is_refused_naming_the_plan():
+    _, mlp_spec = models.build("mlpnet", input_shape=X8, num_classes=3, widths=(4,))
+    spec = spec_lib.AlignmentSpec.build(
+        dict(mlp_spec.leaves), mlp_spec.plans, mlp_spec.output_plan, permutation_only=["fc1"]
+    )
+    a = {"params": {"fc1": {"kernel": jnp.ones((64, 6))}, "fc2": {"kernel": jnp.ones((6, 3))}}}
+    b = {"params": {"fc1": {"kernel": jnp.ones((64, 4))}, "fc2": {"kernel": jnp.ones((4, 3))}}}
+    with pytest.raises(otf.FusionError, match="'fc1' must stay a permutation .* LayerNorm.*got 6 and 4"):
+        otf.fuse([a, b], spec, otf.FusionConfig(mode="weights"))
+    # a ViT's stream width is in its attention views: the leaf is named
+    _, vit_spec, c = _vit(0, width=8, heads=2)
+    _, _, d = _vit(1, width=6, heads=2)
+    with pytest.raises(otf.FusionError, match=r"attn/key/bias of shape \(2, 3\) cannot be viewed as \(8,\)"):
+        otf.fuse([d, c], vit_spec, otf.FusionConfig(mode="weights"))
+
+
+def test_vit_fusion_under_vmap_matches_one_pair_at_a_time():
+    _, spec, a = _vit(0)
+    pairs = [(_vit(s)[2], a) for s in (3, 4)]
+    stack = lambda trees: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
+    aligner = otf.FusionConfig(mode="weights")
+    batched = jax.vmap(lambda p, q: otf.fuse([p, q], spec, aligner)[0])(
+        stack([p for p, _ in pairs]), stack([q for _, q in pairs])
+    )
+    for i, (p, q) in enumerate(pairs):
+        one, _ = otf.fuse([p, q], spec, aligner)
+        assert max_abs_diff(jax.tree_util.tree_map(lambda x: x[i], batched), one) < 1e-6
+
+
+def test_gradients_flow_through_head_structured_sinkhorn():
+    model, spec, a = _vit(0)
+    _, _, b = _vit(1)
+    x = _images()
+    aligner = otf.FusionConfig(mode="weights", solver="sinkhorn", epsilon=0.05, relative_epsilon="mean")
+
+    def loss(log_eps):
+        params = {p: jnp.exp(log_eps) for p in spec.plans}
+        fused, _ = otf.fuse([a, b], spec, aligner, params=params)
+        return jnp.mean(model.apply(fused, x) ** 2)
+
+    g = jax.grad(loss)(jnp.log(0.05))
+    assert np.isfinite(float(g)) and float(g) != 0.0
