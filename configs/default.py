@@ -26,11 +26,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.parent_widths = ()  # width factor of parent k (missing entries: 1.0), for different-width fusion
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "mlpnet"  # registered model: mlpnet | vgg11 | resnet18
+    config.model.name = "mlpnet"  # registered model: mlpnet | vgg11 | resnet18 | vit
     config.model.bias = False  # biases in every layer (the paper's models have none)
     config.model.norm = False  # BatchNorm after each conv (vgg11, resnet18); must stay False for mlpnet
     config.model.width = 1.0  # channel multiplier (vgg11, resnet18); must stay 1.0 for mlpnet
     config.model.widths = (128, 64, 32)  # hidden layer widths (mlpnet); ignored by conv nets
+    config.model.depth = 2  # transformer blocks (vit); ignored by the others
+    config.model.embed_dim = 64  # embedding width, the residual stream (vit)
+    config.model.num_heads = 4  # attention heads (vit)
+    config.model.mlp_dim = 128  # MLP hidden width (vit)
+    config.model.patch_size = 4  # patch size (vit)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "digits"  # digits | mnist | fashion_mnist | cifar10
@@ -55,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.label_smoothing = 0.0  # label smoothing of the training loss
     config.train.drop_remainder = False  # drop each epoch's last partial batch (torch drop_last)
     config.train.eval_batch_size = 1000  # batch size of the per-epoch test evaluation
+    config.train.optimizer = "sgd"  # sgd (momentum, coupled L2) | adamw (decoupled weight decay)
+    config.train.warmup_epochs = 0.0  # linear warm-up of the lr over this many epochs
 
     config.fusion = ml_collections.ConfigDict()  # OTFusion: exactly otfusion_jax.FusionConfig's fields but mode (the method picks it)
     config.fusion.solver = "exact"  # exact | sinkhorn (a method may override it: ot-acts:sinkhorn)

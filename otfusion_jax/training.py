@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("constant", "step", "multistep", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 
 # Collections a model may sow into; never part of the trainable state.
 _TRANSIENT_COLLECTIONS = ("acts_pre", "acts_post", "intermediates")
@@ -85,6 +86,12 @@ class TrainConfig:
       drop_remainder: Drop the last partial training batch of each epoch
         (PyTorch's ``drop_last``); False keeps it (one extra compilation).
       eval_batch_size: Batch size of the per-epoch test evaluation.
+      optimizer: ``"sgd"`` (momentum, coupled L2 ``weight_decay``: PyTorch's
+        SGD) or ``"adamw"`` (Adam with decoupled ``weight_decay``, betas 0.9 /
+        0.999: the transformers' recipe; ``momentum`` is not used).
+      warmup_epochs: Linear warm-up of the learning rate from 0 over this
+        many epochs (fractions allowed), then the schedule; a cosine decays
+        over the remaining steps.
     """
 
     epochs: int = 10
@@ -101,6 +108,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     drop_remainder: bool = False
     eval_batch_size: int = 1000
+    optimizer: str = "sgd"
+    warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         """Validates the fields and normalises ``milestones`` to a tuple of ints.
@@ -127,6 +136,9 @@ class TrainConfig:
             ("seed", self.seed >= 0, "must be >= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
+            ("warmup_epochs", math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs <= max(self.epochs, 0),
+             "must be in [0, epochs]"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -193,6 +205,14 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if warmup > 0:
+        rest = dataclasses.replace(cfg, warmup_epochs=0.0)
+        if cfg.schedule == "cosine":
+            after = optax.cosine_decay_schedule(cfg.lr, decay_steps=max(1, cfg.epochs * steps_per_epoch - warmup))
+        else:
+            after = make_schedule(rest, steps_per_epoch)
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
     if cfg.schedule == "constant":
         return optax.constant_schedule(cfg.lr)
     if cfg.schedule == "step":
@@ -232,18 +252,21 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
         label_smoothing=0.0,
         drop_remainder=False,
         eval_batch_size=1,
-        epochs=cfg.epochs if sched == "cosine" else 0,
+        epochs=cfg.epochs if sched == "cosine" or cfg.warmup_epochs else 0,
         step_every=cfg.step_every if sched == "step" else 1,
         gamma=cfg.gamma if sched in ("step", "multistep") else 1.0,
         milestones=cfg.milestones if sched == "multistep" else (),
     )
-    return _make_optimizer_cached(key, 1 if sched == "constant" else int(steps_per_epoch))
+    constant = sched == "constant" and not cfg.warmup_epochs
+    return _make_optimizer_cached(key, 1 if constant else int(steps_per_epoch))
 
 
 @functools.lru_cache(maxsize=64)
 def _make_optimizer_cached(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """Builds the optimiser of :func:`make_optimizer` (memoised)."""
     schedule = make_schedule(cfg, steps_per_epoch)
+    if cfg.optimizer == "adamw":
+        return optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=cfg.weight_decay)
     parts = []
     if cfg.weight_decay:
         parts.append(optax.add_decayed_weights(cfg.weight_decay))

@@ -33,6 +33,11 @@ BAD: dict[str, list] = {
     "model.norm": ["maybe", "True"],  # mlpnet has no BatchNorm
     "model.width": ["wide", "0", "-1", "nan", "2.0"],  # mlpnet takes no width: it must stay 1.0
     "model.widths": ["('a',)", "(0,)", "()", "(64, -1)", "(1.5,)"],
+    "model.depth": ["deep", "0"],
+    "model.embed_dim": ["1.5", "0"],
+    "model.num_heads": ["x", "-1"],
+    "model.mlp_dim": ["wide", "0"],
+    "model.patch_size": ["2.5", "0"],
     "data.name": [None, "imagenet"],
     "data.source": [None, "web", "tfds"],  # digits comes from sklearn only
     "data.data_dir": [None, ""],
@@ -53,6 +58,8 @@ BAD: dict[str, list] = {
     "train.label_smoothing": ["x", "1", "-0.1"],
     "train.drop_remainder": ["maybe"],
     "train.eval_batch_size": ["x", "0"],
+    "train.optimizer": [None, "lion"],
+    "train.warmup_epochs": ["x", "-1", "11"],  # more than the 10 epochs
     "experiment.method": [None, "ot-magic", "ot-weights:emd", ",", "ot-weights,bogus", "wm:sinkhorn", "learned:exact"],
     "experiment.repair": ["maybe"],
     "experiment.learn_steps": ["x", "0"],

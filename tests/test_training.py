@@ -141,6 +141,30 @@ def test_optimizer_matches_pytorch_sgd(momentum, nesterov, wd):
     np.testing.assert_allclose(np.asarray(params["w"]), want, rtol=1e-5, atol=1e-6)
 
 
+def test_warmup_then_cosine_schedule():
+    cfg = TrainConfig(epochs=10, lr=1.0, schedule="cosine", warmup_epochs=2.0)
+    sched = training.make_schedule(cfg, 10)  # 100 steps, 20 of warm-up
+    assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(0.5)
+    assert float(sched(20)) == pytest.approx(1.0)
+    assert float(sched(60)) == pytest.approx(0.5, abs=1e-6)  # half-way through the 80 cosine steps
+    assert float(sched(100)) == pytest.approx(0.0, abs=1e-6)
+    const = training.make_schedule(TrainConfig(epochs=4, lr=0.1, warmup_epochs=1.0), 5)
+    assert [float(const(i)) for i in (0, 5, 19)] == pytest.approx([0.0, 0.1, 0.1])
+    with pytest.raises(ValueError, match="warmup_epochs must be in"):
+        TrainConfig(epochs=2, warmup_epochs=3.0)
+
+
+def test_adamw_is_adam_with_decoupled_weight_decay():
+    cfg = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, momentum=0.0)
+    tx = training.make_optimizer(cfg, 5)
+    params = {"w": jnp.asarray([1.0, -2.0])}
+    updates, _ = tx.update({"w": jnp.asarray([0.5, 0.5])}, tx.init(params), params)
+    # first Adam step: -lr * sign(g) (bias-corrected m / sqrt(v)), plus -lr * wd * p
+    np.testing.assert_allclose(np.asarray(updates["w"]), [-0.01 - 0.001, -0.01 + 0.002], rtol=1e-4)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="lion")
+
+
 def test_cross_entropy_label_smoothing():
     logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
     labels = jnp.array([0, 2])

@@ -22,7 +22,7 @@ X8 = (8, 8, 1)
 
 
 def _vit(seed=0, **options):
-    opts = dict(depth=1, width=8, heads=2, mlp_dim=6, patch=4)
+    opts = dict(depth=1, embed_dim=8, num_heads=2, mlp_dim=6, patch_size=4)
     opts.update(options)
     model, spec = models.build("vit", input_shape=X8, num_classes=3, **opts)
     variables = init_jit(model, jax.random.key(seed), X8)
@@ -154,7 +154,7 @@ def test_the_vit_spec_shares_one_stream_plan_through_every_sum_and_layernorm():
 )
 def test_a_permuted_vit_computes_the_same_logits(seed, depth, shape, mlp_dim):
     width, heads = shape
-    model, spec, variables = _vit(seed, depth=depth, width=width, heads=heads, mlp_dim=mlp_dim)
+    model, spec, variables = _vit(seed, depth=depth, embed_dim=width, num_heads=heads, mlp_dim=mlp_dim)
     copy = permuted_copy(variables, spec, seed)
     assert max_abs_diff(copy, variables) > 0.1  # really moved
     x = _images(seed)
@@ -186,7 +186,7 @@ ALIGNERS = {
 @given(seed=st.integers(0, 1000), depth=st.sampled_from([1, 2]), shape=st.sampled_from([(8, 2), (6, 3)]))
 def test_fusing_a_vit_with_its_permuted_copy_gives_it_back(method, seed, depth, shape):
     width, heads = shape
-    model, spec, variables = _vit(seed, depth=depth, width=width, heads=heads)
+    model, spec, variables = _vit(seed, depth=depth, embed_dim=width, num_heads=heads)
     copy = permuted_copy(variables, spec, seed + 1)
     aligner = ALIGNERS[method]
     acts = None
@@ -208,8 +208,8 @@ SOFT = {
 
 @pytest.mark.parametrize("method", ["ot-weights", "wm", "ot-sinkhorn", "wm-soft"])
 def test_plans_move_whole_heads_and_keep_the_stream_a_permutation(method):
-    _, spec, a = _vit(0, heads=2)
-    _, _, b = _vit(7, heads=2)
+    _, spec, a = _vit(0, num_heads=2)
+    _, _, b = _vit(7, num_heads=2)
     aligner = {**ALIGNERS, **SOFT}[method]
     _, aux = otf.fuse([a, b], spec, aligner)
     plans = aux.plans[0]
@@ -247,8 +247,8 @@ def test_a_permutation_only_plan_of_different_widths_is_refused_naming_the_plan(
     with pytest.raises(otf.FusionError, match="'fc1' must stay a permutation .* LayerNorm.*got 6 and 4"):
         otf.fuse([a, b], spec, otf.FusionConfig(mode="weights"))
     # a ViT's stream width is in its attention views: the leaf is named
-    _, vit_spec, c = _vit(0, width=8, heads=2)
-    _, _, d = _vit(1, width=6, heads=2)
+    _, vit_spec, c = _vit(0, embed_dim=8, num_heads=2)
+    _, _, d = _vit(1, embed_dim=6, num_heads=2)
     with pytest.raises(otf.FusionError, match=r"attn/key/bias of shape \(2, 3\) cannot be viewed as \(8,\)"):
         otf.fuse([d, c], vit_spec, otf.FusionConfig(mode="weights"))
 

@@ -48,30 +48,32 @@ class ViTOptions:
 
     Attributes:
       depth: number of transformer blocks.
-      width: embedding width E (the residual stream).
-      heads: attention heads (``width`` must be a multiple).
-      mlp_dim: the MLP's hidden width (timm: ``mlp_ratio * width``).
-      patch: patch size (the image's height and width must be multiples).
+      embed_dim: embedding width E (the residual stream).
+      num_heads: attention heads (``embed_dim`` must be a multiple).
+      mlp_dim: the MLP's hidden width (timm: ``mlp_ratio * embed_dim``).
+      patch_size: patch size (the image's height and width must be multiples).
       bias: biases in every dense layer (timm's ViTs have them).
+
+    The names are timm's (``VisionTransformer(embed_dim=..., depth=..., num_heads=...)``).
     """
 
     depth: int = 2
-    width: int = 64
-    heads: int = 4
+    embed_dim: int = 64
+    num_heads: int = 4
     mlp_dim: int = 128
-    patch: int = 4
+    patch_size: int = 4
     bias: bool = True
 
     def __post_init__(self):
-        for name in ("depth", "width", "heads", "mlp_dim", "patch"):
+        for name in ("depth", "embed_dim", "num_heads", "mlp_dim", "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"vit {name} must be >= 1, got {getattr(self, name)}")
-        if self.width % self.heads:
-            raise ValueError(f"vit width {self.width} must be a multiple of heads {self.heads}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"vit embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}")
 
     @property
     def head_dim(self) -> int:
-        return self.width // self.heads
+        return self.embed_dim // self.num_heads
 
 
 def block_plans(b: int) -> tuple[str, str, str]:
@@ -183,7 +185,7 @@ def transformer_block_spec(prefix: str, b: int, o, *, bias: bool) -> dict[str, s
     return {
         **spec_lib.layer_norm(f"{name}/norm1", STREAM),
         **spec_lib.attention(
-            f"{name}/attn", STREAM, qk, vo, STREAM, heads=o.heads, head_dim=o.width // o.heads, bias=bias
+            f"{name}/attn", STREAM, qk, vo, STREAM, heads=o.num_heads, head_dim=o.head_dim, bias=bias
         ),
         **spec_lib.layer_norm(f"{name}/norm2", STREAM),
         **spec_lib.mlp_block(f"{name}/mlp", STREAM, mlp, STREAM, bias=bias),
@@ -204,16 +206,16 @@ def vit_spec(o: ViTOptions) -> spec_lib.AlignmentSpec:
         leaves.update(transformer_block_spec("", b, o, bias=o.bias))
         qk, vo, mlp = block_plans(b)
         plans += [qk, vo, mlp]
-        heads.append(spec_lib.HeadGroup((qk, vo), o.heads))
+        heads.append(spec_lib.HeadGroup((qk, vo), o.num_heads))
     plans.append("head")
     return spec_lib.AlignmentSpec.build(leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM])
 
 
 def _module(o: ViTOptions, input_shape: tuple[int, int, int], num_classes: int) -> ViT:
     h, w, _ = input_shape
-    if h % o.patch or w % o.patch:
-        raise ValueError(f"vit patch {o.patch} must divide the image size {h}x{w}")
-    return ViT(num_classes, o.depth, o.width, o.heads, o.mlp_dim, o.patch, o.bias)
+    if h % o.patch_size or w % o.patch_size:
+        raise ValueError(f"vit patch_size {o.patch_size} must divide the image size {h}x{w}")
+    return ViT(num_classes, o.depth, o.embed_dim, o.num_heads, o.mlp_dim, o.patch_size, o.bias)
 
 
 def _scale_width(o: ViTOptions, factor: float) -> ViTOptions:
@@ -229,5 +231,8 @@ RECORD = ModelRecord(
     has_bias=lambda o: o.bias,
     scale_width=_scale_width,
     example_input_shape=(8, 8, 1),
-    examples=(ViTOptions(depth=1, width=8, heads=2, mlp_dim=6, patch=4), ViTOptions(depth=2, width=6, heads=3, mlp_dim=4, patch=2, bias=False)),
+    examples=(
+        ViTOptions(depth=1, embed_dim=8, num_heads=2, mlp_dim=6, patch_size=4),
+        ViTOptions(depth=2, embed_dim=6, num_heads=3, mlp_dim=4, patch_size=2, bias=False),
+    ),
 )
