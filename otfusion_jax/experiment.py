@@ -152,8 +152,9 @@ class Settings:
       matching: weight matching's options for the ``wm*`` methods (``soft`` is set per method; its ``backend``
         is taken as given: ``configs_util.settings_from`` passes ``config.fusion.exact_backend``).
       matching_seed: weight matching's key (restart r uses ``fold_in(key, r)``).
-      train: the parents' training recipe; fine-tuning is this with ``experiment.finetune_epochs`` epochs and
-        ``experiment.finetune_lr`` (None: TrainConfig's defaults).
+      train: the parents' training recipe; fine-tuning is this with ``experiment.finetune_epochs`` epochs,
+        ``experiment.finetune_lr`` and the warm-up scaled to the same share of the run (None: TrainConfig's
+        defaults).
     """
 
     experiment: ExperimentConfig = dataclasses.field(default_factory=lambda: ExperimentConfig())
@@ -169,7 +170,10 @@ class Settings:
         if exp.finetune_epochs <= 0:
             return None
         base = self.train or training.TrainConfig()
-        return dataclasses.replace(base, epochs=int(exp.finetune_epochs), lr=float(exp.finetune_lr or base.lr))
+        epochs = int(exp.finetune_epochs)
+        # The warm-up keeps its share of the run: 2 of 20 epochs stay a tenth of a 2-epoch fine-tune.
+        warmup = base.warmup_epochs * epochs / base.epochs if base.epochs else 0.0
+        return dataclasses.replace(base, epochs=epochs, lr=float(exp.finetune_lr or base.lr), warmup_epochs=warmup)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -252,8 +252,11 @@ class FusionConfig:
                 )
         if self.importance is not None:
             raise FusionError(f"layer {group.plans[0]!r}: importance marginals are not defined for attention heads")
+        rigid = [p in group.rigid for p in group.plans]
         if self.solver == "exact":
-            perms, _, _ = heads_lib.head_assignment(costs, group.heads, self.exact_backend, bidders=self.auction_bidders)
+            perms, _, _ = heads_lib.head_assignment(
+                costs, group.heads, self.exact_backend, bidders=self.auction_bidders, rigid=rigid
+            )
             out = [plans_lib.Permutation(p, self._permutation_scale(c.shape[0])) for p, c in zip(perms, costs)]
             infos = [
                 ot.PlanInfo(
@@ -273,6 +276,7 @@ class FusionConfig:
             threshold=self.sinkhorn_threshold,
             max_iterations=self.sinkhorn_max_iterations,
             implicit_diff=self.implicit_diff,
+            rigid=rigid,
         )
         out = [
             (ot.correct_plan(t, proper_marginals=self.proper_marginals) if self.correction else t).astype(dtype)

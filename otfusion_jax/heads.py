@@ -10,6 +10,8 @@ in two levels:
 
 1. **within heads**: every block is solved on its own (``H^2`` problems of
    size ``d_p``, batched with ``vmap``): an exact assignment, or Sinkhorn;
+   a *rigid* plan (rotary queries and keys) keeps the identity within heads
+   and its block cost is the block's trace;
 2. **between heads**: the head-to-head cost ``A[h, g] = sum_p cost of the
    best within-head plan of block (h, g)``, summed over the group's plans
    (the head map is shared), is solved the same way (exact or Sinkhorn).
@@ -55,7 +57,12 @@ def _check(costs: Sequence[jax.Array], heads: int) -> None:
 
 
 def head_assignment(
-    costs: Sequence[jax.Array], heads: int, backend: str = "auto", *, bidders: int | None = None
+    costs: Sequence[jax.Array],
+    heads: int,
+    backend: str = "auto",
+    *,
+    bidders: int | None = None,
+    rigid: Sequence[bool] | None = None,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
     """The exact head-structured assignment of a head group (minimising the summed cost).
 
@@ -64,6 +71,7 @@ def head_assignment(
       heads: H.
       backend: exact assignment solver (``ot.EXACT_BACKENDS``).
       bidders: the auction's bidders per round.
+      rigid: per plan, True where neurons keep their place within a head.
 
     Returns:
       ``(perms, head_perm, total)``: per plan the flat ``(H d_p,)`` permutation
@@ -72,12 +80,16 @@ def head_assignment(
       and the total cost ``sum_p sum_j C_p[perm_p[j], j]``.
     """
     _check(costs, heads)
+    rigid = [False] * len(costs) if rigid is None else list(rigid)
     within, head_cost = [], 0.0
-    for c in costs:
+    for c, fixed in zip(costs, rigid):
         b = blocks(c, heads)  # (H, H, d, d)
         d = b.shape[-1]
         flat = b.reshape(heads * heads, d, d)
-        perms = jax.vmap(lambda x: ot.assignment(x, backend, bidders=bidders)[1])(flat)  # (H^2, d)
+        if fixed:
+            perms = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), (heads * heads, d))
+        else:
+            perms = jax.vmap(lambda x: ot.assignment(x, backend, bidders=bidders)[1])(flat)  # (H^2, d)
         best = jnp.take_along_axis(flat, perms[:, None, :], axis=1)[:, 0, :].sum(-1)  # (H^2,)
         within.append(perms.reshape(heads, heads, d))
         head_cost = head_cost + best.reshape(heads, heads)
@@ -101,6 +113,7 @@ def head_sinkhorn(
     threshold: float,
     max_iterations: int,
     implicit_diff: bool,
+    rigid: Sequence[bool] | None = None,
 ) -> tuple[list[jax.Array], ot.PlanInfo]:
     """Entropic head-structured plans: Sinkhorn within every head block, then between heads.
 
@@ -115,6 +128,8 @@ def head_sinkhorn(
       epsilon, relative_epsilon, threshold, max_iterations, implicit_diff:
         Sinkhorn's options (:func:`ot.sinkhorn_plan`), used at both levels
         (a relative epsilon is relative to each problem's own cost).
+      rigid: per plan, True where neurons keep their place within a head
+        (the within-head plans are ``I / d``).
 
     Returns:
       (per plan the dense (H d_p, H d_p) raw plan, one PlanInfo for the group:
@@ -135,11 +150,17 @@ def head_sinkhorn(
         u = jnp.full((n,), 1.0 / n, c.dtype)
         return ot.sinkhorn_plan(c, u, u, **opts)
 
+    rigid = [False] * len(costs) if rigid is None else list(rigid)
     within, infos, head_cost = [], [], 0.0
-    for c in costs:
+    for c, fixed in zip(costs, rigid):
         b = blocks(c, heads)
         d = b.shape[-1]
-        plans, info = jax.vmap(solve)(b.reshape(heads * heads, d, d))
+        if fixed:
+            plans = jnp.broadcast_to(jnp.eye(d, dtype=c.dtype) / d, (heads * heads, d, d))
+            cost = jnp.sum(plans * b.reshape(heads * heads, d, d), axis=(1, 2))
+            info = ot.PlanInfo(cost, jnp.array(True), jnp.array(0, jnp.int32), jnp.array(0.0, c.dtype))
+        else:
+            plans, info = jax.vmap(solve)(b.reshape(heads * heads, d, d))
         within.append(plans.reshape(heads, heads, d, d))
         infos.append(info)
         head_cost = head_cost + info.cost.reshape(heads, heads)

@@ -246,6 +246,7 @@ def _head_branch(group: spec_lib.HeadGroup, va, vb, epsilon, spec, opts: WeightM
         return [_similarity(va, vb, spec, p, ps, opts.roles, None if rd is None else rd[p]) for p in group.plans]
 
     cases = [sims] + ([lambda ps: sims(ps, ready)] if ready is not None else [])
+    rigid = [p in group.rigid for p in group.plans]
 
     def branch(ps, local):
         ss = jax.lax.switch(local, cases, ps) if len(cases) > 1 else cases[0](ps)
@@ -260,11 +261,14 @@ def _head_branch(group: spec_lib.HeadGroup, va, vb, epsilon, spec, opts: WeightM
                 threshold=opts.sinkhorn_threshold,
                 max_iterations=opts.sinkhorn_max_iterations,
                 implicit_diff=False,
+                rigid=rigid,
             )
             new = [(t * t.shape[0]).astype(o.dtype) for t, o in zip(raw, old)]
             changed = jnp.any(jnp.stack([jnp.max(jnp.abs(a - b)) > opts.soft_tol for a, b in zip(new, old)]))
         else:
-            perms, _, _ = heads_lib.head_assignment([-jax.lax.stop_gradient(s) for s in ss], group.heads, opts.backend)
+            perms, _, _ = heads_lib.head_assignment(
+                [-jax.lax.stop_gradient(s) for s in ss], group.heads, opts.backend, rigid=rigid
+            )
             gain_old = sum(jnp.sum(s[o, jnp.arange(s.shape[1])]) for s, o in zip(ss, old))
             gain_new = sum(jnp.sum(s[p, jnp.arange(s.shape[1])]) for s, p in zip(ss, perms))
             changed = gain_new > gain_old + opts.tol * jnp.abs(gain_old)
@@ -352,7 +356,9 @@ def _weight_matching_impl(parent, target, init, key, epsilon, spec, opts: Weight
         plans = perms
         perms = {k: _assignment(t, opts.backend) for k, t in plans.items()}
         for group in spec.heads:  # the nearest permutations that move whole heads
-            nearest, _, _ = heads_lib.head_assignment([-plans[p] for p in group.plans], group.heads, opts.backend)
+            nearest, _, _ = heads_lib.head_assignment(
+                [-plans[p] for p in group.plans], group.heads, opts.backend, rigid=[p in group.rigid for p in group.plans]
+            )
             perms.update(zip(group.plans, nearest))
     else:
         plans = plans_lib.perms_to_plans(perms, jnp.result_type(*[x.dtype for x in vb.values()]))

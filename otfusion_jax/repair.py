@@ -38,7 +38,10 @@ Two cases, chosen from the variables:
   parents' bias and |scale|: the parents' own statistics when their running
   statistics describe ``x``. The parents are not needed in this case.
 
-The output (class) layer is left alone unless ``include_output``. Stds are
+The output (class) layer is left alone unless ``include_output``. Transformers
+(specs with permutation-only streams and attention head groups): only the MLP
+hidden units are corrected; LayerNorm renormalises the stream for every
+reader, and queries/keys/values are left as they are (``_corrected_plans``). Stds are
 biased (over the S samples, and space for conv layers); ``eps`` floors the
 fused std in the ratio. Identical parents and fused model are a fixed point
 (scale exactly 1, shift exactly 0 up to float rounding).
@@ -127,7 +130,16 @@ def target_stats(
 
 
 def _corrected_plans(spec: spec_lib.AlignmentSpec, include_output: bool) -> list[str]:
-    return [p for p in spec.plans if include_output or p != spec.output_plan]
+    """The plans REPAIR corrects: all but the output plan, and for transformers all but the stream and the heads.
+
+    A permutation-only plan is a residual stream read through LayerNorm: every
+    reader renormalises it, so its collapsed scale is restored where it is
+    used (LayerNorm-aware REPAIR leaves it alone). Attention's head groups are
+    left alone too: rescaling queries and keys would change the softmax's
+    temperature, not restore a unit's statistics. That leaves the MLP hidden units.
+    """
+    skip = set(spec.permutation_only) | {p for g in spec.heads for p in g.plans}
+    return [p for p in spec.plans if (include_output or p != spec.output_plan) and p not in skip]
 
 
 def check_repairable(

@@ -111,17 +111,27 @@ class HeadGroup:
     and the output projection another, a group of the two plans keeps every
     head's attention pattern and output.
 
+    Rotary position embeddings rotate fixed pairs of a head's query/key
+    dimensions by fixed frequencies, so those dimensions may not move within
+    a head: name such plans in ``rigid`` (whole heads move, ``W[h, g]`` is the
+    identity).
+
     Attributes:
       plans: the flat plans sharing the head map, e.g. ``("blk0_qk", "blk0_vo")``;
         listed consecutively in ``AlignmentSpec.plans``.
       heads: number of heads.
+      rigid: plans of the group that keep every neuron's place within its head.
     """
 
     plans: tuple[str, ...]
     heads: int
+    rigid: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "plans", tuple(self.plans))
+        object.__setattr__(self, "rigid", tuple(self.rigid))
+        if not set(self.rigid) <= set(self.plans):
+            raise SpecError(f"head group {self.plans}: rigid plans {self.rigid} must be plans of the group")
         if not self.plans or len(set(self.plans)) != len(self.plans):
             raise SpecError(f"a head group needs distinct plans, got {self.plans}")
         if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
@@ -385,16 +395,16 @@ def norm(name: str, plan: str) -> dict[str, LeafSpec]:
     }
 
 
-def layer_norm(name: str, plan: str) -> dict[str, LeafSpec]:
-    """A LayerNorm: scale and bias, both carrying ``plan``.
+def layer_norm(name: str, plan: str, *, bias: bool = True) -> dict[str, LeafSpec]:
+    """A LayerNorm (scale and bias) or, with ``bias=False``, an RMSNorm (scale), carrying ``plan``.
 
-    LayerNorm commutes with a permutation of its features but not with a soft
+    Both commute with a permutation of their features but not with a soft
     plan: declare ``plan`` in ``AlignmentSpec.build(..., permutation_only=...)``.
     """
-    return {
-        f"params/{name}/scale": LeafSpec((plan,), role="norm"),
-        f"params/{name}/bias": LeafSpec((plan,), role="norm"),
-    }
+    out = {f"params/{name}/scale": LeafSpec((plan,), role="norm")}
+    if bias:
+        out[f"params/{name}/bias"] = LeafSpec((plan,), role="norm")
+    return out
 
 
 def embedding(path: str, plan: str, ndim: int = 2) -> dict[str, LeafSpec]:

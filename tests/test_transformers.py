@@ -279,3 +279,44 @@ def test_gradients_flow_through_head_structured_sinkhorn():
 
     g = jax.grad(loss)(jnp.log(0.05))
     assert np.isfinite(float(g)) and float(g) != 0.0
+
+
+# ----------------------------------------------------------------------------- a decoder-only block
+
+from otfusion_jax.models import decoder as decoder_lib  # noqa: E402
+
+
+def _decoder(seed, **options):
+    module, spec = decoder_lib.build_decoder(vocab_size=11, max_len=8, depth=1, embed_dim=8, num_heads=2,
+                                             mlp_dim=6, **options)
+    variables = decoder_lib.init_decoder(module, jax.random.key(seed))
+    rng = np.random.default_rng(seed + 100)
+    variables = jax.tree_util.tree_map(lambda a: a + 0.2 * jnp.asarray(rng.standard_normal(a.shape), a.dtype), variables)
+    return module, spec, variables
+
+
+@pytest.mark.parametrize("positions,norm", [("learned", "layer"), ("rotary", "rms")])
+def test_a_permuted_decoder_computes_the_same_logits_and_fuses_back(positions, norm):
+    module, spec, variables = _decoder(0, positions=positions, norm=norm)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 11, (3, 8)))
+    copy = permuted_copy(variables, spec, 5)
+    if positions == "rotary":
+        assert spec.heads[0].rigid == ("block0_qk",)
+        # rotary pairs fixed dimensions: the copy may only move whole Q/K heads
+        sizes = spec.check_variables(variables)
+        perms = {p: np.arange(n) for p, n in sizes.items()}
+        perms["block0_qk"] = np.array([4, 5, 6, 7, 0, 1, 2, 3])  # swap the two heads of Q/K
+        perms["block0_vo"] = np.array([6, 4, 5, 7, 2, 0, 3, 1])  # the same head swap for V/O, shuffled inside
+        perms["res"], perms["block0_mlp"] = np.random.default_rng(2).permutation(8), np.arange(6)[::-1]
+        copy = otf.apply_plans(variables, spec, {k: jnp.asarray(v) for k, v in perms.items()})
+        inside = dict(perms, block0_qk=np.array([1, 0, 2, 3, 4, 5, 6, 7]))  # one rotary pair broken
+        broken = otf.apply_plans(variables, spec, {k: jnp.asarray(v) for k, v in inside.items()})
+        assert float(jnp.max(jnp.abs(module.apply(broken, tokens) - module.apply(variables, tokens)))) > 1e-3
+    np.testing.assert_allclose(module.apply(copy, tokens), module.apply(variables, tokens), atol=2e-5)
+    assert max_abs_diff(copy, variables) > 0.1
+    for aligner in (otf.FusionConfig(mode="weights"), otf.WeightMatching(restarts=1)):
+        fused, aux = otf.fuse([copy, variables], spec, aligner)
+        assert max_abs_diff(fused, variables) < 1e-5, type(aligner).__name__
+        if positions == "rotary":  # Q/K keep every dimension's place within its head
+            qk = np.asarray(aux.plans[0]["block0_qk"])
+            assert set(np.argmax(qk, 0) % 4 == np.arange(8) % 4) == {True}

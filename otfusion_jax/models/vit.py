@@ -37,7 +37,7 @@ from otfusion_jax import spec as spec_lib
 from otfusion_jax.models.common import sow_acts
 from otfusion_jax.models.record import ModelRecord
 
-__all__ = ["ViT", "ViTOptions", "vit_spec", "RECORD", "STREAM"]
+__all__ = ["ViT", "ViTOptions", "vit_spec", "RECORD", "STREAM", "Attention", "Block", "rotary", "transformer_block_spec"]
 
 STREAM = "res"  # the residual stream's plan
 
@@ -81,14 +81,37 @@ def block_plans(b: int) -> tuple[str, str, str]:
     return f"block{b}_qk", f"block{b}_vo", f"block{b}_mlp"
 
 
+def rotary(x: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
+    """Rotary position embedding (RoFormer; GPT-NeoX's rotate-half pairing) of (N, T, H, d) queries or keys.
+
+    Dimension i and i + d/2 of every head are rotated together by the angle
+    ``t * base ** (-2i / d)`` at position t: fixed pairs with fixed
+    frequencies, so a plan may move whole heads but not dimensions within a
+    head (``HeadGroup.rigid``).
+    """
+    _, t, _, d = x.shape
+    half = d // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / d)
+    angle = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]  # (T, d/2)
+    cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half: 2 * half]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+    return jnp.concatenate([out, x[..., 2 * half:]], axis=-1) if d % 2 else out
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention in Flax's DenseGeneral layout; sows q/k (``qk``) and v / head outputs (``vo``)."""
+    """Multi-head self-attention in Flax's DenseGeneral layout; sows q/k (``qk``) and v / head outputs (``vo``).
+
+    ``causal`` masks future positions (a decoder); ``rope`` rotates queries and
+    keys (:func:`rotary`) after they are sown.
+    """
 
     heads: int
     qk_plan: str
     vo_plan: str
     use_bias: bool = True
     causal: bool = False
+    rope: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -97,14 +120,16 @@ class Attention(nn.Module):
         d = e // self.heads
         proj = lambda name: nn.DenseGeneral((self.heads, d), use_bias=self.use_bias, name=name)  # noqa: E731
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (N, T, H, d)
+        flat = lambda a: a.reshape(n, t, self.heads * d)  # noqa: E731
+        sow_acts(self, self.qk_plan, flat(q))
+        sow_acts(self, self.qk_plan, flat(k))
+        if self.rope:
+            q, k = rotary(q), rotary(k)
         logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / jnp.sqrt(d).astype(x.dtype)
         if self.causal:
             mask = jnp.tril(jnp.ones((t, t), bool))
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         ctx = jnp.einsum("nhqk,nkhd->nqhd", nn.softmax(logits, axis=-1), v)
-        flat = lambda a: a.reshape(n, t, self.heads * d)  # noqa: E731
-        sow_acts(self, self.qk_plan, flat(q))
-        sow_acts(self, self.qk_plan, flat(k))
         sow_acts(self, self.vo_plan, flat(v), flat(ctx))
         return nn.DenseGeneral(e, axis=(-2, -1), use_bias=self.use_bias, name="out")(ctx)
 
@@ -124,23 +149,34 @@ class Mlp(nn.Module):
         return nn.Dense(x.shape[-1], use_bias=self.use_bias, name="fc2")(g)
 
 
+def make_norm(kind: str, name: str, epsilon: float = 1e-6) -> nn.Module:
+    """``"layer"``: LayerNorm (scale and bias); ``"rms"``: RMSNorm (scale only)."""
+    if kind == "rms":
+        return nn.RMSNorm(epsilon=epsilon, name=name)
+    if kind == "layer":
+        return nn.LayerNorm(epsilon=epsilon, name=name)
+    raise ValueError(f"norm must be 'layer' or 'rms', got {kind!r}")
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); sows the stream after each sum."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); sows the stream after each sum."""
 
     heads: int
     mlp_dim: int
     index: int
     use_bias: bool = True
     causal: bool = False
+    rope: bool = False
+    norm: str = "layer"
     ln_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         qk, vo, mlp = block_plans(self.index)
-        y = nn.LayerNorm(epsilon=self.ln_epsilon, name="norm1")(x)
-        x = x + Attention(self.heads, qk, vo, self.use_bias, self.causal, name="attn")(y)
+        y = make_norm(self.norm, "norm1", self.ln_epsilon)(x)
+        x = x + Attention(self.heads, qk, vo, self.use_bias, self.causal, self.rope, name="attn")(y)
         sow_acts(self, STREAM, x)
-        y = nn.LayerNorm(epsilon=self.ln_epsilon, name="norm2")(x)
+        y = make_norm(self.norm, "norm2", self.ln_epsilon)(x)
         x = x + Mlp(self.mlp_dim, mlp, self.use_bias, name="mlp")(y)
         sow_acts(self, STREAM, x)
         return x
@@ -178,18 +214,23 @@ class ViT(nn.Module):
         return x
 
 
-def transformer_block_spec(prefix: str, b: int, o, *, bias: bool) -> dict[str, spec_lib.LeafSpec]:
-    """The leaves of one pre-LN block ``{prefix}block{b}`` on the stream plan (ViT and decoder alike)."""
+def transformer_block_spec(
+    b: int, o, *, bias: bool, norm_bias: bool = True
+) -> tuple[dict[str, spec_lib.LeafSpec], tuple[str, ...]]:
+    """The leaves of one pre-norm block ``block{b}`` on the stream plan (ViT and decoder alike), and its plans.
+
+    ``o`` has ``num_heads`` and ``head_dim``; ``norm_bias`` False for RMSNorm (a scale only).
+    """
     qk, vo, mlp = block_plans(b)
-    name = f"{prefix}block{b}"
+    name = f"block{b}"
     return {
-        **spec_lib.layer_norm(f"{name}/norm1", STREAM),
+        **spec_lib.layer_norm(f"{name}/norm1", STREAM, bias=norm_bias),
         **spec_lib.attention(
             f"{name}/attn", STREAM, qk, vo, STREAM, heads=o.num_heads, head_dim=o.head_dim, bias=bias
         ),
-        **spec_lib.layer_norm(f"{name}/norm2", STREAM),
+        **spec_lib.layer_norm(f"{name}/norm2", STREAM, bias=norm_bias),
         **spec_lib.mlp_block(f"{name}/mlp", STREAM, mlp, STREAM, bias=bias),
-    }
+    }, (qk, vo, mlp)
 
 
 def vit_spec(o: ViTOptions) -> spec_lib.AlignmentSpec:
@@ -203,8 +244,8 @@ def vit_spec(o: ViTOptions) -> spec_lib.AlignmentSpec:
     }
     plans, heads = [STREAM], []
     for b in range(o.depth):
-        leaves.update(transformer_block_spec("", b, o, bias=o.bias))
-        qk, vo, mlp = block_plans(b)
+        block, (qk, vo, mlp) = transformer_block_spec(b, o, bias=o.bias)
+        leaves.update(block)
         plans += [qk, vo, mlp]
         heads.append(spec_lib.HeadGroup((qk, vo), o.num_heads))
     plans.append("head")
