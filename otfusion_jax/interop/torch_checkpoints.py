@@ -3,7 +3,7 @@
 The original (sidak/otfusion) saves ``torch.save({"args": vars(args), "epoch": ...,
 "test_accuracy": <percent>, "model_state_dict": model.state_dict()}, path)``
 (files such as ``model_0/final.checkpoint``). :func:`load_torch_checkpoint`
-reads such a file (or a bare state dict), recognises the architecture from the
+reads such a file (or a bare state dict; also a timm ViT's, ``interop.timm_vit``), recognises the architecture from the
 state dict's keys, infers its widths and converts the weights to our Flax
 variables; :func:`save_torch_checkpoint` writes the exact inverse.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import numbers
 import os
 import re
@@ -41,7 +42,7 @@ import numpy as np
 
 from otfusion_jax import io_utils, models
 from otfusion_jax import spec as spec_lib
-from otfusion_jax.interop import layouts
+from otfusion_jax.interop import layouts, timm_vit
 from otfusion_jax.models import torch_layout as tl
 
 __all__ = [
@@ -522,6 +523,8 @@ def load_torch_checkpoint(
     prefix = _PREFIX if all(k.startswith(_PREFIX) for k in raw_sd) else ""
     sd = {k[len(prefix):]: _tensor_to_numpy(torch, k, v, where) for k, v in raw_sd.items()}
 
+    if model in (None, "vit") and timm_vit.is_timm_vit(sd):
+        return _load_timm(sd, top, where, state_key, prefix, input_shape, num_classes)
     name, info, variables, counts = variables_from_state_dict(
         sd, model=model, input_shape=input_shape, num_classes=num_classes, where=where
     )
@@ -550,6 +553,26 @@ def load_torch_checkpoint(
             torch_meta["dropped"].append(str(key))
     metadata["torch"] = torch_meta
     return name, dict(info["options"]), variables, metadata
+
+
+def _load_timm(sd, top, where, state_key, prefix, input_shape, num_classes):
+    """A timm ViT state dict (``interop.timm_vit``); the file's ``num_heads`` entry, if any, gives the heads."""
+    heads = top.get("num_heads")
+    try:
+        options, shape, classes, variables = timm_vit.vit_from_timm(
+            sd, num_heads=None if heads is None else int(_plain(heads)), where=where
+        )
+    except timm_vit.TimmLayoutError as e:
+        raise TorchCheckpointError(str(e)) from None
+    if input_shape is not None and tuple(input_shape) != shape:
+        raise TorchCheckpointError(f"{where}: the ViT reads {shape} images (patch grid x patch size), not {tuple(input_shape)}")
+    if num_classes is not None and num_classes != classes:
+        raise TorchCheckpointError(f"{where}: the head has {classes} classes, not {num_classes}")
+    info = {"name": "vit", "options": dataclasses.asdict(options), "input_shape": list(shape), "num_classes": classes}
+    torch_meta = {"layout": "timm", "state_dict_key": state_key, "key_prefix": prefix,
+                  "extra": {k: _plain(v) for k, v in top.items() if _is_scalar_like(v)}}
+    metadata = {"kind": "torch_import", "source": where, "model": info, "torch": torch_meta}
+    return "vit", dict(info["options"]), variables, metadata
 
 
 def save_torch_checkpoint(
