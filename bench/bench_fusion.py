@@ -142,6 +142,7 @@ QUICK_PLAN: dict[str, dict[str, list[str]]] = {
     "mlpnet": {"weights": [s for s in SOLVERS if s not in ("exact-auto", "exact-lapjv")], "activations": ["exact-host"]},
     "vgg11": {"weights": ["exact-host"]},
     "resnet18": {"weights": ["exact-host"]},
+    "vit": {"weights": ["exact-host", "sinkhorn"], "activations": ["exact-host"]},
 }
 
 
@@ -370,11 +371,13 @@ class ModelCase:
 
 
 def model_cases(quick: bool, vgg_width: float) -> list[ModelCase]:
-    """The three benchmarked models (tiny in quick mode)."""
+    """The benchmarked models (tiny in quick mode)."""
     if quick:
         mlp_widths, vgg_width, res_width, res_hw = (32, 16, 8), 0.0625, 0.0625, (16, 16, 3)
+        vit_depth, vit_dim = 1, 8
     else:
         mlp_widths, res_width, res_hw = (400, 200, 100), 1.0, (32, 32, 3)
+        vit_depth, vit_dim = 4, 64
     mlp_names = [f"fc{i + 1}" for i in range(len(mlp_widths) + 1)]
     vgg_kinds = tuple((f"conv{i}", "conv") for i in range(1, 9)) + (("fc", "flatten"),)
     return [
@@ -401,6 +404,15 @@ def model_cases(quick: bool, vgg_width: float) -> list[ModelCase]:
             None,
             None,
             f"ResNet18 x{res_width:g} {res_hw[0]}x{res_hw[1]}x3 BN",
+        ),
+        ModelCase(  # configs/fashion_vit.py's ViT: head-structured plans, a permutation-only stream
+            "vit",
+            (28, 28, 1),
+            (("depth", vit_depth), ("embed_dim", vit_dim), ("num_heads", 4), ("mlp_dim", 2 * vit_dim),
+             ("patch_size", 7), ("bias", True)),
+            None,
+            None,
+            f"ViT depth {vit_depth}, width {vit_dim}, 4 heads, 28x28x1",
         ),
     ]
 
@@ -912,7 +924,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny models and counts: a smoke test (< 1 min)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json", help="JSON results (atomic write)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the Markdown tables here")
-    p.add_argument("--models", nargs="+", default=["mlpnet", "vgg11", "resnet18"])
+    p.add_argument("--models", nargs="+", default=["mlpnet", "vgg11", "resnet18", "vit"])
     p.add_argument("--modes", nargs="+", default=["weights", "activations"])
     p.add_argument("--solvers", nargs="+", default=None, choices=list(SOLVERS),
                    help="default: all (quick: the few of QUICK_PLAN)")

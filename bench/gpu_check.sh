@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #5 as one prepared call of the device tool (at most 7 minutes):
 #   1. the auction solver's tests on the GPU (exactness against scipy, vmap, fusion);
-#   2. bench/bench_fusion.py for MLPNet and VGG11 pairs by weights: exact-device
+#   2. bench/bench_fusion.py for MLPNet, VGG11 and ViT (configs/fashion_vit.py) pairs by weights: exact-device
 #      (optax Hungarian), exact-auction, Sinkhorn; vmap throughput at 1/8/64/256
 #      pairs and K-parent fusion for the two parallel solvers; the NumPy + POT
 #      reference on the machine's CPU for the ratios.
@@ -28,7 +28,7 @@ if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   bench=(--quick --models mlpnet --modes weights --solvers exact-auction --vmap-solvers exact-auction --k-solvers exact-auction)
 else
   tests=(tests/test_auction.py)
-  bench=(--models mlpnet vgg11 --modes weights --solvers exact-device exact-auction sinkhorn
+  bench=(--models mlpnet vgg11 vit --modes weights --solvers exact-device exact-auction sinkhorn
          --vmap-solvers exact-auction sinkhorn --k-solvers exact-auction sinkhorn
          --vmap-counts 1 8 64 256 --k-values 2 4 --budget-s 4 --ref-repeats 2 --interleave-rounds 5)
 fi
