@@ -44,7 +44,7 @@ __all__ = [
     "correct_plan",
 ]
 
-METRICS = ("euclidean", "cosine")
+METRICS = ("euclidean", "cosine", "correlation")
 # Exact assignment solvers (square costs, uniform marginals); "auto" picks the fastest for the platform.
 EXACT_BACKENDS = ("auto", "device", "auction", "host", "lapjv")
 COST_NORMS = ("none", "log", "max", "median", "mean")
@@ -74,7 +74,9 @@ def pairwise_cost(
     Args:
       x: (n, d) features of the first layer's neurons.
       y: (m, d) features of the second layer's neurons.
-      metric: "euclidean" or "cosine" (1 - cosine similarity).
+      metric: "euclidean", "cosine" (1 - cosine similarity) or "correlation"
+        (1 - Pearson correlation: the cosine of the rows centred on their own
+        means; Git Re-Basin's and REPAIR's activation matching).
       squared: euclidean only: squared distance (True) or distance (False).
       unit_norm: euclidean only: distances between the rows scaled to unit
         norm (cosine does not depend on it).
@@ -145,6 +147,12 @@ def pairwise_cost_columns(
     def gram(xs_, ys_):  # sum over tensors of (f, n), (f, m) -> (n, m), contracting the feature axis in place
         return sum(jax.lax.dot_general(x, y, (((0,), (0,)), ((), ()))) for x, y in zip(xs_, ys_))
 
+    if metric == "correlation":  # each neuron centred on its own mean over all its values, then cosine
+        fx = sum(x.shape[0] for x in xs)
+        mx = sum(jnp.sum(x, 0) for x in xs) / fx
+        my = sum(jnp.sum(y, 0) for y in ys) / fx
+        xs, ys = [x - mx[None, :] for x in xs], [y - my[None, :] for y in ys]
+        metric = "cosine"
     nx2 = sum(jnp.sum(x * x, 0) for x in xs)  # (n,) squared norms
     ny2 = sum(jnp.sum(y * y, 0) for y in ys)
     if metric == "cosine":

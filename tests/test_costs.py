@@ -139,3 +139,19 @@ def test_kernels_are_read_in_their_stored_layout(centring):
     ops = set(re.findall(r"= \S+ (\w+)\(", hlo))
     assert "dot" in ops
     assert not {"transpose", "copy"} & ops, sorted(ops)
+
+
+def test_correlation_is_one_minus_pearson_over_every_value_of_a_neuron():
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((5, 3, 4)) + 3.0, rng.standard_normal((7, 4)) * 2]  # two tensors, 22 values a neuron
+    ys = [rng.standard_normal((5, 3, 6)), rng.standard_normal((7, 6)) - 1.0]
+    cost = ot.pairwise_cost_columns([jnp.asarray(x, jnp.float32) for x in xs],
+                                    [jnp.asarray(y, jnp.float32) for y in ys], "correlation")
+    rows_x = np.concatenate([x.reshape(-1, 4) for x in xs]).T  # (4, 22)
+    rows_y = np.concatenate([y.reshape(-1, 6) for y in ys]).T
+    want = 1.0 - np.corrcoef(rows_x, rows_y)[:4, 4:]
+    np.testing.assert_allclose(np.asarray(cost), want, atol=1e-5)
+    # invariant to a neuron's offset and scale: what correlation matching is for
+    shifted = [jnp.asarray(x * 5.0 - 7.0, jnp.float32) for x in xs]
+    np.testing.assert_allclose(np.asarray(ot.pairwise_cost_columns(shifted, [jnp.asarray(y, jnp.float32) for y in ys],
+                                                                   "correlation")), want, atol=1e-5)

@@ -320,3 +320,14 @@ def test_a_permuted_decoder_computes_the_same_logits_and_fuses_back(positions, n
         if positions == "rotary":  # Q/K keep every dimension's place within its head
             qk = np.asarray(aux.plans[0]["block0_qk"])
             assert set(np.argmax(qk, 0) % 4 == np.arange(8) % 4) == {True}
+
+
+@pytest.mark.parametrize("aligner", [otf.WeightMatching(restarts=1), otf.FusionConfig(mode="weights")],
+                         ids=["wm-many", "ot-many"])
+def test_three_permuted_vits_fuse_back_one_shot_and_by_the_barycentre(aligner):
+    _, spec, variables = _vit(3)
+    parents = [permuted_copy(variables, spec, s) for s in (11, 12)] + [variables]
+    for iterations in (1, 3):
+        fused, aux = otf.fuse(parents, spec, aligner, iterations=iterations)
+        assert max_abs_diff(fused, variables) < 1e-5
+    assert int(aux.iterations) == 2  # the plans stopped changing after the first re-alignment
