@@ -29,6 +29,13 @@ Where we differ from the original on purpose (documented in README/docs):
 * K > 2 parents are aligned onto one target in one call;
 * the output (class) layer is not given a plan of its own by default
   (``align_output=False``): classes are not interchangeable neurons.
+
+Transformers (see ``otfusion_jax.spec``): the plans of an attention head group
+are solved together at the first one's turn (``heads.head_assignment`` /
+``heads.head_sinkhorn``: whole heads matched from the summed within-head costs,
+then neurons within matched heads), and a permutation-only plan (a stream
+through LayerNorm) is rounded to the nearest permutation when the solver gives
+a soft plan. The original has neither (nor any attention support).
 """
 
 from __future__ import annotations
@@ -73,7 +80,8 @@ class FusionConfig:
         host callback: ``pip install 'otfusion-jax[fast]'``).
       auction_bidders: "auction" only: free rows bidding per round (None: 16 on
         a CPU backend, all on accelerators).
-      ground_metric: "euclidean" or "cosine".
+      ground_metric: "euclidean", "cosine" or "correlation" (1 - Pearson
+        correlation of each neuron's values; not in the original).
       squared: squared euclidean distance (the original's default is squared;
         all its published commands use ``--not-squared``, i.e. False).
       normalize_cost: "none", "log", "max", "median" or "mean".
