@@ -367,6 +367,7 @@ FIELDS: dict[str, Field] = {
     "fusion.past_correction": _bool("fuse input-aligned weights"),
     "fusion.importance": Field("str", "importance marginals (choices: FusionConfig)", optional=True),
     "fusion.align_output": _bool("a plan for the class layer"),
+    "fusion.symmetry": _choice("transformers: permutation or orthogonal stream/head plans", lambda: fusion.SYMMETRIES),
     "matching.seed": _int("weight matching's key (the sweep orders of its restarts)", 0),
     "matching.restarts": _int("descents from as many sweep orders; the best objective wins", 1),
     "matching.start": Field("str", "starting plans (choices: WeightMatching)"),

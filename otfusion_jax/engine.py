@@ -109,6 +109,11 @@ class Aligner(Protocol):
       needs_activations: ``align`` reads ``parent_acts`` / ``target_acts``.
       incoming: plans also move the parent's input axes (OTFusion's past
         correction; always True for permutation methods).
+
+    An aligner may also have ``prepare(variables, spec) -> variables``: an
+    equivalent parametrisation of every parent (the same function) that its
+    plans act on, applied by the engine before aligning and averaging
+    (OTFusion with ``symmetry="orthogonal"`` folds the norms: ``spec.fold_norms``).
     """
 
     needs_activations: bool
@@ -329,6 +334,9 @@ def _aux(results, parents, spec, w) -> FusionAux:
 
 def _align_impl(parents, spec, aligner, activations, weights, key, params, target, iterations=1, tol=0.0):
     """(aligned parents, FusionAux): the one implementation behind ``align_parents`` and ``fuse``."""
+    prepare = getattr(aligner, "prepare", None)
+    if prepare is not None:  # an equivalent parametrisation the aligner needs (folded norms): the same functions
+        parents = [prepare(p, spec) for p in parents]
     w = averaging_weights(len(parents), weights)
     aligned, results = _align_all(parents, spec, aligner, activations, key, params, target)
     aux = _aux(results, parents, spec, w)

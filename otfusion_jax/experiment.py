@@ -338,6 +338,11 @@ class Method:
 
 def _ot_method(mode: str) -> Callable[[Group, str | None], Outcome]:
     def fuse_ot(group: Group, solver: str | None) -> Outcome:
+        if solver == "orthogonal":  # transformers: rotations of the stream and within heads (FusionConfig.symmetry)
+            cfg = dataclasses.replace(group.settings.fusion, mode=mode, solver="exact", symmetry="orthogonal")
+            group.say(f"OT fusion by {mode} (orthogonal)")
+            return group.run_aligner(cfg, f"OT fusion ({mode}, orthogonal)", "exact",
+                                     extra=lambda aux: {"ot_cost": mean_costs(aux)})
         cfg = dataclasses.replace(group.settings.fusion, mode=mode, solver=solver or group.settings.fusion.solver)
         group.say(f"OT fusion by {mode} ({cfg.solver})")
         threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
@@ -475,11 +480,15 @@ def _learned_method(group: Group, solver: str | None) -> Outcome:
 
 # name -> Method. "vanilla" and "ensemble" are rows of every table (accepted in method strings for clarity).
 METHODS: dict[str, Method] = {
-    "ot-weights": Method("OTFusion, costs between incoming weights", _ot_method("weights"), ("exact", "sinkhorn")),
+    "ot-weights": Method(
+        "OTFusion, costs between incoming weights (:orthogonal: transformers' rotation symmetries)",
+        _ot_method("weights"),
+        ("exact", "sinkhorn", "orthogonal"),
+    ),
     "ot-acts": Method(
-        "OTFusion, costs between activations on num_samples training inputs",
+        "OTFusion, costs between activations on num_samples training inputs (:orthogonal as ot-weights)",
         _ot_method("activations"),
-        ("exact", "sinkhorn"),
+        ("exact", "sinkhorn", "orthogonal"),
     ),
     "wm": Method(
         "weight matching (Git Re-Basin): coordinate descent over all plans, exact assignments, config.matching",
@@ -529,7 +538,7 @@ def parse_methods(method: str | Sequence[str], field: str = "experiment.method")
             with_solvers = ", ".join(n for n, m in METHODS.items() if m.solvers)
             raise ValueError(
                 f"{field}: unknown {item!r}; choose from {', '.join(METHODS)} "
-                f"({with_solvers} may end in :exact or :sinkhorn)"
+                f"({with_solvers} may end in :exact or :sinkhorn; ot-weights and ot-acts also in :orthogonal)"
             )
         out.append((name, solver or None))
     if not out:

@@ -54,11 +54,12 @@ from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.engine import Alignment, FusionError
 
-__all__ = ["FusionConfig", "OTFusion", "EXACT_BACKENDS"]
+__all__ = ["FusionConfig", "OTFusion", "EXACT_BACKENDS", "SYMMETRIES"]
 
 Variables = Mapping[str, Any]
 Activations = Mapping[str, Sequence[jax.Array]]
 EXACT_BACKENDS = ot.EXACT_BACKENDS
+SYMMETRIES = ("permutation", "orthogonal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,19 @@ class FusionConfig:
         aligns the layer's input. Class neurons have fixed meanings: a plan
         that is not the identity there permutes the predictions (on digits
         MLPNets, weight mode: 66% with it, 92% without).
+      symmetry: transformers (specs with permutation-only streams and head
+        groups): "permutation" (default) aligns the residual stream with a
+        permutation and attention heads with permutations within heads;
+        "orthogonal" uses the larger symmetry a transformer has: the stream,
+        once every norm's scale and bias are folded into its readers
+        (``prepare``: ``spec.fold_norms``, the same function), admits any
+        orthogonal map that keeps the all-ones vector, and a head's Q/K (and
+        its V/output projection) any orthogonal map within the head. Both are
+        solved by orthogonal Procrustes (from activations or from the
+        producers' weights; ``ot.orthogonal_plan``, ``heads.head_orthogonal``),
+        the head map by an exact assignment, and are used without correction;
+        MLP hidden units (a privileged basis: GELU acts per unit) keep the
+        solver's plans. Not in the original, nor in transformer-fusion.
 
     Averaging weights, the original's ensemble step and the target are
     arguments of ``otf.fuse`` (``weights=``, ``engine.ensemble_weights``, ``target=``).
@@ -130,6 +144,7 @@ class FusionConfig:
     past_correction: bool = True
     importance: str | None = None
     align_output: bool = False
+    symmetry: str = "permutation"
 
     def __post_init__(self):
         choices = {
@@ -140,6 +155,7 @@ class FusionConfig:
             "normalize_cost": ot.COST_NORMS,
             "relative_epsilon": (None, "mean", "std"),
             "importance": (None, "l1", "l2"),
+            "symmetry": SYMMETRIES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -155,6 +171,8 @@ class FusionConfig:
             raise FusionError(f"FusionConfig.tau must be in (0, 1], got {self.tau}")
         if not (isinstance(self.sinkhorn_max_iterations, numbers.Integral) and self.sinkhorn_max_iterations >= 1):
             raise FusionError(f"FusionConfig.sinkhorn_max_iterations must be an int >= 1, got {self.sinkhorn_max_iterations!r}")
+        if self.symmetry == "orthogonal" and not self.past_correction:
+            raise FusionError("FusionConfig.symmetry='orthogonal' needs past_correction=True (rotations act on both sides)")
         if not self.sinkhorn_threshold > 0:
             raise FusionError(f"FusionConfig.sinkhorn_threshold must be > 0, got {self.sinkhorn_threshold}")
 
@@ -171,6 +189,15 @@ class FusionConfig:
     def check(self, sizes: Sequence[Mapping[str, int]], target: int) -> None:
         """Nothing to check up front: transport plans take any widths (``align`` checks the class layer)."""
         del sizes, target
+
+    def prepare(self, variables: Variables, spec: spec_lib.AlignmentSpec) -> Variables:
+        """``symmetry="orthogonal"``: the parent with its norms folded (``spec.fold_norms``); else as it is."""
+        if self.symmetry == "orthogonal" and spec.folds:
+            try:
+                return spec_lib.fold_norms(variables, spec)
+            except spec_lib.SpecError as e:
+                raise FusionError(str(e)) from None
+        return variables
 
     def align(
         self,
@@ -208,6 +235,12 @@ class FusionConfig:
                 continue  # solved with its head group
             eps = None if params is None else params.get(name)
             group = spec.head_group(name)
+            if self.symmetry == "orthogonal" and (group is not None or name in spec.permutation_only):
+                names = group.plans if group is not None else (name,)
+                grams = [self._gram(fa, fb, spec, p, plans, roles, parent_acts, target_acts) for p in names]
+                for p, plan, info in zip(names, *self._solve_orthogonal(names, grams, group, dtype)):
+                    plans[p], infos[p] = plan, info
+                continue
             if group is not None:
                 costs = [self._cost(fa, fb, spec, p, plans, roles, parent_acts, target_acts)[0] for p in group.plans]
                 for p, plan, info in zip(group.plans, *self._solve_heads(costs, group, eps, dtype)):
@@ -249,6 +282,33 @@ class FusionConfig:
                 cols_a, cols_b, self.ground_metric, self.squared, unit_norm=self.unit_norm_rows
             )
         return ot.normalize_cost(raw, self.normalize_cost), n, m
+
+    def _gram(self, fa, fb, spec, name, plans, roles, parent_acts, target_acts):
+        """``ot.cross_gram`` of the plan's neurons: their activations, or their producers' (input-aligned) weights."""
+        cols_a = _neuron_columns(fa, spec, name, plans, roles)
+        cols_b = _neuron_columns(fb, spec, name, None, roles)
+        if self.mode == "activations":
+            cols_a, cols_b = _activation_tensors(parent_acts, target_acts, name, cols_a[0].shape[-1], cols_b[0].shape[-1])
+        return ot.cross_gram(cols_a, cols_b)
+
+    def _solve_orthogonal(self, names, grams, group: spec_lib.HeadGroup | None, dtype):
+        """Orthogonal plans: a stream's (keeping the ones vector) or a head group's (whole heads, rotations within)."""
+        for p, (g, _, _) in zip(names, grams):
+            if g.shape[0] != g.shape[1]:
+                raise FusionError(
+                    f"layer {p!r}: orthogonal plans need equal widths in every parent, got {g.shape[0]} and {g.shape[1]}"
+                )
+        if group is None:
+            g, nx2, ny2 = grams[0]
+            plan = ot.orthogonal_plan(g)
+            residual = jnp.sum(nx2) + jnp.sum(ny2) - 2.0 * jnp.sum(plan * g)
+            infos = [_exact_like_info(residual, g.dtype)]
+            return [plan.astype(dtype)], infos
+        rigid = [p in group.rigid for p in group.plans]
+        out, _, residual = heads_lib.head_orthogonal(
+            grams, group.heads, self.exact_backend, bidders=self.auction_bidders, rigid=rigid
+        )
+        return [t.astype(dtype) for t in out], [_exact_like_info(residual, grams[0][0].dtype)] * len(out)
 
     def _solve_heads(self, costs, group: spec_lib.HeadGroup, epsilon, dtype):
         """A head group's plans (:mod:`otfusion_jax.heads`): whole heads matched, then neurons within heads."""
@@ -375,8 +435,21 @@ def _neuron_rows(
     return jnp.concatenate([jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1) for x in cols], axis=1)
 
 
+def _exact_like_info(cost: jax.Array, dtype) -> ot.PlanInfo:
+    return ot.PlanInfo(
+        cost=jnp.asarray(cost, dtype), converged=jnp.array(True), n_iters=jnp.array(0, jnp.int32),
+        error=jnp.array(0.0, dtype),
+    )
+
+
 def _activation_cost(parent_acts, target_acts, name: str, n: int, m: int, config: FusionConfig) -> jax.Array:
     """The (n, m) ground cost between the plan's activations (neurons on the last axis of each tensor)."""
+    xa, xb = _activation_tensors(parent_acts, target_acts, name, n, m)
+    return ot.pairwise_cost_columns(xa, xb, config.ground_metric, config.squared)
+
+
+def _activation_tensors(parent_acts, target_acts, name: str, n: int, m: int):
+    """The plan's activation tensors of both sides, checked: the same samples, the neurons on the last axis."""
     xs = []
     for who, acts in (("parent", parent_acts), ("target", target_acts)):
         if acts is None or name not in acts:
@@ -396,4 +469,4 @@ def _activation_cost(parent_acts, target_acts, name: str, n: int, m: int, config
             f"layer {name!r}: activations have {sum(sizes_a)} and {sum(sizes_b)} values per neuron "
             f"(per tensor: {sizes_a} and {sizes_b}); compute both on the same samples"
         )
-    return ot.pairwise_cost_columns(xa, xb, config.ground_metric, config.squared)
+    return xa, xb

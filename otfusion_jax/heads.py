@@ -22,6 +22,14 @@ block-structured matrix otherwise. The exact version is optimal among plans
 that move whole heads: for any head map the best within-head plans are the
 blocks' own optima, so the head map is an assignment on their costs.
 
+A third, **orthogonal** level-1 solver (:func:`head_orthogonal`) uses a
+symmetry permutations miss: within a head, ``q . k`` is unchanged when Q and K
+are both rotated by the same orthogonal ``R`` (``q R (k R)^T = q k^T``), and the
+head's output when V is rotated by ``R`` and the output projection's input by
+``R`` too. So each block's within-head plan may be the orthogonal Procrustes
+map between the blocks' neurons, and the head map an assignment on the
+Procrustes residuals.
+
 Every head keeps its attention pattern under an exact plan: Q and K of target
 head g come from the same parent head with the same within-head permutation,
 so ``q . k`` is unchanged (the mergekit / transformer-fusion ablations move
@@ -37,7 +45,7 @@ import jax.numpy as jnp
 
 from otfusion_jax import ot
 
-__all__ = ["blocks", "head_assignment", "head_sinkhorn"]
+__all__ = ["blocks", "head_assignment", "head_sinkhorn", "head_orthogonal"]
 
 
 def blocks(cost: jax.Array, heads: int) -> jax.Array:
@@ -177,3 +185,58 @@ def head_sinkhorn(
         error=jnp.max(jnp.stack([jnp.max(i.error) for i in infos] + [head_info.error])),
     )
     return out, info
+
+
+def head_orthogonal(
+    grams: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
+    heads: int,
+    backend: str = "auto",
+    *,
+    bidders: int | None = None,
+    rigid: Sequence[bool] | None = None,
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """Head-structured orthogonal plans: whole heads matched, an orthogonal map within each matched pair.
+
+    For block (parent head h, target head g) of plan p with cross-Gram ``G = X_h^T Y_g``
+    (``ot.cross_gram`` of the neurons' values: activations, or the producers' weights), the
+    within-head map is the Procrustes solution ``R = U V^T`` and its residual
+    ``|X_h|^2 + |Y_g|^2 - 2 |G|_*`` the block's cost (a rigid plan keeps ``R = I``:
+    cost ``|X_h|^2 + |Y_g|^2 - 2 trace(G)``); the head map is the exact
+    assignment of the costs summed over the group's plans.
+
+    Args:
+      grams: per plan, ``(G, |x|^2, |y|^2)``: the ``(H d, H d)`` cross-Gram and the neurons' squared norms.
+      heads: H.
+      backend: the head map's exact assignment solver.
+      bidders: the auction's bidders per round.
+      rigid: per plan, True where neurons keep their place within a head (rotary Q/K).
+
+    Returns:
+      ``(plans, head_perm, residual)``: per plan the dense ``(H d, H d)`` plan
+      (``T[(h, i), (g, j)] = R_hg[i, j]`` for ``h = head_perm[g]``, else 0: an
+      orthogonal matrix), the head permutation, and the summed residual.
+    """
+    _check([g for g, _, _ in grams], heads)
+    rigid = [False] * len(grams) if rigid is None else list(rigid)
+    maps, head_cost = [], 0.0
+    for (g, nx2, ny2), fixed in zip(grams, rigid):
+        b = blocks(g, heads)  # (H, H, d, d)
+        d = b.shape[-1]
+        flat = b.reshape(heads * heads, d, d)
+        if fixed:
+            rs = jnp.broadcast_to(jnp.eye(d, dtype=g.dtype), flat.shape)
+            value = jnp.trace(flat, axis1=1, axis2=2)
+        else:
+            rs, value = jax.vmap(ot.procrustes)(flat)
+        sx, sy = nx2.reshape(heads, d).sum(1), ny2.reshape(heads, d).sum(1)
+        head_cost = head_cost + sx[:, None] + sy[None, :] - 2.0 * value.reshape(heads, heads)
+        maps.append(rs.reshape(heads, heads, d, d))
+    head_perm = ot.assignment(head_cost, backend, bidders=bidders)[1] if heads > 1 else jnp.zeros((1,), jnp.int32)
+    chosen = (jnp.arange(heads)[:, None] == head_perm[None, :]).astype(head_cost.dtype)  # [h, g]: h sent to g
+    out = []
+    for rs in maps:
+        d = rs.shape[-1]
+        full = chosen[:, :, None, None].astype(rs.dtype) * rs  # (H, H, d, d)
+        out.append(full.transpose(0, 2, 1, 3).reshape(heads * d, heads * d))
+    residual = jnp.sum(head_cost[head_perm, jnp.arange(heads)])
+    return out, head_perm.astype(jnp.int32), residual

@@ -42,6 +42,9 @@ __all__ = [
     "exact_transport",
     "sinkhorn_plan",
     "correct_plan",
+    "cross_gram",
+    "procrustes",
+    "orthogonal_plan",
 ]
 
 METRICS = ("euclidean", "cosine", "correlation")
@@ -193,6 +196,57 @@ def pairwise_cost_columns(
     # sqrt with a finite gradient at 0 (identical neurons).
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def cross_gram(xs: Sequence[jax.Array], ys: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(G, |x|^2, |y|^2)`` of neurons stored along the last axis of tensors (as :func:`pairwise_cost_columns`).
+
+    ``G[i, j]`` is the inner product of parent neuron i's and target neuron j's
+    values over every leading axis of every tensor: ``(n, m)``; the squared norms
+    are ``(n,)`` and ``(m,)``.
+    """
+    xs = [x.reshape(-1, x.shape[-1]) for x in xs]
+    ys = [y.reshape(-1, y.shape[-1]) for y in ys]
+    g = sum(jax.lax.dot_general(x, y, (((0,), (0,)), ((), ()))) for x, y in zip(xs, ys))
+    return g, sum(jnp.sum(x * x, 0) for x in xs), sum(jnp.sum(y * y, 0) for y in ys)
+
+
+def procrustes(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The orthogonal ``R`` maximising ``trace(R^T G)`` (= minimising ``|X R - Y|`` for ``G = X^T Y``), and that maximum.
+
+    ``R = U V^T`` for the SVD ``G = U S V^T``: the orthogonal factor of the polar
+    decomposition, computed by QDWH iterations (QR and matrix products). Not by
+    ``jnp.linalg.svd``: XLA:CPU's SVD deadlocked (every thread asleep) inside
+    the fused program of a 4-block ViT, though not alone. A rank-deficient G
+    (fewer features than neurons) gets ``1e-6 max|G|`` added on the diagonal:
+    directions the data do not see stay in place. The maximum is the nuclear
+    norm ``sum(S) = trace(R^T G)``.
+    """
+    n = gram.shape[0]
+    ridge = 1e-6 * jnp.max(jnp.abs(gram)) + jnp.finfo(gram.dtype).tiny
+    r, _ = jax.scipy.linalg.polar(gram + ridge * jnp.eye(n, dtype=gram.dtype), side="right", method="qdwh")
+    return r, jnp.sum(r * gram)
+
+
+def orthogonal_plan(gram: jax.Array, *, keep_ones: bool = True) -> jax.Array:
+    """The orthogonal plan ``R`` (n, n) best aligning parent neurons to target neurons, given ``G = X^T Y``.
+
+    With ``keep_ones`` the plan also keeps the all-ones vector (``R 1 = 1``,
+    ``1^T R = 1^T``): the maps that commute with LayerNorm's centring. It is
+    the Procrustes solution on the complement of the ones vector, plus the
+    identity on it.
+    """
+    n = gram.shape[0]
+    if n == 1:
+        return jnp.ones((1, 1), gram.dtype)
+    if not keep_ones:
+        return procrustes(gram)[0]
+    # An orthonormal basis of the complement of 1: the Householder reflection sending e_0 to 1/sqrt(n).
+    v = jnp.zeros((n,), gram.dtype).at[0].set(1.0) - jnp.full((n,), 1.0 / jnp.sqrt(n), gram.dtype)
+    house = jnp.eye(n, dtype=gram.dtype) - 2.0 * jnp.outer(v, v) / jnp.maximum(jnp.dot(v, v), 1e-30)
+    q = house[:, 1:]  # (n, n - 1), orthonormal columns, all orthogonal to 1
+    inner, _ = procrustes(q.T @ gram @ q)
+    return q @ inner @ q.T + jnp.full((n, n), 1.0 / n, gram.dtype)
 
 
 def normalize_cost(cost: jax.Array, how: str = "none") -> jax.Array:

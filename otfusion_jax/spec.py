@@ -53,6 +53,7 @@ __all__ = [
     "flatten_paths",
     "view_shape",
     "with_biases",
+    "fold_norms",
     "unflatten_paths",
 ]
 
@@ -152,6 +153,10 @@ class AlignmentSpec:
         moving whole heads.
       permutation_only: plans that must stay permutations (residual streams
         through LayerNorm); they need equal widths in every parent.
+      folds: ``(norm layer, consumer layers)`` pairs: the dense layers that read
+        each LayerNorm/RMSNorm's output (:func:`fold_norms` folds the norm's
+        scale and bias into them, after which the stream also admits
+        orthogonal plans).
     """
 
     leaves: tuple[tuple[str, LeafSpec], ...]
@@ -159,6 +164,7 @@ class AlignmentSpec:
     output_plan: str | None = None
     heads: tuple[HeadGroup, ...] = ()
     permutation_only: tuple[str, ...] = ()
+    folds: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
     def build(
@@ -169,10 +175,16 @@ class AlignmentSpec:
         *,
         heads: Sequence[HeadGroup] = (),
         permutation_only: Iterable[str] = (),
+        folds: Mapping[str, Sequence[str]] | None = None,
     ) -> "AlignmentSpec":
         """Builds and checks a spec from a path -> LeafSpec mapping."""
         spec = cls(
-            tuple(sorted(leaves.items())), tuple(plans), output_plan, tuple(heads), tuple(sorted(set(permutation_only)))
+            tuple(sorted(leaves.items())),
+            tuple(plans),
+            output_plan,
+            tuple(heads),
+            tuple(sorted(set(permutation_only))),
+            tuple((norm, tuple(consumers)) for norm, consumers in sorted((folds or {}).items())),
         )
         spec.check_order()
         return spec
@@ -226,6 +238,15 @@ class AlignmentSpec:
                     f"plan {plan!r} is listed before the input plans of all its producers: "
                     f"reorder spec.plans"
                 )
+        lm = self.leaf_map
+        for norm, consumers in self.folds:
+            if f"params/{norm}/scale" not in lm:
+                raise SpecError(f"folds: norm layer {norm!r} has no leaf params/{norm}/scale")
+            plan = lm[f"params/{norm}/scale"].axes[-1]
+            for c in consumers:
+                kernel = lm.get(f"params/{c}/kernel")
+                if kernel is None or kernel.axes[0] != plan:
+                    raise SpecError(f"folds: consumer {c!r} of {norm!r} needs a kernel whose first axis carries {plan!r}")
         unknown = [p for p in self.permutation_only if p not in self.plans]
         if unknown:
             raise SpecError(f"permutation_only names plans not in spec.plans: {unknown}")
@@ -304,7 +325,8 @@ def with_biases(spec: AlignmentSpec) -> AlignmentSpec:
             view = (ls.view[-1],) if ls.view else None
             leaves[bias] = LeafSpec((ls.output_plan,), view=view, role="bias")
     return AlignmentSpec.build(
-        leaves, spec.plans, spec.output_plan, heads=spec.heads, permutation_only=spec.permutation_only
+        leaves, spec.plans, spec.output_plan, heads=spec.heads, permutation_only=spec.permutation_only,
+        folds=dict(spec.folds),
     )
 
 
@@ -461,3 +483,46 @@ def mlp_block(
         **dense(f"{name}/fc1", in_plan, hidden_plan, bias=bias),
         **dense(f"{name}/fc2", hidden_plan, out_plan, bias=bias),
     }
+
+
+def fold_norms(variables: Any, spec: AlignmentSpec) -> dict[str, Any]:
+    """Folds every norm of ``spec.folds`` into the layers that read it: the same function, norms without affine.
+
+    A norm ``y = g * n(x) + b`` read by dense layers ``y @ W + c`` becomes ``n(x)``
+    read by ``n(x) @ (g[:, None] * W) + (b @ W + c)``; its scale becomes ones and its
+    bias zeros. LayerNorm's normalisation ``n`` (centre, divide by the std over the
+    features) then commutes with every orthogonal map ``R`` of the features that
+    keeps the all-ones vector (``R 1 = 1``), RMSNorm's with every orthogonal map, so
+    a residual stream whose norms are folded may be rotated, not only permuted
+    (``FusionConfig(symmetry="orthogonal")``; SliceGPT's "computational invariance").
+
+    Args:
+      variables: Flax variables with the spec's leaves (traceable).
+      spec: a spec with ``folds``.
+
+    Returns:
+      The folded variables (same leaves and shapes).
+
+    Raises:
+      SpecError: a norm with a bias read by a layer without one (nothing to fold the bias into).
+    """
+    flat = dict(flatten_paths(variables))
+    lm = dict(spec.leaves)
+    for norm, consumers in spec.folds:
+        g = flat[f"params/{norm}/scale"]
+        b = flat.get(f"params/{norm}/bias")
+        for c in consumers:
+            path = f"params/{c}/kernel"
+            w = flat[path]
+            rows = w.reshape(view_shape(lm[path], w.shape, path)).reshape(w.shape[0], -1)  # (features, outputs)
+            if b is not None:
+                bias_path = f"params/{c}/bias"
+                if bias_path not in flat:
+                    raise SpecError(f"fold_norms: {norm!r} has a bias but its reader {c!r} has none to fold it into")
+                bias = flat[bias_path]
+                flat[bias_path] = (bias.reshape(-1) + b @ rows).reshape(bias.shape).astype(bias.dtype)
+            flat[path] = (g[:, None] * rows).reshape(w.shape).astype(w.dtype)
+        flat[f"params/{norm}/scale"] = jax.numpy.ones_like(g)
+        if b is not None:
+            flat[f"params/{norm}/bias"] = jax.numpy.zeros_like(b)
+    return unflatten_paths(flat)

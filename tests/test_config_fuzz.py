@@ -83,6 +83,7 @@ BAD: dict[str, list] = {
     "fusion.past_correction": ["maybe"],
     "fusion.importance": [None, "l3"],
     "fusion.align_output": ["maybe"],
+    "fusion.symmetry": [None, "rotation"],
     "matching.seed": ["x", "-1"],
     "matching.restarts": ["many", "0", "-2"],
     "matching.start": [None, "random"],

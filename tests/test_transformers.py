@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import otfusion_jax as otf
 from otfusion_jax import heads as heads_lib
+from otfusion_jax import ot
 from otfusion_jax import models
 from otfusion_jax import spec as spec_lib
 
@@ -331,3 +332,92 @@ def test_three_permuted_vits_fuse_back_one_shot_and_by_the_barycentre(aligner):
         fused, aux = otf.fuse(parents, spec, aligner, iterations=iterations)
         assert max_abs_diff(fused, variables) < 1e-5
     assert int(aux.iterations) == 2  # the plans stopped changing after the first re-alignment
+
+
+# ----------------------------------------------------------------------------- orthogonal symmetries
+
+
+def _random_orthogonal(rng, n, keep_ones=False):
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    q = q * np.sign(np.diag(r))
+    if not keep_ones:
+        return q
+    u = np.ones((n, 1)) / np.sqrt(n)
+    comp = np.linalg.qr(np.concatenate([u, rng.standard_normal((n, n - 1))], 1))[0][:, 1:]
+    inner = np.linalg.qr(rng.standard_normal((n - 1, n - 1)))[0]
+    return comp @ inner @ comp.T + np.ones((n, n)) / n
+
+
+def _rotated_copy(variables, spec, seed):
+    """A function-equal copy of folded ViT variables: the stream rotated (keeping ones), heads permuted and
+    rotated within (Q/K together, V/O together), MLP units permuted."""
+    rng = np.random.default_rng(seed)
+    sizes = spec.check_variables(variables)
+    plans = {p: np.eye(n)[:, rng.permutation(n)] for p, n in sizes.items()}
+    plans["head"] = np.eye(sizes["head"])
+    plans["res"] = _random_orthogonal(rng, sizes["res"], keep_ones=True)
+    for group in spec.heads:
+        sigma = rng.permutation(group.heads)
+        for p in group.plans:
+            n = sizes[p]
+            d = n // group.heads
+            t = np.zeros((n, n))
+            for g in range(group.heads):
+                h = sigma[g]
+                t[h * d:(h + 1) * d, g * d:(g + 1) * d] = _random_orthogonal(rng, d)
+            plans[p] = t
+    return otf.apply_plans(variables, spec, {k: jnp.asarray(v, jnp.float32) for k, v in plans.items()})
+
+
+def test_folding_the_norms_keeps_the_function_and_leaves_plain_norms():
+    model, spec, variables = _vit(0, depth=2)
+    folded = spec_lib.fold_norms(variables, spec)
+    x = _images()
+    np.testing.assert_allclose(apply_jit(model, folded, x), apply_jit(model, variables, x), atol=2e-5)
+    flat = spec_lib.flatten_paths(folded)
+    for norm, _ in spec.folds:
+        assert np.all(np.asarray(flat[f"params/{norm}/scale"]) == 1.0)
+        assert np.all(np.asarray(flat[f"params/{norm}/bias"]) == 0.0)
+    assert {n for n, _ in spec.folds} == {"norm", "block0/norm1", "block0/norm2", "block1/norm1", "block1/norm2"}
+
+
+def test_orthogonal_plans_keep_ones_and_recover_a_rotation():
+    rng = np.random.default_rng(0)
+    r = _random_orthogonal(rng, 6, keep_ones=True)
+    x = rng.standard_normal((40, 6))
+    plan = np.asarray(ot.orthogonal_plan(ot.cross_gram([jnp.asarray(x)], [jnp.asarray(x @ r)])[0]))
+    np.testing.assert_allclose(plan, r, atol=1e-5)
+    np.testing.assert_allclose(plan @ plan.T, np.eye(6), atol=1e-5)
+    np.testing.assert_allclose(plan.sum(0), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["activations", "weights"])
+def test_a_rotated_vit_computes_the_same_logits_and_orthogonal_fusion_gives_it_back(mode):
+    model, spec, variables = _vit(2, depth=2, embed_dim=8, num_heads=2)
+    folded = spec_lib.fold_norms(variables, spec)
+    copy = _rotated_copy(folded, spec, 4)
+    x = _images(n=8)
+    np.testing.assert_allclose(apply_jit(model, copy, x), apply_jit(model, variables, x), atol=2e-5)
+    aligner = otf.FusionConfig(mode=mode, symmetry="orthogonal")
+    acts = [models.capture_activations(model, v, x) for v in (copy, variables)] if mode == "activations" else None
+    # the unfolded original as the target: the engine folds both (aligner.prepare), the fused model is the folded one
+    fused, aux = otf.fuse([copy, variables], spec, aligner, activations=acts)
+    if mode == "activations":
+        assert max_abs_diff(fused, folded) < 1e-4
+    else:  # the stream's producers ready at its turn (embeddings, biases) pin the rotation down; heads by weights
+        np.testing.assert_allclose(apply_jit(model, fused, x), apply_jit(model, variables, x), atol=1e-3)
+    plan = np.asarray(aux.plans[0]["res"])
+    np.testing.assert_allclose(plan @ plan.T, np.eye(8), atol=1e-5)  # orthogonal, not a permutation
+
+
+def test_permutation_symmetry_cannot_undo_a_rotation():
+    """The case for symmetry='orthogonal': a rotated copy is the same function, but permutations cannot align it."""
+    model, spec, variables = _vit(2, depth=1)
+    folded = spec_lib.fold_norms(variables, spec)
+    copy = _rotated_copy(folded, spec, 5)
+    x = _images(n=8)
+    acts = [models.capture_activations(model, v, x) for v in (copy, folded)]
+    perm, _ = otf.fuse([copy, folded], spec, otf.FusionConfig(mode="activations"), activations=acts)
+    orth, _ = otf.fuse([copy, folded], spec, otf.FusionConfig(mode="activations", symmetry="orthogonal"),
+                       activations=acts)
+    assert max_abs_diff(orth, folded) < 1e-4 < max_abs_diff(perm, folded)

@@ -108,14 +108,17 @@ def decoder_spec(o: DecoderOptions) -> spec_lib.AlignmentSpec:
     }
     if o.positions == "learned":
         leaves.update(spec_lib.embedding("params/pos_embed", STREAM, ndim=3))
-    plans, heads = [STREAM], []
+    plans, heads, folds = [STREAM], [], {"norm": ("head",)}
     for b in range(o.depth):
-        block, (qk, vo, mlp) = transformer_block_spec(b, o, bias=o.bias, norm_bias=norm_bias)
+        block, (qk, vo, mlp), block_folds = transformer_block_spec(b, o, bias=o.bias, norm_bias=norm_bias)
         leaves.update(block)
+        folds.update(block_folds)
         plans += [qk, vo, mlp]
         heads.append(spec_lib.HeadGroup((qk, vo), o.num_heads, rigid=(qk,) if o.positions == "rotary" else ()))
     plans.append("head")
-    return spec_lib.AlignmentSpec.build(leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM])
+    return spec_lib.AlignmentSpec.build(
+        leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM], folds=folds
+    )
 
 
 def build_decoder(**options) -> tuple[Decoder, spec_lib.AlignmentSpec]:

@@ -216,13 +216,17 @@ class ViT(nn.Module):
 
 def transformer_block_spec(
     b: int, o, *, bias: bool, norm_bias: bool = True
-) -> tuple[dict[str, spec_lib.LeafSpec], tuple[str, ...]]:
-    """The leaves of one pre-norm block ``block{b}`` on the stream plan (ViT and decoder alike), and its plans.
+) -> tuple[dict[str, spec_lib.LeafSpec], tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """One pre-norm block ``block{b}`` on the stream plan (ViT and decoder alike): leaves, plans, norm folds.
 
     ``o`` has ``num_heads`` and ``head_dim``; ``norm_bias`` False for RMSNorm (a scale only).
     """
     qk, vo, mlp = block_plans(b)
     name = f"block{b}"
+    folds = {
+        f"{name}/norm1": tuple(f"{name}/attn/{p}" for p in ("query", "key", "value")),
+        f"{name}/norm2": (f"{name}/mlp/fc1",),
+    }
     return {
         **spec_lib.layer_norm(f"{name}/norm1", STREAM, bias=norm_bias),
         **spec_lib.attention(
@@ -230,7 +234,7 @@ def transformer_block_spec(
         ),
         **spec_lib.layer_norm(f"{name}/norm2", STREAM, bias=norm_bias),
         **spec_lib.mlp_block(f"{name}/mlp", STREAM, mlp, STREAM, bias=bias),
-    }, (qk, vo, mlp)
+    }, (qk, vo, mlp), folds
 
 
 def vit_spec(o: ViTOptions) -> spec_lib.AlignmentSpec:
@@ -242,14 +246,17 @@ def vit_spec(o: ViTOptions) -> spec_lib.AlignmentSpec:
         **spec_lib.layer_norm("norm", STREAM),
         **spec_lib.dense("head", STREAM, "head", bias=o.bias),
     }
-    plans, heads = [STREAM], []
+    plans, heads, folds = [STREAM], [], {"norm": ("head",)}
     for b in range(o.depth):
-        block, (qk, vo, mlp) = transformer_block_spec(b, o, bias=o.bias)
+        block, (qk, vo, mlp), block_folds = transformer_block_spec(b, o, bias=o.bias)
         leaves.update(block)
+        folds.update(block_folds)
         plans += [qk, vo, mlp]
         heads.append(spec_lib.HeadGroup((qk, vo), o.num_heads))
     plans.append("head")
-    return spec_lib.AlignmentSpec.build(leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM])
+    return spec_lib.AlignmentSpec.build(
+        leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM], folds=folds
+    )
 
 
 def _module(o: ViTOptions, input_shape: tuple[int, int, int], num_classes: int) -> ViT:
