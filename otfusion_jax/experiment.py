@@ -620,8 +620,14 @@ def barrier_curves(
     dataset: data_lib.Dataset,
     config: fusion_lib.FusionConfig,
     num_test: int = 2000,
+    samples: np.ndarray | None = None,
+    acts_kind: str = "pre",
 ) -> dict[str, dict[str, list[float]]] | None:
     """Loss/accuracy along the line from ``a`` to ``b``, before and after aligning ``a`` onto ``b`` (weights, exact).
+
+    For transformers (a spec with attention head groups) and given ``samples``, a third curve: after the
+    orthogonal alignment by activations (``FusionConfig(symmetry="orthogonal")``), the best one-shot
+    alignment of a ViT pair here (docs/RESULTS.md).
 
     Args:
       a: the parent aligned onto ``b`` (the curve's t = 0 end).
@@ -630,6 +636,8 @@ def barrier_curves(
       dataset: its first ``num_test`` test examples are evaluated.
       config: OTFusion's options (mode and solver are set to weights, exact).
       num_test: how many test examples.
+      samples: training inputs for the activations of the transformers' third curve.
+      acts_kind: "pre" or "post" activations for it.
 
     Returns:
       ``{"plain (no alignment)": curve, "after OT alignment (weights, exact)": curve}`` (see
@@ -639,11 +647,19 @@ def barrier_curves(
         return None
     x, y = dataset.x_test[:num_test], dataset.y_test[:num_test]
     cfg = dataclasses.replace(config, mode="weights", solver="exact")
-    aligned = engine.align_parents([a.variables, b.variables], spec, cfg)[0][0]
-    return {
+    # Both ends as the aligner returns them: with symmetry="orthogonal" both come with their norms folded.
+    aligned, target = engine.align_parents([a.variables, b.variables], spec, cfg)[0]
+    curves = {
         "plain (no alignment)": interpolation_curve(b.module, a.variables, b.variables, x, y),
-        "after OT alignment (weights, exact)": interpolation_curve(b.module, aligned, b.variables, x, y),
+        "after OT alignment (weights, exact)": interpolation_curve(b.module, aligned, target, x, y),
     }
+    if spec.heads and samples is not None:
+        ortho = dataclasses.replace(config, mode="activations", solver="exact", symmetry="orthogonal",
+                                    past_correction=True)
+        acts = [models.capture_activations(p.module, p.variables, samples, acts_kind) for p in (a, b)]
+        aligned, target = engine.align_parents([a.variables, b.variables], spec, ortho, activations=acts)[0]
+        curves["after orthogonal alignment (activations)"] = interpolation_curve(b.module, aligned, target, x, y)
+    return curves
 
 
 def run_fusion_table(
@@ -831,7 +847,9 @@ def run(
     barrier = None
     if barrier_pair is not None:
         say("loss barrier between the two parents")
-        barrier = barrier_curves(*barrier_pair, spec, dataset, settings.fusion)
+        exp = settings.experiment
+        samples = sample_inputs(dataset.x_train, exp.num_samples, exp.sample_seed) if spec.heads else None
+        barrier = barrier_curves(*barrier_pair, spec, dataset, settings.fusion, samples=samples, acts_kind=exp.acts_kind)
     return Results(tables, barrier, cost_curves)
 
 
