@@ -56,7 +56,9 @@ def test_quick_writes_json_with_expected_keys(quick_run):
         assert "device" in r and r["device"]["jax_backend"], r
         assert r["status"] in ("ok", "unsupported"), r
     pairs = [r for r in results if r["kind"] == "pair"]
-    assert {r["model"] for r in pairs} == {"mlpnet", "vgg11", "resnet18"}
+    assert {r["model"] for r in pairs} == {"mlpnet", "vgg11", "resnet18", "vit"}
+    assert {(r["mode"], r["solver"]) for r in pairs if r["model"] == "vit"} == {
+        ("weights", "exact-host"), ("weights", "sinkhorn"), ("activations", "exact-host")}
     assert {r["mode"] for r in pairs} == {"weights", "activations"}
     for r in pairs:
         for key in ("solver", "compile_s", "fuse_ms", "check_ms", "rss_peak_mb", "timing"):
@@ -65,6 +67,7 @@ def test_quick_writes_json_with_expected_keys(quick_run):
             assert "capture_ms" in r and r["samples"] > 0
     refs = [r for r in results if r["kind"] == "reference"]
     assert any(r["status"] == "unsupported" and r["model"] == "resnet18" for r in refs)
+    assert any(r["status"] == "unsupported" and r["model"] == "vit" for r in refs)
     for r in (r for r in refs if r["status"] == "ok"):
         assert r["ref_ms"] > 0 and r["speedup"], r
         assert all(d < 1e-4 for d in r["max_abs_diff_vs_jax"].values()) or r["solver"].endswith("sinkhorn"), r
