@@ -364,7 +364,8 @@ def _wm_method(
         group.say(f"weight matching ({name})")
         aligner: Any = dataclasses.replace(s.matching, soft=soft)
         if refine:
-            aligner = matching_lib.Refine(dataclasses.replace(s.fusion, mode="weights", solver="exact"), aligner)
+            first = dataclasses.replace(s.fusion, mode="weights", solver="exact", symmetry="permutation")
+            aligner = matching_lib.Refine(first, aligner)
         options: dict[str, Any] = {}
         if s.experiment.wm_rank == "train_loss" and not soft and s.matching.restarts > 1:
             aligner = TrainLossRanked(aligner, group.target_module)
@@ -641,7 +642,9 @@ def barrier_curves(
 
     Returns:
       ``{"plain (no alignment)": curve, "after OT alignment (weights, exact)": curve}`` (see
-      :func:`interpolation_curve`), or None for parents of different widths: no straight line joins them.
+      :func:`interpolation_curve`; the second with ``config``'s symmetry), plus
+      ``"after orthogonal alignment (activations)"`` for transformers, or None for parents of different widths:
+      no straight line joins them.
     """
     if a.module != b.module:
         return None

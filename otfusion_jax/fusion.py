@@ -191,13 +191,22 @@ class FusionConfig:
         del sizes, target
 
     def prepare(self, variables: Variables, spec: spec_lib.AlignmentSpec) -> Variables:
-        """``symmetry="orthogonal"``: the parent with its norms folded (``spec.fold_norms``); else as it is."""
-        if self.symmetry == "orthogonal" and spec.folds:
-            try:
-                return spec_lib.fold_norms(variables, spec)
-            except spec_lib.SpecError as e:
-                raise FusionError(str(e)) from None
-        return variables
+        """``symmetry="orthogonal"``: the parent with its norms folded (``spec.fold_norms``); else as it is.
+
+        Raises:
+          FusionError: a norm on a permutation-only plan that ``spec.folds`` does not fold: a rotation would
+            change what it computes.
+        """
+        if self.symmetry != "orthogonal":
+            return variables
+        folded = {f"params/{norm}/scale" for norm, _ in spec.folds}
+        for path, ls in spec.leaves:
+            if ls.role == "norm" and ls.axes[-1] in spec.permutation_only and path.endswith("/scale") and path not in folded:
+                raise FusionError(
+                    f"symmetry='orthogonal': the norm {path.rsplit('/', 1)[0]!r} on stream {ls.axes[-1]!r} is not in "
+                    "spec.folds, so its scale cannot be folded away and a rotation would change the model"
+                )
+        return spec_lib.fold_norms(variables, spec) if spec.folds else variables
 
     def align(
         self,
@@ -218,7 +227,9 @@ class FusionConfig:
           parent_acts, target_acts: activation mode: plan name -> tuple of (S, ..., n) arrays.
           key: unused (OTFusion is deterministic).
           params: Sinkhorn: plan name -> epsilon overriding ``epsilon`` (may be
-            traced: differentiable, see ``otfusion_jax.learned``).
+            traced: differentiable, see ``otfusion_jax.learned``). A head group
+            reads its first plan's entry; a permutation-only plan's rounding
+            passes no gradient to its entry.
 
         Returns:
           ``engine.Alignment``: corrected plans (a Permutation where the plan
@@ -301,14 +312,15 @@ class FusionConfig:
         if group is None:
             g, nx2, ny2 = grams[0]
             plan = ot.orthogonal_plan(g)
-            residual = jnp.sum(nx2) + jnp.sum(ny2) - 2.0 * jnp.sum(plan * g)
+            residual = (jnp.sum(nx2) + jnp.sum(ny2) - 2.0 * jnp.sum(plan * g)) / g.shape[0]  # per neuron
             infos = [_exact_like_info(residual, g.dtype)]
             return [plan.astype(dtype)], infos
         rigid = [p in group.rigid for p in group.plans]
         out, _, residual = heads_lib.head_orthogonal(
             grams, group.heads, self.exact_backend, bidders=self.auction_bidders, rigid=rigid
         )
-        return [t.astype(dtype) for t in out], [_exact_like_info(residual, grams[0][0].dtype)] * len(out)
+        per_neuron = residual / sum(g.shape[0] for g, _, _ in grams)
+        return [t.astype(dtype) for t in out], [_exact_like_info(per_neuron, grams[0][0].dtype)] * len(out)
 
     def _solve_heads(self, costs, group: spec_lib.HeadGroup, epsilon, dtype):
         """A head group's plans (:mod:`otfusion_jax.heads`): whole heads matched, then neurons within heads."""

@@ -217,10 +217,11 @@ def procrustes(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``R = U V^T`` for the SVD ``G = U S V^T``: the orthogonal factor of the polar
     decomposition, computed by QDWH iterations (QR and matrix products). Not by
     ``jnp.linalg.svd``: XLA:CPU's SVD deadlocked (every thread asleep) inside
-    the fused program of a 4-block ViT, though not alone. A rank-deficient G
-    (fewer features than neurons) gets ``1e-6 max|G|`` added on the diagonal:
-    directions the data do not see stay in place. The maximum is the nuclear
-    norm ``sum(S) = trace(R^T G)``.
+    the fused program of a 4-block ViT, though not alone. ``1e-6 max|G|`` is
+    always added on the diagonal, so that a rank-deficient G (fewer features
+    than neurons) still has a nonsingular polar factor (where the data see
+    nothing, the map is then near the identity). The value returned is
+    ``trace(R^T G)``: the nuclear norm ``sum(S)`` up to that ridge.
     """
     n = gram.shape[0]
     ridge = 1e-6 * jnp.max(jnp.abs(gram)) + jnp.finfo(gram.dtype).tiny

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -135,8 +136,9 @@ class HeadGroup:
             raise SpecError(f"head group {self.plans}: rigid plans {self.rigid} must be plans of the group")
         if not self.plans or len(set(self.plans)) != len(self.plans):
             raise SpecError(f"a head group needs distinct plans, got {self.plans}")
-        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1:
+        if isinstance(self.heads, bool) or not isinstance(self.heads, numbers.Integral) or self.heads < 1:
             raise SpecError(f"head group {self.plans}: heads must be an int >= 1, got {self.heads!r}")
+        object.__setattr__(self, "heads", int(self.heads))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,22 +505,24 @@ def fold_norms(variables: Any, spec: AlignmentSpec) -> dict[str, Any]:
     Returns:
       The folded variables (same leaves and shapes).
 
-    Raises:
-      SpecError: a norm with a bias read by a layer without one (nothing to fold the bias into).
+    A norm's bias is folded only when every reader has a bias to take it; otherwise it stays, divided by
+    the scale (``(g n + b) W = (n + b / g) (g W)``; a zero scale entry makes it infinite: such a model
+    cannot be folded without biases), and is moved like any stream vector (``n(x R) + b R = (n(x) + b) R``).
     """
     flat = dict(flatten_paths(variables))
     lm = dict(spec.leaves)
     for norm, consumers in spec.folds:
         g = flat[f"params/{norm}/scale"]
         b = flat.get(f"params/{norm}/bias")
+        if b is not None and any(f"params/{c}/bias" not in flat for c in consumers):
+            flat[f"params/{norm}/bias"] = b / g  # a reader without a bias: the norm keeps its bias, rescaled
+            b = None
         for c in consumers:
             path = f"params/{c}/kernel"
             w = flat[path]
             rows = w.reshape(view_shape(lm[path], w.shape, path)).reshape(w.shape[0], -1)  # (features, outputs)
             if b is not None:
                 bias_path = f"params/{c}/bias"
-                if bias_path not in flat:
-                    raise SpecError(f"fold_norms: {norm!r} has a bias but its reader {c!r} has none to fold it into")
                 bias = flat[bias_path]
                 flat[bias_path] = (bias.reshape(-1) + b @ rows).reshape(bias.shape).astype(bias.dtype)
             flat[path] = (g[:, None] * rows).reshape(w.shape).astype(w.dtype)

@@ -91,7 +91,8 @@ class TrainConfig:
         0.999: the transformers' recipe; ``momentum`` is not used).
       warmup_epochs: Linear warm-up of the learning rate from 0 over this
         many epochs (fractions allowed), then the schedule; a cosine decays
-        over the remaining steps.
+        over the remaining steps, and the "step" / "multistep" epochs count
+        from the end of the warm-up.
     """
 
     epochs: int = 10

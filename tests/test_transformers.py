@@ -220,6 +220,9 @@ def test_plans_move_whole_heads_and_keep_the_stream_a_permutation(method):
     if method in SOFT:
         assert not _is_permutation(plans["block0_qk"])  # soft inside heads
         np.testing.assert_allclose(np.asarray(plans["block0_qk"]).sum(0), 1.0, atol=1e-2)  # barycentric columns
+        # one head plan for the group: the mass parent head h sends to target head g is the same for Q/K and V/O
+        mass = [np.asarray(plans[p]).reshape(2, 4, 2, 4).sum((1, 3)) for p in ("block0_qk", "block0_vo")]
+        np.testing.assert_allclose(mass[0], mass[1], atol=1e-3)
     else:
         assert list(qk_sources) == [1, 1] and list(vo_sources) == [1, 1]  # one parent head per target head
         assert list(qk_map) == list(vo_map)  # Q/K and V/O share the head map
@@ -421,3 +424,41 @@ def test_permutation_symmetry_cannot_undo_a_rotation():
     orth, _ = otf.fuse([copy, folded], spec, otf.FusionConfig(mode="activations", symmetry="orthogonal"),
                        activations=acts)
     assert max_abs_diff(orth, folded) < 1e-4 < max_abs_diff(perm, folded)
+
+
+def test_orthogonal_fusion_of_a_bias_free_vit_folds_only_the_norm_scales():
+    model, spec, variables = _vit(6, bias=False)
+    folded = spec_lib.fold_norms(variables, spec)  # the readers have no bias: the norms keep theirs, over the scale
+    flat, orig = spec_lib.flatten_paths(folded), spec_lib.flatten_paths(variables)
+    np.testing.assert_allclose(flat["params/block0/norm1/bias"],
+                               orig["params/block0/norm1/bias"] / orig["params/block0/norm1/scale"], rtol=1e-6)
+    assert np.all(np.asarray(flat["params/block0/norm1/scale"]) == 1.0)
+    copy = _rotated_copy(folded, spec, 7)
+    x = _images(n=8)
+    np.testing.assert_allclose(apply_jit(model, copy, x), apply_jit(model, variables, x), atol=2e-5)
+    acts = [models.capture_activations(model, v, x) for v in (copy, variables)]
+    fused, _ = otf.fuse([copy, variables], spec, otf.FusionConfig(mode="activations", symmetry="orthogonal"),
+                        activations=acts)
+    assert max_abs_diff(fused, folded) < 1e-4
+
+
+def test_orthogonal_symmetry_needs_every_stream_norm_folded():
+    _, spec, variables = _vit(0)
+    unfolded = spec_lib.AlignmentSpec.build(
+        dict(spec.leaves), spec.plans, spec.output_plan, heads=spec.heads, permutation_only=spec.permutation_only,
+        folds={k: v for k, v in spec.folds if k != "norm"},
+    )
+    with pytest.raises(otf.FusionError, match="the norm 'params/norm' on stream 'res' is not in spec.folds"):
+        otf.fuse([variables, variables], unfolded, otf.FusionConfig(symmetry="orthogonal"))
+
+
+@pytest.mark.parametrize("heads,d", [(1, 4), (3, 1)])
+def test_head_sinkhorn_with_one_head_or_heads_of_one(heads, d):
+    rng = np.random.default_rng(0)
+    costs = [jnp.asarray(rng.random((heads * d, heads * d)), jnp.float32)]
+    plans, info = heads_lib.head_sinkhorn(costs, heads, epsilon=0.5, relative_epsilon="std", threshold=1e-5,
+                                          max_iterations=5000, implicit_diff=False)
+    t = np.asarray(plans[0])
+    assert np.all(np.isfinite(t)) and np.isfinite(float(info.cost)) and bool(info.converged)
+    np.testing.assert_allclose(t.sum(0), 1.0 / (heads * d), atol=1e-4)
+    np.testing.assert_allclose(t.sum(), 1.0, atol=1e-4)

@@ -18,8 +18,9 @@ defaults)::
 The ``qkv`` rows are ``[q; k; v]``, each ``(heads, head_dim)`` in row-major
 order, as timm's ``qkv(x).reshape(B, N, 3, H, d)`` reads them. Every
 conversion is a reshape or a transpose (bit exact both ways). The number of
-heads is not in the shapes: timm's ViTs all use heads of 64
-(``embed_dim // 64``, the default here); give ``num_heads`` otherwise.
+heads is not in the shapes: for timm's standard widths it is read from
+:data:`TIMM_HEADS` (tiny 192 -> 3 ... huge 1280 -> 16, giant 1408 -> 16);
+give ``num_heads`` for any other width.
 LayerNorm epsilon: timm's 1e-6, our ``vit``'s too.
 
 NumPy only (a state dict of torch tensors is converted with ``.numpy()``);
@@ -38,9 +39,10 @@ import numpy as np
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.models.vit import ViTOptions
 
-__all__ = ["is_timm_vit", "vit_from_timm", "vit_to_timm", "TimmLayoutError", "TIMM_HEAD_DIM"]
+__all__ = ["is_timm_vit", "vit_from_timm", "vit_to_timm", "TimmLayoutError", "TIMM_HEADS"]
 
-TIMM_HEAD_DIM = 64  # every timm vit_* model's head size
+# timm's vit_* widths -> heads (tiny, small, base, large, huge, giant, gigantic): heads of 64 up to large, not after.
+TIMM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
@@ -76,7 +78,7 @@ def vit_from_timm(
 
     Args:
       state_dict: key -> torch tensor or array (timm's ``model.state_dict()``).
-      num_heads: attention heads; None: ``embed_dim // 64`` (timm's convention).
+      num_heads: attention heads; None: :data:`TIMM_HEADS` of the width (timm's standard models).
       where: how to name the source in errors (a file name).
 
     Returns:
@@ -98,11 +100,11 @@ def vit_from_timm(
         raise TimmLayoutError(f"{where}: patch_embed.proj.weight {proj.shape}: non-square patches are not supported")
     depth = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
     if num_heads is None:
-        if e % TIMM_HEAD_DIM:
+        if e not in TIMM_HEADS:
             raise TimmLayoutError(
-                f"{where}: embed_dim {e} is not a multiple of timm's head size {TIMM_HEAD_DIM}: give num_heads"
+                f"{where}: embed_dim {e} is not one of timm's standard widths {sorted(TIMM_HEADS)}: give num_heads"
             )
-        num_heads = e // TIMM_HEAD_DIM
+        num_heads = TIMM_HEADS[e]
     if num_heads < 1 or e % num_heads:
         raise TimmLayoutError(f"{where}: num_heads={num_heads} does not divide embed_dim {e}")
     d = e // num_heads

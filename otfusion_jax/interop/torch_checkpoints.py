@@ -556,7 +556,8 @@ def load_torch_checkpoint(
 
 
 def _load_timm(sd, top, where, state_key, prefix, input_shape, num_classes):
-    """A timm ViT state dict (``interop.timm_vit``); the file's ``num_heads`` entry, if any, gives the heads."""
+    """A timm ViT state dict (``interop.timm_vit``); the file's ``num_heads`` entry, if any, gives the heads
+    (else ``timm_vit.TIMM_HEADS`` of its width)."""
     heads = top.get("num_heads")
     try:
         options, shape, classes, variables = timm_vit.vit_from_timm(
