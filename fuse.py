@@ -25,8 +25,8 @@ except programs with host callbacks, which JAX does not cache (exact_backend
 
 Parents come from <parents_dir>/parent_<k> (written by train.py; ready-made ones
 in checkpoints/), or from --parents=PATH,PATH,... (our checkpoints, or the
-original OTFusion's PyTorch checkpoints, detected from their content or forced
-with --format=torch).
+original OTFusion's PyTorch checkpoints or torch.save'd timm ViT state dicts,
+detected from their content or forced with --format=torch).
 
 The config and the parents' checkpoints must agree:
   parents from <parents_dir>  config.model (with config.parent_widths for parent k)
@@ -50,6 +50,8 @@ Examples:
   python fuse.py --config.experiment.method=wm --config.matching.restarts=16 --config.matching.seed=3
   python fuse.py --config=configs/fashion_mlpnet.py --config.experiment.num_samples=400
   python fuse.py --config=configs/fashion_mlpnet_experiment.py     # K=2, K=4, widths, fine-tuning
+  python fuse.py --config=configs/fashion_vit.py --config.experiment.method=ot-acts,ot-acts:orthogonal
+                                                    # ViTs: permutations vs the orthogonal symmetries
   python fuse.py --parents=model_0/final.checkpoint,model_1/final.checkpoint --config=configs/mnist_mlpnet.py
 
 Any config field can be overridden with --config.<section>.<field>=<value>; an
