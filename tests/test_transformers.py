@@ -462,3 +462,14 @@ def test_head_sinkhorn_with_one_head_or_heads_of_one(heads, d):
     assert np.all(np.isfinite(t)) and np.isfinite(float(info.cost)) and bool(info.converged)
     np.testing.assert_allclose(t.sum(0), 1.0 / (heads * d), atol=1e-4)
     np.testing.assert_allclose(t.sum(), 1.0, atol=1e-4)
+
+
+def test_fuse_py_methods_take_the_orthogonal_suffix():
+    from otfusion_jax import experiment  # noqa: PLC0415
+
+    assert experiment.parse_methods("ot-acts:orthogonal,ot-weights:orthogonal,ot-acts") == [
+        ("ot-acts", "orthogonal"), ("ot-weights", "orthogonal"), ("ot-acts", None)]
+    with pytest.raises(ValueError, match=r"unknown 'wm:orthogonal'.*also in :orthogonal"):
+        experiment.parse_methods("wm:orthogonal")
+    with pytest.raises(otf.FusionError, match="symmetry='orthogonal' needs past_correction=True"):
+        otf.FusionConfig(symmetry="orthogonal", past_correction=False)
