@@ -207,6 +207,7 @@ SOFT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ot-weights", "wm", "ot-sinkhorn", "wm-soft"])
 def test_plans_move_whole_heads_and_keep_the_stream_a_permutation(method):
     _, spec, a = _vit(0, num_heads=2)
@@ -229,6 +230,7 @@ def test_plans_move_whole_heads_and_keep_the_stream_a_permutation(method):
         assert _is_permutation(plans["block0_qk"]) and _is_permutation(plans["block0_vo"])
 
 
+@pytest.mark.slow
 def test_a_vit_fuses_with_a_wider_mlp_by_ot_and_weight_matching_refuses_it():
     model, spec, a = _vit(0, mlp_dim=6)
     _, spec8, b = _vit(1, mlp_dim=8)
@@ -257,6 +259,7 @@ def test_a_permutation_only_plan_of_different_widths_is_refused_naming_the_plan(
         otf.fuse([d, c], vit_spec, otf.FusionConfig(mode="weights"))
 
 
+@pytest.mark.slow
 def test_vit_fusion_under_vmap_matches_one_pair_at_a_time():
     _, spec, a = _vit(0)
     pairs = [(_vit(s)[2], a) for s in (3, 4)]
@@ -270,11 +273,13 @@ def test_vit_fusion_under_vmap_matches_one_pair_at_a_time():
         assert max_abs_diff(jax.tree_util.tree_map(lambda x: x[i], batched), one) < 1e-6
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_head_structured_sinkhorn():
     model, spec, a = _vit(0)
     _, _, b = _vit(1)
     x = _images()
-    aligner = otf.FusionConfig(mode="weights", solver="sinkhorn", epsilon=0.05, relative_epsilon="mean")
+    aligner = otf.FusionConfig(mode="weights", solver="sinkhorn", epsilon=0.05, relative_epsilon="mean",
+                               sinkhorn_max_iterations=200, sinkhorn_threshold=1e-2)  # unrolled: keep it short
 
     def loss(log_eps):
         params = {p: jnp.exp(log_eps) for p in spec.plans}
@@ -299,6 +304,7 @@ def _decoder(seed, **options):
     return module, spec, variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions,norm", [("learned", "layer"), ("rotary", "rms")])
 def test_a_permuted_decoder_computes_the_same_logits_and_fuses_back(positions, norm):
     module, spec, variables = _decoder(0, positions=positions, norm=norm)
@@ -326,6 +332,7 @@ def test_a_permuted_decoder_computes_the_same_logits_and_fuses_back(positions, n
             assert set(np.argmax(qk, 0) % 4 == np.arange(8) % 4) == {True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aligner", [otf.WeightMatching(restarts=1), otf.FusionConfig(mode="weights")],
                          ids=["wm-many", "ot-many"])
 def test_three_permuted_vits_fuse_back_one_shot_and_by_the_barycentre(aligner):
@@ -394,6 +401,7 @@ def test_orthogonal_plans_keep_ones_and_recover_a_rotation():
     np.testing.assert_allclose(plan.sum(0), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["activations", "weights"])
 def test_a_rotated_vit_computes_the_same_logits_and_orthogonal_fusion_gives_it_back(mode):
     model, spec, variables = _vit(2, depth=2, embed_dim=8, num_heads=2)
@@ -426,6 +434,7 @@ def test_permutation_symmetry_cannot_undo_a_rotation():
     assert max_abs_diff(orth, folded) < 1e-4 < max_abs_diff(perm, folded)
 
 
+@pytest.mark.slow
 def test_orthogonal_fusion_of_a_bias_free_vit_folds_only_the_norm_scales():
     model, spec, variables = _vit(6, bias=False)
     folded = spec_lib.fold_norms(variables, spec)  # the readers have no bias: the norms keep theirs, over the scale
