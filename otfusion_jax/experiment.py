@@ -338,19 +338,19 @@ class Method:
 
 def _ot_method(mode: str) -> Callable[[Group, str | None], Outcome]:
     def fuse_ot(group: Group, solver: str | None) -> Outcome:
+        base = group.settings.fusion
         if solver == "orthogonal":  # transformers: rotations of the stream and within heads (FusionConfig.symmetry)
-            cfg = dataclasses.replace(group.settings.fusion, mode=mode, solver="exact", symmetry="orthogonal")
-            group.say(f"OT fusion by {mode} (orthogonal)")
-            return group.run_aligner(cfg, f"OT fusion ({mode}, orthogonal)", "exact",
-                                     extra=lambda aux: {"ot_cost": mean_costs(aux)})
-        cfg = dataclasses.replace(group.settings.fusion, mode=mode, solver=solver or group.settings.fusion.solver)
-        group.say(f"OT fusion by {mode} ({cfg.solver})")
+            cfg = dataclasses.replace(base, mode=mode, solver="exact", symmetry="orthogonal")
+        else:
+            cfg = dataclasses.replace(base, mode=mode, solver=solver or base.solver)
+        name = solver if solver == "orthogonal" else cfg.solver
+        group.say(f"OT fusion by {mode} ({name})")
         threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
 
         def extra(aux):
             return {"warnings": engine.warn_unconverged(aux, threshold, config=cfg), "ot_cost": mean_costs(aux)}
 
-        return group.run_aligner(cfg, f"OT fusion ({mode}, {cfg.solver})", cfg.solver, extra=extra)
+        return group.run_aligner(cfg, f"OT fusion ({mode}, {name})", cfg.solver, extra=extra)
 
     return fuse_ot
 

@@ -277,30 +277,33 @@ class FusionConfig:
             plans[name] = plan
         return Alignment(plans, infos)
 
-    def _cost(self, fa, fb, spec, name, plans, roles, parent_acts, target_acts) -> tuple[jax.Array, int, int]:
-        """The plan's normalised (n, m) ground cost, from its producers' aligned weights or its activations."""
-        # Weight mode: the producers' leaves as they are stored, (..., n) with the
-        # neurons last; A's input axes moved by the plans so far.
+    def _features(self, fa, fb, spec, name, plans, roles, parent_acts, target_acts):
+        """The plan's neurons on both sides, as (..., n) and (..., m) tensors: what its cost or Gram is computed from.
+
+        Weight mode: the producers' leaves as they are stored, the neurons last, A's
+        input axes moved by the plans so far; activation mode: the activations
+        (the producers still tell the widths they are checked against).
+        """
         cols_a = _neuron_columns(fa, spec, name, plans, roles)
         cols_b = _neuron_columns(fb, spec, name, None, roles)
-        n, m = cols_a[0].shape[-1], cols_b[0].shape[-1]
-        if name == spec.output_plan and not self.align_output:
-            return jnp.zeros((0, 0)), n, m  # not solved: the output keeps the classes in place
         if self.mode == "activations":
-            raw = _activation_cost(parent_acts, target_acts, name, n, m, self)
-        else:
-            raw = ot.pairwise_cost_columns(
-                cols_a, cols_b, self.ground_metric, self.squared, unit_norm=self.unit_norm_rows
-            )
-        return ot.normalize_cost(raw, self.normalize_cost), n, m
+            return _activation_tensors(parent_acts, target_acts, name, cols_a[0].shape[-1], cols_b[0].shape[-1])
+        return cols_a, cols_b
+
+    def _cost(self, fa, fb, spec, name, plans, roles, parent_acts, target_acts) -> tuple[jax.Array, int, int]:
+        """The plan's normalised (n, m) ground cost, from its producers' aligned weights or its activations."""
+        if name == spec.output_plan and not self.align_output:  # not solved: the output keeps the classes in place
+            n = _neuron_columns(fa, spec, name, plans, roles)[0].shape[-1]
+            m = _neuron_columns(fb, spec, name, None, roles)[0].shape[-1]
+            return jnp.zeros((0, 0)), n, m
+        xs, ys = self._features(fa, fb, spec, name, plans, roles, parent_acts, target_acts)
+        unit_norm = self.unit_norm_rows and self.mode == "weights"
+        raw = ot.pairwise_cost_columns(xs, ys, self.ground_metric, self.squared, unit_norm=unit_norm)
+        return ot.normalize_cost(raw, self.normalize_cost), xs[0].shape[-1], ys[0].shape[-1]
 
     def _gram(self, fa, fb, spec, name, plans, roles, parent_acts, target_acts):
         """``ot.cross_gram`` of the plan's neurons: their activations, or their producers' (input-aligned) weights."""
-        cols_a = _neuron_columns(fa, spec, name, plans, roles)
-        cols_b = _neuron_columns(fb, spec, name, None, roles)
-        if self.mode == "activations":
-            cols_a, cols_b = _activation_tensors(parent_acts, target_acts, name, cols_a[0].shape[-1], cols_b[0].shape[-1])
-        return ot.cross_gram(cols_a, cols_b)
+        return ot.cross_gram(*self._features(fa, fb, spec, name, plans, roles, parent_acts, target_acts))
 
     def _solve_orthogonal(self, names, grams, group: spec_lib.HeadGroup | None, dtype):
         """Orthogonal plans: a stream's (keeping the ones vector) or a head group's (whole heads, rotations within)."""
@@ -313,14 +316,14 @@ class FusionConfig:
             g, nx2, ny2 = grams[0]
             plan = ot.orthogonal_plan(g)
             residual = (jnp.sum(nx2) + jnp.sum(ny2) - 2.0 * jnp.sum(plan * g)) / g.shape[0]  # per neuron
-            infos = [_exact_like_info(residual, g.dtype)]
+            infos = [ot.solved_info(residual, g.dtype)]
             return [plan.astype(dtype)], infos
         rigid = [p in group.rigid for p in group.plans]
         out, _, residual = heads_lib.head_orthogonal(
             grams, group.heads, self.exact_backend, bidders=self.auction_bidders, rigid=rigid
         )
         per_neuron = residual / sum(g.shape[0] for g, _, _ in grams)
-        return [t.astype(dtype) for t in out], [_exact_like_info(per_neuron, grams[0][0].dtype)] * len(out)
+        return [t.astype(dtype) for t in out], [ot.solved_info(per_neuron, grams[0][0].dtype)] * len(out)
 
     def _solve_heads(self, costs, group: spec_lib.HeadGroup, epsilon, dtype):
         """A head group's plans (:mod:`otfusion_jax.heads`): whole heads matched, then neurons within heads."""
@@ -338,15 +341,7 @@ class FusionConfig:
                 costs, group.heads, self.exact_backend, bidders=self.auction_bidders, rigid=rigid
             )
             out = [plans_lib.Permutation(p, self._permutation_scale(c.shape[0])) for p, c in zip(perms, costs)]
-            infos = [
-                ot.PlanInfo(
-                    cost=jnp.sum(c[p, jnp.arange(c.shape[1])]) / c.shape[0],
-                    converged=jnp.array(True),
-                    n_iters=jnp.array(0, jnp.int32),
-                    error=jnp.array(0.0, c.dtype),
-                )
-                for p, c in zip(perms, costs)
-            ]
+            infos = [ot.solved_info(jnp.sum(c[p, jnp.arange(c.shape[1])]) / c.shape[0]) for p, c in zip(perms, costs)]
             return out, infos
         raw, info = heads_lib.head_sinkhorn(
             costs,
@@ -445,19 +440,6 @@ def _neuron_rows(
     """Rows (n, d) of :func:`_neuron_columns` (concatenated; for the importance marginals only)."""
     cols = _neuron_columns(flat, spec, plan, plans, roles)
     return jnp.concatenate([jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1) for x in cols], axis=1)
-
-
-def _exact_like_info(cost: jax.Array, dtype) -> ot.PlanInfo:
-    return ot.PlanInfo(
-        cost=jnp.asarray(cost, dtype), converged=jnp.array(True), n_iters=jnp.array(0, jnp.int32),
-        error=jnp.array(0.0, dtype),
-    )
-
-
-def _activation_cost(parent_acts, target_acts, name: str, n: int, m: int, config: FusionConfig) -> jax.Array:
-    """The (n, m) ground cost between the plan's activations (neurons on the last axis of each tensor)."""
-    xa, xb = _activation_tensors(parent_acts, target_acts, name, n, m)
-    return ot.pairwise_cost_columns(xa, xb, config.ground_metric, config.squared)
 
 
 def _activation_tensors(parent_acts, target_acts, name: str, n: int, m: int):

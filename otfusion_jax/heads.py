@@ -55,6 +55,23 @@ def blocks(cost: jax.Array, heads: int) -> jax.Array:
     return cost.reshape(heads, d, heads, d).transpose(0, 2, 1, 3)
 
 
+def _unblocks(b: jax.Array) -> jax.Array:
+    """(H, H, d, d) head blocks -> the flat (H d, H d) matrix: the inverse of :func:`blocks`."""
+    h, _, d, _ = b.shape
+    return b.transpose(0, 2, 1, 3).reshape(h * d, h * d)
+
+
+def _head_map(head_cost: jax.Array, heads: int, backend: str, bidders: int | None) -> jax.Array:
+    """The (H,) head permutation minimising the summed head-to-head cost (``head_perm[g]``: parent head of target g)."""
+    if heads == 1:
+        return jnp.zeros((1,), jnp.int32)
+    return ot.assignment(head_cost, backend, bidders=bidders)[1].astype(jnp.int32)
+
+
+def _rigid(rigid: Sequence[bool] | None, n: int) -> list[bool]:
+    return [False] * n if rigid is None else list(rigid)
+
+
 def _check(costs: Sequence[jax.Array], heads: int) -> None:
     for c in costs:
         if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] % heads:
@@ -88,9 +105,8 @@ def head_assignment(
       and the total cost ``sum_p sum_j C_p[perm_p[j], j]``.
     """
     _check(costs, heads)
-    rigid = [False] * len(costs) if rigid is None else list(rigid)
     within, head_cost = [], 0.0
-    for c, fixed in zip(costs, rigid):
+    for c, fixed in zip(costs, _rigid(rigid, len(costs))):
         b = blocks(c, heads)  # (H, H, d, d)
         d = b.shape[-1]
         flat = b.reshape(heads * heads, d, d)
@@ -101,7 +117,7 @@ def head_assignment(
         best = jnp.take_along_axis(flat, perms[:, None, :], axis=1)[:, 0, :].sum(-1)  # (H^2,)
         within.append(perms.reshape(heads, heads, d))
         head_cost = head_cost + best.reshape(heads, heads)
-    head_perm = ot.assignment(head_cost, backend, bidders=bidders)[1] if heads > 1 else jnp.zeros((1,), jnp.int32)
+    head_perm = _head_map(head_cost, heads, backend, bidders)
     out, total = [], 0.0
     for c, w in zip(costs, within):
         d = w.shape[-1]
@@ -109,7 +125,7 @@ def head_assignment(
         perm = (head_perm[:, None] * d + inner).reshape(-1).astype(jnp.int32)
         out.append(perm)
         total = total + jnp.sum(c[perm, jnp.arange(c.shape[1])])
-    return out, head_perm.astype(jnp.int32), total
+    return out, head_perm, total
 
 
 def head_sinkhorn(
@@ -156,31 +172,24 @@ def head_sinkhorn(
     def solve(c):
         n = c.shape[0]
         if n == 1:  # one head, or heads of size 1: the only plan (a relative epsilon of a 1x1 cost is 0)
-            return jnp.ones((1, 1), c.dtype), ot.PlanInfo(
-                c[0, 0], jnp.array(True), jnp.array(0, jnp.int32), jnp.array(0.0, c.dtype))
+            return jnp.ones((1, 1), c.dtype), ot.solved_info(c[0, 0])
         u = jnp.full((n,), 1.0 / n, c.dtype)
         return ot.sinkhorn_plan(c, u, u, **opts)
 
-    rigid = [False] * len(costs) if rigid is None else list(rigid)
     within, infos, head_cost = [], [], 0.0
-    for c, fixed in zip(costs, rigid):
+    for c, fixed in zip(costs, _rigid(rigid, len(costs))):
         b = blocks(c, heads)
         d = b.shape[-1]
         if fixed:
             plans = jnp.broadcast_to(jnp.eye(d, dtype=c.dtype) / d, (heads * heads, d, d))
-            cost = jnp.sum(plans * b.reshape(heads * heads, d, d), axis=(1, 2))
-            info = ot.PlanInfo(cost, jnp.array(True), jnp.array(0, jnp.int32), jnp.array(0.0, c.dtype))
+            info = ot.solved_info(jnp.sum(plans * b.reshape(heads * heads, d, d), axis=(1, 2)))
         else:
             plans, info = jax.vmap(solve)(b.reshape(heads * heads, d, d))
         within.append(plans.reshape(heads, heads, d, d))
         infos.append(info)
         head_cost = head_cost + info.cost.reshape(heads, heads)
     head_plan, head_info = solve(head_cost)
-    out = []
-    for w in within:
-        h, _, d, _ = w.shape
-        full = head_plan[:, :, None, None] * w  # (H, H, d, d): [h, g, i, j]
-        out.append(full.transpose(0, 2, 1, 3).reshape(h * d, h * d))
+    out = [_unblocks(head_plan[:, :, None, None] * w) for w in within]  # [h, g, i, j] = H[h, g] W[h, g][i, j]
     info = ot.PlanInfo(
         cost=sum(jnp.sum(p * c) for p, c in zip(out, costs)),
         converged=jnp.all(jnp.stack([jnp.all(i.converged) for i in infos] + [head_info.converged])),
@@ -220,9 +229,8 @@ def head_orthogonal(
       orthogonal matrix), the head permutation, and the summed residual.
     """
     _check([g for g, _, _ in grams], heads)
-    rigid = [False] * len(grams) if rigid is None else list(rigid)
     maps, head_cost = [], 0.0
-    for (g, nx2, ny2), fixed in zip(grams, rigid):
+    for (g, nx2, ny2), fixed in zip(grams, _rigid(rigid, len(grams))):
         b = blocks(g, heads)  # (H, H, d, d)
         d = b.shape[-1]
         flat = b.reshape(heads * heads, d, d)
@@ -234,12 +242,8 @@ def head_orthogonal(
         sx, sy = nx2.reshape(heads, d).sum(1), ny2.reshape(heads, d).sum(1)
         head_cost = head_cost + sx[:, None] + sy[None, :] - 2.0 * value.reshape(heads, heads)
         maps.append(rs.reshape(heads, heads, d, d))
-    head_perm = ot.assignment(head_cost, backend, bidders=bidders)[1] if heads > 1 else jnp.zeros((1,), jnp.int32)
-    chosen = (jnp.arange(heads)[:, None] == head_perm[None, :]).astype(head_cost.dtype)  # [h, g]: h sent to g
-    out = []
-    for rs in maps:
-        d = rs.shape[-1]
-        full = chosen[:, :, None, None].astype(rs.dtype) * rs  # (H, H, d, d)
-        out.append(full.transpose(0, 2, 1, 3).reshape(heads * d, heads * d))
+    head_perm = _head_map(head_cost, heads, backend, bidders)
+    chosen = jnp.arange(heads)[:, None] == head_perm[None, :]  # [h, g]: parent head h sent to target head g
+    out = [_unblocks(chosen[:, :, None, None].astype(rs.dtype) * rs) for rs in maps]
     residual = jnp.sum(head_cost[head_perm, jnp.arange(heads)])
-    return out, head_perm.astype(jnp.int32), residual
+    return out, head_perm, residual

@@ -168,6 +168,15 @@ def _assignment(s: jax.Array, backend: str) -> jax.Array:
     return ot.assignment(-jax.lax.stop_gradient(s), backend)[1]
 
 
+def _soft_cost(s: jax.Array, epsilon: jax.Array) -> jax.Array:
+    """The soft variant's cost ``-S / (std(S) epsilon)``, solved by Sinkhorn with regularisation 1.
+
+    Sinkhorn on C / epsilon with regularisation 1 is Sinkhorn on C with
+    epsilon: epsilon stays a traced value (new values do not recompile).
+    """
+    return -s / ((jnp.std(s) + 1e-12) * epsilon)
+
+
 def _solve(
     s: jax.Array, old: jax.Array, epsilon: jax.Array, opts: WeightMatching, hard: bool = False
 ) -> tuple[jax.Array, jax.Array]:
@@ -180,9 +189,7 @@ def _solve(
         new = plans_lib.as_matrix(plans_lib.Permutation(_assignment(s, opts.backend), 1.0), n, old.dtype)
         return new, jnp.max(jnp.abs(new - old)) > opts.soft_tol
     if opts.soft:
-        # Sinkhorn on C / epsilon with regularisation 1 is Sinkhorn on C with
-        # epsilon: epsilon stays a traced value (new values do not recompile).
-        cost = -s / ((jnp.std(s) + 1e-12) * epsilon)
+        cost = _soft_cost(s, epsilon)
         u = jnp.full((n,), 1.0 / n, cost.dtype)
         plan, _ = ot.sinkhorn_plan(
             cost,
@@ -252,7 +259,7 @@ def _head_branch(group: spec_lib.HeadGroup, va, vb, epsilon, spec, opts: WeightM
         ss = jax.lax.switch(local, cases, ps) if len(cases) > 1 else cases[0](ps)
         old = [ps[p] for p in group.plans]
         if opts.soft:
-            costs = [-s / ((jnp.std(s) + 1e-12) * epsilon) for s in ss]
+            costs = [_soft_cost(s, epsilon) for s in ss]
             raw, _ = heads_lib.head_sinkhorn(
                 costs,
                 group.heads,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ __all__ = [
     "exact_transport",
     "sinkhorn_plan",
     "correct_plan",
+    "solved_info",
     "cross_gram",
     "procrustes",
     "orthogonal_plan",
@@ -580,13 +581,19 @@ def _auction_solver(n: int, k: int, theta: int, allowed_free: int, max_rounds: i
     return _one_by_one_on_cpu(solve, 3)
 
 
-def _exact_info(cost: jax.Array, plan: jax.Array) -> PlanInfo:
+def solved_info(cost: jax.Array, dtype: Any = None) -> PlanInfo:
+    """The report of a direct (non-iterative) solve whose transport cost is ``cost``: converged, 0 iterations."""
+    dtype = jnp.result_type(cost) if dtype is None else dtype
     return PlanInfo(
-        cost=jnp.sum(plan * cost),
+        cost=jnp.asarray(cost, dtype),
         converged=jnp.array(True),
         n_iters=jnp.array(0, jnp.int32),
-        error=jnp.array(0.0, cost.dtype),
+        error=jnp.array(0.0, dtype),
     )
+
+
+def _exact_info(cost: jax.Array, plan: jax.Array) -> PlanInfo:
+    return solved_info(jnp.sum(plan * cost), cost.dtype)
 
 
 def _emd_numpy(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> np.ndarray:

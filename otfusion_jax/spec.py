@@ -266,7 +266,6 @@ class AlignmentSpec:
                 raise SpecError(f"{where}: list the group's plans consecutively, in this order, in spec.plans")
             if self.output_plan in group.plans or set(group.plans) & set(self.permutation_only):
                 raise SpecError(f"{where}: a head group's plans cannot be the output plan or permutation-only")
-            lm = self.leaf_map
             for p in group.plans:
                 for path in self.cost_producers(p):
                     inner = [n for n in lm[path].axes[:-1] if n in group.plans]

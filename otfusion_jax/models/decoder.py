@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.models.common import sow_acts
-from otfusion_jax.models.vit import STREAM, Block, make_norm, transformer_block_spec
+from otfusion_jax.models.vit import STREAM, Block, check_sizes, make_norm, transformer_block_spec
 
 __all__ = ["Decoder", "DecoderOptions", "decoder_spec", "build_decoder", "init_decoder"]
 
@@ -58,11 +58,7 @@ class DecoderOptions:
     bias: bool = True
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_len", "depth", "embed_dim", "num_heads", "mlp_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"decoder {name} must be >= 1, got {getattr(self, name)}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"decoder embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}")
+        check_sizes(self, "decoder", ("vocab_size", "max_len", "depth", "embed_dim", "num_heads", "mlp_dim"))
         if self.positions not in ("learned", "rotary"):
             raise ValueError(f"decoder positions must be 'learned' or 'rotary', got {self.positions!r}")
         if self.norm not in ("layer", "rms"):

@@ -65,15 +65,20 @@ class ViTOptions:
     bias: bool = True
 
     def __post_init__(self):
-        for name in ("depth", "embed_dim", "num_heads", "mlp_dim", "patch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"vit {name} must be >= 1, got {getattr(self, name)}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"vit embed_dim {self.embed_dim} must be a multiple of num_heads {self.num_heads}")
+        check_sizes(self, "vit", ("depth", "embed_dim", "num_heads", "mlp_dim", "patch_size"))
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+
+def check_sizes(o, model: str, names: tuple[str, ...]) -> None:
+    """Transformer options: every field in ``names`` >= 1, ``embed_dim`` a multiple of ``num_heads`` (ValueError)."""
+    for name in names:
+        if getattr(o, name) < 1:
+            raise ValueError(f"{model} {name} must be >= 1, got {getattr(o, name)}")
+    if o.embed_dim % o.num_heads:
+        raise ValueError(f"{model} embed_dim {o.embed_dim} must be a multiple of num_heads {o.num_heads}")
 
 
 def block_plans(b: int) -> tuple[str, str, str]:
