@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_heads = 4  # attention heads (vit)
     config.model.mlp_dim = 128  # MLP hidden width (vit)
     config.model.patch_size = 4  # patch size (vit)
+    config.model.layer_norm_eps = 1e-6  # every LayerNorm's epsilon (vit; Hugging Face ViTs use 1e-12)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "digits"  # digits | mnist | fashion_mnist | cifar10

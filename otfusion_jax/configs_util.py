@@ -89,7 +89,7 @@ SCHEMA: dict[str | None, tuple[str, ...]] = {
         "seed", "num_parents", "workdir", "parents_dir", "parent_widths",
         "model", "data", "train", "fusion", "matching", "experiment",
     ),
-    "model": ("name", "bias", "norm", "width", "widths", "depth", "embed_dim", "num_heads", "mlp_dim", "patch_size"),
+    "model": ("name", "bias", "norm", "width", "widths", "depth", "embed_dim", "num_heads", "mlp_dim", "patch_size", "layer_norm_eps"),
     "data": ("name", "source", "data_dir", "pad_to", "max_train", "max_test", "seed"),
     "train": _TRAIN_FIELDS,
     "fusion": FUSION_FIELDS,
@@ -324,6 +324,7 @@ FIELDS: dict[str, Field] = {
     "model.num_heads": _int("attention heads (vit)", 1),
     "model.mlp_dim": _int("MLP hidden width (vit)", 1),
     "model.patch_size": _int("patch size (vit)", 1),
+    "model.layer_norm_eps": _float("LayerNorm epsilon (vit)", 0, low_open=True),
     "data.name": _choice("data set", lambda: tuple(_data_sources())),
     "data.source": _choice(
         "where the data comes from", lambda: ("auto", *sorted({s for v in _data_sources().values() for s in v}))

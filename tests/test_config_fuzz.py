@@ -38,6 +38,7 @@ BAD: dict[str, list] = {
     "model.num_heads": ["x", "-1"],
     "model.mlp_dim": ["wide", "0"],
     "model.patch_size": ["2.5", "0"],
+    "model.layer_norm_eps": ["small", "0", "-1e-6"],
     "data.name": [None, "imagenet"],
     "data.source": [None, "web", "tfds"],  # digits comes from sklearn only
     "data.data_dir": [None, ""],

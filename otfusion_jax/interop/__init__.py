@@ -3,10 +3,11 @@
 ``layouts`` converts array layouts; ``torch_checkpoints`` reads and writes the
 original's ``torch.save`` checkpoints (torch is imported only when a file is
 read or written: the optional extra ``otfusion-jax[torch]``); ``timm_vit``
-converts timm's Vision Transformers to our ``vit`` and back.
+and ``hf_vit`` convert timm's and Hugging Face's Vision Transformers to our
+``vit`` and back (NumPy only: neither package is imported).
 """
 
-from otfusion_jax.interop import layouts, timm_vit, torch_checkpoints
+from otfusion_jax.interop import hf_vit, layouts, timm_vit, torch_checkpoints
 from otfusion_jax.interop.torch_checkpoints import (
     TorchCheckpointError,
     is_torch_checkpoint,
@@ -15,6 +16,7 @@ from otfusion_jax.interop.torch_checkpoints import (
 )
 
 __all__ = [
+    "hf_vit",
     "layouts",
     "timm_vit",
     "torch_checkpoints",

@@ -39,7 +39,7 @@ import numpy as np
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.models.vit import ViTOptions
 
-__all__ = ["is_timm_vit", "vit_from_timm", "vit_to_timm", "TimmLayoutError", "TIMM_HEADS"]
+__all__ = ["is_timm_vit", "vit_from_timm", "vit_to_timm", "TimmLayoutError", "TIMM_HEADS", "np_array"]
 
 # timm's vit_* widths -> heads (tiny, small, base, large, huge, giant, gigantic): heads of 64 up to large, not after.
 TIMM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
@@ -56,7 +56,8 @@ def is_timm_vit(keys) -> bool:
     return {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= keys and "blocks.0.attn.qkv.weight" in keys
 
 
-def _np(value: Any) -> np.ndarray:
+def np_array(value: Any) -> np.ndarray:
+    """An array from a torch tensor (detached, on the CPU) or anything array-like."""
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
     return np.asarray(value)
@@ -91,7 +92,7 @@ def vit_from_timm(
         global pool other than the class token, or heads that do not divide
         the width; the message names the key.
     """
-    sd = {k: _np(v) for k, v in state_dict.items()}
+    sd = {k: np_array(v) for k, v in state_dict.items()}
     if not is_timm_vit(sd):
         raise TimmLayoutError(f"{where}: not a timm ViT state dict (no cls_token / patch_embed.proj / blocks.0.attn.qkv)")
     proj = _get(sd, "patch_embed.proj.weight", 4, where)

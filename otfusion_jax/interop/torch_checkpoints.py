@@ -3,7 +3,8 @@
 The original (sidak/otfusion) saves ``torch.save({"args": vars(args), "epoch": ...,
 "test_accuracy": <percent>, "model_state_dict": model.state_dict()}, path)``
 (files such as ``model_0/final.checkpoint``). :func:`load_torch_checkpoint`
-reads such a file (or a bare state dict; also a timm ViT's, ``interop.timm_vit``), recognises the architecture from the
+reads such a file (or a bare state dict; also a timm or Hugging Face ViT's, ``interop.timm_vit``,
+``interop.hf_vit``), recognises the architecture from the
 state dict's keys, infers its widths and converts the weights to our Flax
 variables; :func:`save_torch_checkpoint` writes the exact inverse.
 
@@ -31,6 +32,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import json
 import numbers
 import os
 import re
@@ -42,7 +44,7 @@ import numpy as np
 
 from otfusion_jax import io_utils, models
 from otfusion_jax import spec as spec_lib
-from otfusion_jax.interop import layouts, timm_vit
+from otfusion_jax.interop import hf_vit, layouts, timm_vit
 from otfusion_jax.models import torch_layout as tl
 
 __all__ = [
@@ -523,8 +525,8 @@ def load_torch_checkpoint(
     prefix = _PREFIX if all(k.startswith(_PREFIX) for k in raw_sd) else ""
     sd = {k[len(prefix):]: _tensor_to_numpy(torch, k, v, where) for k, v in raw_sd.items()}
 
-    if model in (None, "vit") and timm_vit.is_timm_vit(sd):
-        return _load_timm(sd, top, where, state_key, prefix, input_shape, num_classes)
+    if model in (None, "vit") and (timm_vit.is_timm_vit(sd) or hf_vit.is_hf_vit(sd)):
+        return _load_vit(sd, top, where, state_key, prefix, input_shape, num_classes)
     name, info, variables, counts = variables_from_state_dict(
         sd, model=model, input_shape=input_shape, num_classes=num_classes, where=where
     )
@@ -555,22 +557,57 @@ def load_torch_checkpoint(
     return name, dict(info["options"]), variables, metadata
 
 
-def _load_timm(sd, top, where, state_key, prefix, input_shape, num_classes):
-    """A timm ViT state dict (``interop.timm_vit``); the file's ``num_heads`` entry, if any, gives the heads
-    (else ``timm_vit.TIMM_HEADS`` of its width)."""
-    heads = top.get("num_heads")
+def _hf_config(where: str, top: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face ViT's ``num_heads``, ``layer_norm_eps``, ``hidden_act``: entries of the file, else the
+    ``config.json`` next to it (as ``save_pretrained`` writes it), else Hugging Face's defaults."""
+    found: dict[str, Any] = {}
+    config_path = os.path.join(os.path.dirname(where), "config.json")
+    if os.path.exists(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise TorchCheckpointError(f"{config_path}: unreadable Hugging Face config: {e}") from None
+        if isinstance(cfg, Mapping) and cfg.get("model_type") == "vit":
+            names = {"num_attention_heads": "num_heads", "layer_norm_eps": "layer_norm_eps", "hidden_act": "hidden_act"}
+            found.update({ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg})
+    for key in ("num_heads", "layer_norm_eps", "hidden_act"):
+        if key in top:
+            found[key] = _plain(top[key])
+    return found
+
+
+def _load_vit(sd, top, where, state_key, prefix, input_shape, num_classes):
+    """A timm or Hugging Face ViT state dict (``interop.timm_vit``, ``interop.hf_vit``).
+
+    The heads: the file's ``num_heads`` entry, else (Hugging Face) the ``config.json`` beside the file, else
+    ``timm_vit.TIMM_HEADS`` of the width; Hugging Face's ``layer_norm_eps`` likewise (default 1e-12).
+    """
+    hf = hf_vit.is_hf_vit(sd)
     try:
-        options, shape, classes, variables = timm_vit.vit_from_timm(
-            sd, num_heads=None if heads is None else int(_plain(heads)), where=where
-        )
-    except timm_vit.TimmLayoutError as e:
+        if hf:
+            cfg = _hf_config(where, top)
+            heads = cfg.get("num_heads")
+            options, shape, classes, variables = hf_vit.vit_from_hf(
+                sd,
+                num_heads=None if heads is None else int(heads),
+                layer_norm_eps=float(cfg.get("layer_norm_eps", hf_vit.HF_LAYER_NORM_EPS)),
+                hidden_act=str(cfg.get("hidden_act", "gelu")),
+                where=where,
+            )
+        else:
+            heads = top.get("num_heads")
+            options, shape, classes, variables = timm_vit.vit_from_timm(
+                sd, num_heads=None if heads is None else int(_plain(heads)), where=where
+            )
+    except (timm_vit.TimmLayoutError, hf_vit.HfLayoutError) as e:
         raise TorchCheckpointError(str(e)) from None
     if input_shape is not None and tuple(input_shape) != shape:
         raise TorchCheckpointError(f"{where}: the ViT reads {shape} images (patch grid x patch size), not {tuple(input_shape)}")
     if num_classes is not None and num_classes != classes:
         raise TorchCheckpointError(f"{where}: the head has {classes} classes, not {num_classes}")
     info = {"name": "vit", "options": dataclasses.asdict(options), "input_shape": list(shape), "num_classes": classes}
-    torch_meta = {"layout": "timm", "state_dict_key": state_key, "key_prefix": prefix,
+    torch_meta = {"layout": "hf" if hf else "timm", "state_dict_key": state_key, "key_prefix": prefix,
                   "extra": {k: _plain(v) for k, v in top.items() if _is_scalar_like(v)}}
     metadata = {"kind": "torch_import", "source": where, "model": info, "torch": torch_meta}
     return "vit", dict(info["options"]), variables, metadata

@@ -53,6 +53,8 @@ class ViTOptions:
       mlp_dim: the MLP's hidden width (timm: ``mlp_ratio * embed_dim``).
       patch_size: patch size (the image's height and width must be multiples).
       bias: biases in every dense layer (timm's ViTs have them).
+      layer_norm_eps: every LayerNorm's epsilon (timm's 1e-6; Hugging Face's ``ViTConfig.layer_norm_eps``
+        is 1e-12).
 
     The names are timm's (``VisionTransformer(embed_dim=..., depth=..., num_heads=...)``).
     """
@@ -63,9 +65,12 @@ class ViTOptions:
     mlp_dim: int = 128
     patch_size: int = 4
     bias: bool = True
+    layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
         check_sizes(self, "vit", ("depth", "embed_dim", "num_heads", "mlp_dim", "patch_size"))
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"vit layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
     @property
     def head_dim(self) -> int:
@@ -197,6 +202,7 @@ class ViT(nn.Module):
     mlp_dim: int = 128
     patch: int = 4
     use_bias: bool = True
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -212,8 +218,8 @@ class ViT(nn.Module):
         x = x + pos
         sow_acts(self, STREAM, x)
         for b in range(self.depth):
-            x = Block(self.heads, self.mlp_dim, b, self.use_bias, name=f"block{b}")(x)
-        x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+            x = Block(self.heads, self.mlp_dim, b, self.use_bias, ln_epsilon=self.layer_norm_eps, name=f"block{b}")(x)
+        x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm")(x)
         x = nn.Dense(self.num_classes, use_bias=self.use_bias, name="head")(x[:, 0])
         sow_acts(self, "head", x)
         return x
@@ -268,7 +274,7 @@ def _module(o: ViTOptions, input_shape: tuple[int, int, int], num_classes: int) 
     h, w, _ = input_shape
     if h % o.patch_size or w % o.patch_size:
         raise ValueError(f"vit patch_size {o.patch_size} must divide the image size {h}x{w}")
-    return ViT(num_classes, o.depth, o.embed_dim, o.num_heads, o.mlp_dim, o.patch_size, o.bias)
+    return ViT(num_classes, o.depth, o.embed_dim, o.num_heads, o.mlp_dim, o.patch_size, o.bias, o.layer_norm_eps)
 
 
 def _scale_width(o: ViTOptions, factor: float) -> ViTOptions:
