@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.importance = config_dict.placeholder(str)  # None | l1 | l2 marginals
     config.fusion.align_output = False  # True: give the class layer a plan too, as the original
     config.fusion.symmetry = "permutation"  # transformers: permutation | orthogonal (stream and heads rotated)
+    config.fusion.stream_policy = "shared"  # transformers: shared (one stream plan) | mean (transformer-fusion's rule)
 
     config.matching = ml_collections.ConfigDict()  # weight matching (wm, wm-refine, wm-soft): otfusion_jax.WeightMatching
     config.matching.seed = 0  # its key: restart r sweeps the plans in the order of fold_in(key, r)

@@ -369,6 +369,9 @@ FIELDS: dict[str, Field] = {
     "fusion.importance": Field("str", "importance marginals (choices: FusionConfig)", optional=True),
     "fusion.align_output": _bool("a plan for the class layer"),
     "fusion.symmetry": _choice("transformers: permutation or orthogonal stream/head plans", lambda: fusion.SYMMETRIES),
+    "fusion.stream_policy": _choice(
+        "transformers: one residual-stream plan, or transformer-fusion's per-sum mean rule", lambda: fusion.STREAM_POLICIES
+    ),
     "matching.seed": _int("weight matching's key (the sweep orders of its restarts)", 0),
     "matching.restarts": _int("descents from as many sweep orders; the best objective wins", 1),
     "matching.start": Field("str", "starting plans (choices: WeightMatching)"),

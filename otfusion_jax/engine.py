@@ -113,7 +113,10 @@ class Aligner(Protocol):
     An aligner may also have ``prepare(variables, spec) -> variables``: an
     equivalent parametrisation of every parent (the same function) that its
     plans act on, applied by the engine before aligning and averaging
-    (OTFusion with ``symmetry="orthogonal"`` folds the norms: ``spec.fold_norms``).
+    (OTFusion with ``symmetry="orthogonal"`` folds the norms: ``spec.fold_norms``),
+    and ``respec(spec) -> spec``: the spec its plans are named by, with the same
+    leaves (OTFusion with ``stream_policy="mean"``: a plan per residual sum,
+    ``spec.per_sum_plans``); ``FusionAux.plans`` then carry its names.
     """
 
     needs_activations: bool
@@ -334,6 +337,9 @@ def _aux(results, parents, spec, w) -> FusionAux:
 
 def _align_impl(parents, spec, aligner, activations, weights, key, params, target, iterations=1, tol=0.0):
     """(aligned parents, FusionAux): the one implementation behind ``align_parents`` and ``fuse``."""
+    respec = getattr(aligner, "respec", None)
+    if respec is not None:  # the aligner names its plans by another spec with the same leaves
+        spec = respec(spec)
     prepare = getattr(aligner, "prepare", None)
     if prepare is not None:  # an equivalent parametrisation the aligner needs (folded norms): the same functions
         parents = [prepare(p, spec) for p in parents]

@@ -340,7 +340,7 @@ def _ot_method(mode: str) -> Callable[[Group, str | None], Outcome]:
     def fuse_ot(group: Group, solver: str | None) -> Outcome:
         base = group.settings.fusion
         if solver == "orthogonal":  # transformers: rotations of the stream and within heads (FusionConfig.symmetry)
-            cfg = dataclasses.replace(base, mode=mode, solver="exact", symmetry="orthogonal")
+            cfg = dataclasses.replace(base, mode=mode, solver="exact", symmetry="orthogonal", stream_policy="shared")
         else:
             cfg = dataclasses.replace(base, mode=mode, solver=solver or base.solver)
         name = solver if solver == "orthogonal" else cfg.solver
@@ -658,7 +658,7 @@ def barrier_curves(
     }
     if spec.heads and samples is not None:
         ortho = dataclasses.replace(config, mode="activations", solver="exact", symmetry="orthogonal",
-                                    past_correction=True)
+                                    past_correction=True, stream_policy="shared")
         acts = [models.capture_activations(p.module, p.variables, samples, acts_kind) for p in (a, b)]
         aligned, target = engine.align_parents([a.variables, b.variables], spec, ortho, activations=acts)[0]
         curves["after orthogonal alignment (activations)"] = interpolation_curve(b.module, aligned, target, x, y)

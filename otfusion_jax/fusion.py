@@ -54,12 +54,13 @@ from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.engine import Alignment, FusionError
 
-__all__ = ["FusionConfig", "OTFusion", "EXACT_BACKENDS", "SYMMETRIES"]
+__all__ = ["FusionConfig", "OTFusion", "EXACT_BACKENDS", "SYMMETRIES", "STREAM_POLICIES"]
 
 Variables = Mapping[str, Any]
 Activations = Mapping[str, Sequence[jax.Array]]
 EXACT_BACKENDS = ot.EXACT_BACKENDS
 SYMMETRIES = ("permutation", "orthogonal")
+STREAM_POLICIES = ("shared", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,14 @@ class FusionConfig:
         the head map by an exact assignment, and are used without correction;
         MLP hidden units (a privileged basis: GELU acts per unit) keep the
         solver's plans. Not in the original, nor in transformer-fusion.
+      stream_policy: residual streams that declare their sums (``spec.streams``:
+        transformers): "shared" (default) aligns the whole stream with one plan
+        computed from all of its producers; "mean" is transformer-fusion's
+        residual policy (Imfeld et al., 2024), for comparison: each branch
+        (attention or MLP output) gets its own plan and the stream after a sum
+        is moved by the mean of the incoming stream's plan and the branch's
+        (``spec.per_sum_plans``): soft, and only approximately aligned where the
+        two differ. With ``symmetry="permutation"`` only.
 
     Averaging weights, the original's ensemble step and the target are
     arguments of ``otf.fuse`` (``weights=``, ``engine.ensemble_weights``, ``target=``).
@@ -145,6 +154,7 @@ class FusionConfig:
     importance: str | None = None
     align_output: bool = False
     symmetry: str = "permutation"
+    stream_policy: str = "shared"
 
     def __post_init__(self):
         choices = {
@@ -156,6 +166,7 @@ class FusionConfig:
             "relative_epsilon": (None, "mean", "std"),
             "importance": (None, "l1", "l2"),
             "symmetry": SYMMETRIES,
+            "stream_policy": STREAM_POLICIES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -175,6 +186,8 @@ class FusionConfig:
             raise FusionError("FusionConfig.symmetry='orthogonal' needs past_correction=True (rotations act on both sides)")
         if not self.sinkhorn_threshold > 0:
             raise FusionError(f"FusionConfig.sinkhorn_threshold must be > 0, got {self.sinkhorn_threshold}")
+        if self.stream_policy == "mean" and self.symmetry == "orthogonal":
+            raise FusionError("FusionConfig.stream_policy='mean' mixes plans; it needs symmetry='permutation'")
 
     # --------------------------------------------------------------- the aligner interface
 
@@ -189,6 +202,21 @@ class FusionConfig:
     def check(self, sizes: Sequence[Mapping[str, int]], target: int) -> None:
         """Nothing to check up front: transport plans take any widths (``align`` checks the class layer)."""
         del sizes, target
+
+    def respec(self, spec: spec_lib.AlignmentSpec) -> spec_lib.AlignmentSpec:
+        """``stream_policy="mean"``: the spec with a plan per residual sum (``spec.per_sum_plans``); else ``spec``.
+
+        Raises:
+          FusionError: "mean" on a spec without declared streams.
+        """
+        if self.stream_policy == "shared":
+            return spec
+        if not spec.streams:
+            raise FusionError(
+                "stream_policy='mean' needs a spec that declares its residual streams' sums (spec.streams: the "
+                "transformers'); this spec declares none"
+            )
+        return spec_lib.per_sum_plans(spec)
 
     def prepare(self, variables: Variables, spec: spec_lib.AlignmentSpec) -> Variables:
         """``symmetry="orthogonal"``: the parent with its norms folded (``spec.fold_norms``); else as it is.
@@ -236,6 +264,13 @@ class FusionConfig:
           permutes, else an (n, m) matrix) and per-plan ``ot.PlanInfo``.
         """
         del key
+        if spec.taps and self.mode == "activations":  # per-sum stream plans: what each sum adds to the stream
+            try:
+                parent_acts = spec_lib.stream_activations(spec, parent_acts or {})
+                target_acts = spec_lib.stream_activations(spec, target_acts or {})
+            except spec_lib.SpecError as e:
+                raise FusionError(str(e)) from None
+        derived = dict(spec.derived)
         fa, fb = spec_lib.flatten_paths(parent), spec_lib.flatten_paths(target)
         dtype = jnp.result_type(*[x.dtype for x in fb.values()])
         plans: dict[str, plans_lib.Plan] = {}
@@ -244,6 +279,9 @@ class FusionConfig:
         for name in spec.plans:
             if name in plans:
                 continue  # solved with its head group
+            if name in derived:  # the mean of earlier plans (stream_policy="mean")
+                plans[name] = sum(plans_lib.as_matrix(plans[src], dtype=dtype) for src in derived[name]) / len(derived[name])
+                continue
             eps = None if params is None else params.get(name)
             group = spec.head_group(name)
             if self.symmetry == "orthogonal" and (group is not None or name in spec.permutation_only):

@@ -22,6 +22,13 @@ Transformers add two declarations (see :class:`HeadGroup`):
   features, not with a barycentric mix of them); aligners return a
   permutation for these whatever their solver (Sinkhorn is rounded).
 
+A residual stream may also declare the order of its sums (:class:`StreamSums`):
+which tensors are added at each sum and which layers read the stream after it.
+That is what :func:`per_sum_plans` needs to rebuild the spec with a plan per
+sum (transformer-fusion's residual policy, ``FusionConfig(stream_policy="mean")``):
+each branch gets a plan of its own and the stream after a sum is the mean of the
+incoming stream's plan and the branch's (a *derived* plan, never solved).
+
 Flax layouts put a layer's output features on the *last* axis of its kernel and
 on the only axis of its bias / norm parameters, so a plan on a leaf's last axis
 is that leaf's *output* (the leaf "produces" the plan's neurons); a plan on any
@@ -31,6 +38,7 @@ other axis acts on the leaf's input side.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,6 +49,7 @@ import jax
 __all__ = [
     "LeafSpec",
     "HeadGroup",
+    "StreamSums",
     "AlignmentSpec",
     "SpecError",
     "dense",
@@ -55,6 +64,8 @@ __all__ = [
     "view_shape",
     "with_biases",
     "fold_norms",
+    "per_sum_plans",
+    "stream_activations",
     "unflatten_paths",
 ]
 
@@ -142,6 +153,32 @@ class HeadGroup:
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamSums:
+    """A residual stream's sums, in the order the model computes them.
+
+    ``sums[i] = (added, readers)``: the leaves whose outputs are added into the
+    stream at sum i (sum 0: the embeddings that start it; then each block's
+    branch output projection with its bias) and the leaves that read the stream
+    as it is after sum i (norms and the dense layers after them; the head after
+    the last sum). Every leaf of the stream's plan is in exactly one entry. The
+    model sows the stream after every sum in this order (one activation tensor
+    per sum), so the branch added at sum i is the difference of taps i and i - 1.
+
+    Attributes:
+      plan: the stream's (shared) plan.
+      sums: ``((added paths), (reader paths))`` per sum.
+    """
+
+    plan: str
+    sums: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "sums", tuple((tuple(a), tuple(r)) for a, r in self.sums))
+        if not self.sums or not self.sums[0][0]:
+            raise SpecError(f"stream {self.plan!r}: needs at least one sum, the first with the tensors that start it")
+
+
+@dataclasses.dataclass(frozen=True)
 class AlignmentSpec:
     """A model's alignment spec: hashable, so it can be a static jit argument.
 
@@ -159,6 +196,12 @@ class AlignmentSpec:
         each LayerNorm/RMSNorm's output (:func:`fold_norms` folds the norm's
         scale and bias into them, after which the stream also admits
         orthogonal plans).
+      streams: the residual streams' sums (:class:`StreamSums`), for :func:`per_sum_plans`.
+      derived: ``(plan, sources)`` pairs: plans that are not solved but are the
+        mean of earlier plans (written by :func:`per_sum_plans`; only OTFusion
+        computes them).
+      taps: ``(plan, stream, i)``: the plan's activations are the branch added
+        at sum i of ``stream`` (:func:`stream_activations`).
     """
 
     leaves: tuple[tuple[str, LeafSpec], ...]
@@ -167,6 +210,9 @@ class AlignmentSpec:
     heads: tuple[HeadGroup, ...] = ()
     permutation_only: tuple[str, ...] = ()
     folds: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    streams: tuple[StreamSums, ...] = ()
+    derived: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    taps: tuple[tuple[str, str, int], ...] = ()
 
     @classmethod
     def build(
@@ -178,6 +224,9 @@ class AlignmentSpec:
         heads: Sequence[HeadGroup] = (),
         permutation_only: Iterable[str] = (),
         folds: Mapping[str, Sequence[str]] | None = None,
+        streams: Sequence[StreamSums] = (),
+        derived: Mapping[str, Sequence[str]] | None = None,
+        taps: Sequence[tuple[str, str, int]] = (),
     ) -> "AlignmentSpec":
         """Builds and checks a spec from a path -> LeafSpec mapping."""
         spec = cls(
@@ -187,6 +236,9 @@ class AlignmentSpec:
             tuple(heads),
             tuple(sorted(set(permutation_only))),
             tuple((norm, tuple(consumers)) for norm, consumers in sorted((folds or {}).items())),
+            tuple(streams),
+            tuple((plan, tuple(sources)) for plan, sources in (derived or {}).items()),
+            tuple((plan, stream, int(i)) for plan, stream, i in taps),
         )
         spec.check_order()
         return spec
@@ -232,7 +284,16 @@ class AlignmentSpec:
             raise SpecError(f"plans used by leaves but not listed in spec.plans: {sorted(missing)}")
         if len(set(self.plans)) != len(self.plans):
             raise SpecError(f"spec.plans lists a plan twice: {self.plans}")
+        derived = dict(self.derived)
+        for plan, sources in self.derived:
+            if plan not in self.plans:
+                raise SpecError(f"derived plan {plan!r} is not in spec.plans")
+            early = self.plans[: self.plans.index(plan)]
+            if not sources or any(src not in early for src in sources):
+                raise SpecError(f"derived plan {plan!r}: its sources {sources} must be plans listed before it")
         for plan in self.plans:
+            if plan in derived:
+                continue  # computed from its sources, not from producers
             if not self.producers(plan):
                 raise SpecError(f"plan {plan!r} has no producing weight leaf")
             if not self.cost_producers(plan):
@@ -249,6 +310,11 @@ class AlignmentSpec:
                 kernel = lm.get(f"params/{c}/kernel")
                 if kernel is None or kernel.axes[0] != plan:
                     raise SpecError(f"folds: consumer {c!r} of {norm!r} needs a kernel whose first axis carries {plan!r}")
+        for stream in self.streams:
+            self._check_stream(stream)
+        for plan, stream, i in self.taps:
+            if plan not in self.plans or plan in derived or i < 0:
+                raise SpecError(f"taps: ({plan!r}, {stream!r}, {i}) needs a solved plan of spec.plans and a sum index >= 0")
         unknown = [p for p in self.permutation_only if p not in self.plans]
         if unknown:
             raise SpecError(f"permutation_only names plans not in spec.plans: {unknown}")
@@ -271,6 +337,25 @@ class AlignmentSpec:
                     inner = [n for n in lm[path].axes[:-1] if n in group.plans]
                     if inner:
                         raise SpecError(f"{where}: producer {path} of {p!r} reads plan {inner[0]!r} of its own group")
+
+    def _check_stream(self, stream: StreamSums) -> None:
+        """Every leaf of the stream's plan is in one sum: its added tensors produce the plan, its readers read it."""
+        lm = self.leaf_map
+        where = f"stream {stream.plan!r}"
+        seen: dict[str, int] = {}
+        for i, (added, readers) in enumerate(stream.sums):
+            for path in added + readers:
+                if path in seen:
+                    raise SpecError(f"{where}: leaf {path} is in sums {seen[path]} and {i}")
+                seen[path] = i
+                if path not in lm or stream.plan not in lm[path].axes:
+                    raise SpecError(f"{where}: sum {i} names {path}, which is not a leaf carrying {stream.plan!r}")
+            for path in added:
+                if lm[path].output_plan != stream.plan or lm[path].role not in ("weight", "bias", "additive"):
+                    raise SpecError(f"{where}: sum {i} adds {path}, which does not produce {stream.plan!r}")
+        members = {p for p, _ in self.members(stream.plan)}
+        if members != set(seen):
+            raise SpecError(f"{where}: leaves carrying it but in no sum: {sorted(members - set(seen))[:5]}")
 
     def check_variables(self, variables: Any, what: str = "variables") -> dict[str, tuple[int, ...]]:
         """Checks that ``variables`` has exactly the spec's leaves with consistent plan sizes.
@@ -327,8 +412,100 @@ def with_biases(spec: AlignmentSpec) -> AlignmentSpec:
             leaves[bias] = LeafSpec((ls.output_plan,), view=view, role="bias")
     return AlignmentSpec.build(
         leaves, spec.plans, spec.output_plan, heads=spec.heads, permutation_only=spec.permutation_only,
-        folds=dict(spec.folds),
+        folds=dict(spec.folds), streams=spec.streams, derived=dict(spec.derived), taps=spec.taps,
     )
+
+
+def sum_plan(stream: str, i: int) -> str:
+    """The name :func:`per_sum_plans` gives the stream after sum ``i``."""
+    return f"{stream}@{i}"
+
+
+def branch_plan(stream: str, i: int) -> str:
+    """The name :func:`per_sum_plans` gives the branch added at sum ``i`` (i >= 1)."""
+    return f"{stream}@{i}.branch"
+
+
+@functools.lru_cache(maxsize=64)
+def per_sum_plans(spec: AlignmentSpec) -> AlignmentSpec:
+    """The spec with a plan per residual sum: transformer-fusion's residual policy ("mean"; Imfeld et al., 2024).
+
+    For every stream of ``spec.streams``: the tensors that start it get the plan
+    ``<stream>@0``; the branch added at sum i (its output projection and bias)
+    gets its own plan ``<stream>@i.branch``, solved from that projection alone
+    (by weights) or from what it adds to the stream (by activations:
+    :func:`stream_activations`); the layers that read the stream after sum i
+    read it through ``<stream>@i``, *derived* as the mean of ``<stream>@(i-1)``
+    and the branch's plan. The fused model's stream is then no longer moved by one
+    plan: where two plans differ the sum is only approximately aligned, and a
+    derived plan is soft (a mix of two permutations), so LayerNorm no longer
+    commutes with it. That is the reference's rule, kept for comparison; the
+    default (``stream_policy="shared"``) aligns the whole stream with one plan.
+    The streams stop being permutation-only (the mean of two permutations is not one).
+
+    Raises:
+      SpecError: the spec declares no streams.
+    """
+    if not spec.streams:
+        raise SpecError("per-sum stream plans need a spec that declares its streams' sums (spec.streams)")
+    lm = dict(spec.leaves)
+    axes = {p: list(ls.axes) for p, ls in spec.leaves}
+    plans = list(spec.plans)
+    derived: dict[str, tuple[str, ...]] = dict(spec.derived)
+    taps = list(spec.taps)
+    for stream in spec.streams:
+        s = stream.plan
+        where = plans.index(s)
+        plans[where] = sum_plan(s, 0)
+        for i, (added, readers) in enumerate(stream.sums):
+            mine = sum_plan(s, i) if i == 0 else branch_plan(s, i)
+            for path in added:
+                axes[path] = [mine if n == s else n for n in axes[path]]
+            for path in readers:
+                axes[path] = [sum_plan(s, i) if n == s else n for n in axes[path]]
+            taps.append((mine, s, i))
+            if i == 0:
+                continue
+            # After the branch's input plans and the previous sum's plan: where both are known.
+            inputs = {n for p in added for n in lm[p].axes[:-1] if n is not None} | {sum_plan(s, i - 1)}
+            at = max(plans.index(n) for n in inputs) + 1
+            while at < len(plans) and any(plans[at] in g.plans and plans[at] != g.plans[0] for g in spec.heads):
+                at += 1  # never inside a head group
+            plans[at:at] = [branch_plan(s, i), sum_plan(s, i)]
+            derived[sum_plan(s, i)] = (sum_plan(s, i - 1), branch_plan(s, i))
+    streams = {st.plan for st in spec.streams}
+    leaves = {p: dataclasses.replace(ls, axes=tuple(axes[p])) for p, ls in spec.leaves}
+    return AlignmentSpec.build(
+        leaves,
+        plans,
+        spec.output_plan,
+        heads=spec.heads,
+        permutation_only=[p for p in spec.permutation_only if p not in streams],
+        folds=dict(spec.folds),
+        derived=derived,
+        taps=taps,
+    )
+
+
+def stream_activations(spec: AlignmentSpec, acts: Mapping[str, Sequence[Any]]) -> dict[str, tuple[Any, ...]]:
+    """``acts`` with each tapped plan's activations (``spec.taps``): the stream after sum 0, or what sum i adds.
+
+    ``acts[stream]`` holds the stream after every sum, in the order of its
+    :class:`StreamSums` (as the model sows it).
+
+    Raises:
+      SpecError: a stream's activations are missing or have another number of taps than its sums.
+    """
+    out = dict(acts)
+    for plan, stream, i in spec.taps:
+        taps = acts.get(stream)
+        if taps is None:
+            raise SpecError(f"no activations for stream {stream!r} (have {sorted(acts)}), needed for plan {plan!r}")
+        want = 1 + max(j for _, st, j in spec.taps if st == stream)
+        if len(taps) != want:
+            raise SpecError(f"stream {stream!r}: {len(taps)} activation taps, but the spec's stream has {want} sums")
+        out[plan] = (taps[0],) if i == 0 else (taps[i] - taps[i - 1],)
+    return out
 
 
 def _is_flat(tree: Any) -> bool:

@@ -85,6 +85,7 @@ BAD: dict[str, list] = {
     "fusion.importance": [None, "l3"],
     "fusion.align_output": ["maybe"],
     "fusion.symmetry": [None, "rotation"],
+    "fusion.stream_policy": [None, "per-block"],
     "matching.seed": ["x", "-1"],
     "matching.restarts": ["many", "0", "-2"],
     "matching.start": [None, "random"],

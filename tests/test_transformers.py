@@ -178,6 +178,8 @@ ALIGNERS = {
     "ot-acts": otf.FusionConfig(mode="activations"),
     "wm": otf.WeightMatching(restarts=1),
     "wm-greedy": otf.WeightMatching(start="greedy", restarts=1),
+    "ot-weights-mean": otf.FusionConfig(mode="weights", stream_policy="mean"),
+    "ot-acts-mean": otf.FusionConfig(mode="activations", stream_policy="mean"),
 }
 
 
@@ -324,7 +326,8 @@ def test_a_permuted_decoder_computes_the_same_logits_and_fuses_back(positions, n
         assert float(jnp.max(jnp.abs(module.apply(broken, tokens) - module.apply(variables, tokens)))) > 1e-3
     np.testing.assert_allclose(module.apply(copy, tokens), module.apply(variables, tokens), atol=2e-5)
     assert max_abs_diff(copy, variables) > 0.1
-    for aligner in (otf.FusionConfig(mode="weights"), otf.WeightMatching(restarts=1)):
+    for aligner in (otf.FusionConfig(mode="weights"), otf.WeightMatching(restarts=1),
+                    otf.FusionConfig(mode="weights", stream_policy="mean")):
         fused, aux = otf.fuse([copy, variables], spec, aligner)
         assert max_abs_diff(fused, variables) < 1e-5, type(aligner).__name__
         if positions == "rotary":  # Q/K keep every dimension's place within its head
@@ -482,3 +485,55 @@ def test_fuse_py_methods_take_the_orthogonal_suffix():
         experiment.parse_methods("wm:orthogonal")
     with pytest.raises(otf.FusionError, match="symmetry='orthogonal' needs past_correction=True"):
         otf.FusionConfig(symmetry="orthogonal", past_correction=False)
+
+
+# ----------------------------------------------------------------------------- transformer-fusion's residual policy
+
+
+def test_per_sum_plans_give_each_branch_a_plan_and_each_sum_the_mean():
+    _, spec, _ = _vit(depth=2)
+    split = spec_lib.per_sum_plans(spec)
+    lm = split.leaf_map
+    assert lm["params/cls_token"].axes[-1] == "res@0" and lm["params/block0/attn/query/kernel"].axes[0] == "res@0"
+    assert lm["params/block0/attn/out/kernel"].axes == ("block0_vo", "res@1.branch")
+    assert lm["params/block0/norm2/scale"].axes == ("res@1",) and lm["params/block0/mlp/fc1/kernel"].axes[0] == "res@1"
+    assert lm["params/block1/mlp/fc2/bias"].axes == ("res@4.branch",)
+    assert lm["params/norm/bias"].axes == ("res@4",) and lm["params/head/kernel"].axes[0] == "res@4"
+    assert dict(split.derived) == {f"res@{i}": (f"res@{i - 1}", f"res@{i}.branch") for i in range(1, 5)}
+    assert split.permutation_only == () and "res" not in split.plans
+    # each branch is solved after its input plans, from its own projection
+    assert split.plans.index("res@1.branch") > split.plans.index("block0_vo")
+    assert split.cost_producers("res@2.branch") == ["params/block0/mlp/fc2/bias", "params/block0/mlp/fc2/kernel"]
+    # activations: the stream after sum 0, then what each sum adds
+    taps = tuple(jnp.full((2, 3, 8), float(i * i)) for i in range(5))
+    acts = spec_lib.stream_activations(split, {"res": taps})
+    assert float(acts["res@0"][0][0, 0, 0]) == 0.0 and float(acts["res@3.branch"][0][0, 0, 0]) == 9.0 - 4.0
+    with pytest.raises(spec_lib.SpecError, match="stream 'res': 4 activation taps, but the spec's stream has 5 sums"):
+        spec_lib.stream_activations(split, {"res": taps[:4]})
+    mlp = models.build("mlpnet", widths=(4,))[1]
+    with pytest.raises(spec_lib.SpecError, match="declares its streams' sums"):
+        spec_lib.per_sum_plans(mlp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["weights", "activations"])
+def test_the_mean_policy_averages_the_incoming_and_branch_plans(mode):
+    model, spec, a = _vit(0, depth=2)
+    _, _, b = _vit(1, depth=2)
+    x = _images(n=16)
+    acts = [models.capture_activations(model, v, x) for v in (a, b)] if mode == "activations" else None
+    aligner = otf.FusionConfig(mode=mode, stream_policy="mean")
+    fused, aux = otf.fuse([a, b], spec, aligner, activations=acts)
+    plans = aux.plans[0]
+    for i in range(1, 5):
+        np.testing.assert_allclose(plans[f"res@{i}"], (plans[f"res@{i - 1}"] + plans[f"res@{i}.branch"]) / 2, atol=1e-6)
+        assert _is_permutation(plans[f"res@{i}.branch"])  # exact solver: each branch a permutation
+    assert not _is_permutation(plans["res@4"])  # independent parents: the plans differ, their mean is soft
+    shared, _ = otf.fuse([a, b], spec, otf.FusionConfig(mode=mode), activations=acts)
+    assert max_abs_diff(fused, shared) > 1e-3  # another fusion than the shared stream plan's
+    with pytest.raises(otf.FusionError, match="stream_policy='mean' mixes plans"):
+        otf.FusionConfig(stream_policy="mean", symmetry="orthogonal")
+    mlp_model, mlp_spec = models.build("mlpnet", widths=(4,))
+    v = init_jit(mlp_model, jax.random.key(0), (28, 28, 1))
+    with pytest.raises(otf.FusionError, match="declares none"):
+        otf.fuse([v, v], mlp_spec, otf.FusionConfig(stream_policy="mean"))

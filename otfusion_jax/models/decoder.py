@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.models.common import sow_acts
-from otfusion_jax.models.vit import STREAM, Block, check_sizes, make_norm, transformer_block_spec
+from otfusion_jax.models.vit import STREAM, Block, check_sizes, make_norm, stream_sums, transformer_block_spec
 
 __all__ = ["Decoder", "DecoderOptions", "decoder_spec", "build_decoder", "init_decoder"]
 
@@ -113,7 +113,8 @@ def decoder_spec(o: DecoderOptions) -> spec_lib.AlignmentSpec:
         heads.append(spec_lib.HeadGroup((qk, vo), o.num_heads, rigid=(qk,) if o.positions == "rotary" else ()))
     plans.append("head")
     return spec_lib.AlignmentSpec.build(
-        leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM], folds=folds
+        leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM], folds=folds,
+        streams=[stream_sums(leaves, ("embed", "pos_embed"), o.depth)],
     )
 
 

@@ -29,6 +29,7 @@ after GELU.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ from otfusion_jax import spec as spec_lib
 from otfusion_jax.models.common import sow_acts
 from otfusion_jax.models.record import ModelRecord
 
-__all__ = ["ViT", "ViTOptions", "vit_spec", "RECORD", "STREAM", "Attention", "Block", "rotary", "transformer_block_spec"]
+__all__ = ["ViT", "ViTOptions", "vit_spec", "RECORD", "STREAM", "Attention", "Block", "rotary", "transformer_block_spec", "stream_sums"]
 
 STREAM = "res"  # the residual stream's plan
 
@@ -248,6 +249,31 @@ def transformer_block_spec(
     }, (qk, vo, mlp), folds
 
 
+def stream_sums(leaves: Mapping[str, spec_lib.LeafSpec], start: Sequence[str], depth: int) -> spec_lib.StreamSums:
+    """The residual stream's sums of a pre-norm transformer (ViT and decoder alike), in the order they happen.
+
+    Sum 0 adds the layers in ``start`` (the embeddings), sum 2b + 1 block b's attention output, sum 2b + 2 its
+    MLP output; each is read by the next norm and the layers after it (after the last: ``norm`` and ``head``).
+    ``leaves`` are the spec's leaves (every leaf of these layers on the stream is named).
+    """
+
+    def on_stream(*layers: str) -> tuple[str, ...]:  # "params/block0/attn/out/kernel" is layer "block0/attn/out"
+        return tuple(p for p, ls in leaves.items() if STREAM in ls.axes and p.split("/", 1)[1].rsplit("/", 1)[0] in layers)
+
+    def readers(b: int, half: int) -> tuple[str, ...]:
+        if b == depth:
+            return on_stream("norm", "head")
+        if half == 0:
+            return on_stream(f"block{b}/norm1", *(f"block{b}/attn/{n}" for n in ("query", "key", "value")))
+        return on_stream(f"block{b}/norm2", f"block{b}/mlp/fc1")
+
+    sums = [(on_stream(*start), readers(0, 0))]
+    for b in range(depth):
+        sums.append((on_stream(f"block{b}/attn/out"), readers(b, 1)))
+        sums.append((on_stream(f"block{b}/mlp/fc2"), readers(b + 1, 0)))
+    return spec_lib.StreamSums(STREAM, sums)
+
+
 def vit_spec(o: ViTOptions) -> spec_lib.AlignmentSpec:
     """Spec of a ViT: one permutation-only stream plan, a head group and an MLP plan per block."""
     leaves = {
@@ -266,7 +292,8 @@ def vit_spec(o: ViTOptions) -> spec_lib.AlignmentSpec:
         heads.append(spec_lib.HeadGroup((qk, vo), o.num_heads))
     plans.append("head")
     return spec_lib.AlignmentSpec.build(
-        leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM], folds=folds
+        leaves, plans, output_plan="head", heads=heads, permutation_only=[STREAM], folds=folds,
+        streams=[stream_sums(leaves, ("patch_embed", "cls_token", "pos_embed"), o.depth)],
     )
 
 
