@@ -347,7 +347,9 @@ def _align_impl(parents, spec, aligner, activations, weights, key, params, targe
     aligned, results = _align_all(parents, spec, aligner, activations, key, params, target)
     aux = _aux(results, parents, spec, w)
     if iterations > 1:
-        aligned, aux = _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol)
+        aligned, aux = _barycenter(
+            parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol, activations
+        )
     return aligned, aux
 
 
@@ -359,7 +361,12 @@ def _fuse_impl(parents, spec, aligner, activations, weights, key, params, target
 _ROUND_KEYS = 1 << 20
 
 
-def _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol):
+def _moved_acts(acts, plans):
+    """A parent's activations in the target's neuron order: each plan's tensors times its (n, m) plan matrix."""
+    return {n: tuple(a @ plans[n].astype(a.dtype) for a in tensors) for n, tensors in acts.items() if n in plans}
+
+
+def _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, iterations, tol, activations=None):
     """The iterative barycentre ("merge many", Ainsworth et al. 2023): re-align each parent onto the others' mean.
 
     Round 1 is the one-shot alignment onto the target (``aligned``, ``aux``).
@@ -368,6 +375,10 @@ def _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, it
     parents, and replaces its aligned copy at once (Gauss-Seidel, like Git
     Re-Basin's MergeMany; aligning onto a mean that contains the parent
     itself would return its current plans: a fixed point, nothing learned).
+    Aligners by activations align onto the same weighted mean of the other
+    parents' activations, each moved by its current plans (a barycentre in
+    activation space: every plan is solved from the parents' own activations,
+    which no plan of an earlier layer changes).
     The rounds are one ``lax.while_loop`` (the aligner traced K times, once
     per parent); it stops when no plan entry moved by more than ``tol`` in a
     round, or after ``iterations`` rounds. The fused model keeps the target's
@@ -403,8 +414,12 @@ def _barycenter(parents, spec, aligner, w, key, params, target, aligned, aux, it
             # All others weighted 0 (e.g. ensemble weights (0, 1)): their plain mean, not 0 / 0.
             rest = jnp.where(total > 0, rest / jnp.where(total > 0, total, 1.0), 1.0 / (k - 1))
             others = weighted_sum(current[:i] + current[i + 1:], rest)
+            acts = {}
+            if activations is not None:
+                moved = [_moved_acts(activations[j], plans[j]) for j in range(k) if j != i]
+                acts = dict(parent_acts=activations[i], target_acts=weighted_sum(moved, rest))
             res = aligner.align(
-                parent, others, spec,
+                parent, others, spec, **acts,
                 # Round r of parent i: fold_in(fold_in(key, i), ROUND_KEYS + r), apart from the keys of
                 # round 1 (fold_in(key, i)) and of any restarts inside (fold_in(that, small r)).
                 key=None if key is None else jax.random.fold_in(jax.random.fold_in(key, i), _ROUND_KEYS + it),
@@ -435,10 +450,10 @@ def _check_iterations(aligner, iterations, tol) -> None:
         raise FusionError(f"iterations must be an int >= 1, got {iterations!r}")
     if not tol >= 0:
         raise FusionError(f"tol must be >= 0, got {tol!r}")
-    if iterations > 1 and aligner is not None and aligner.needs_activations:
+    if iterations > 1 and aligner is not None and getattr(aligner, "stream_policy", "shared") != "shared":
         raise FusionError(
-            f"the iterative barycentre (iterations={iterations}) aligns parents onto means of the others, which have no "
-            "activations of their own: use an aligner by weights (FusionConfig(mode='weights'), WeightMatching)"
+            f"the iterative barycentre (iterations={iterations}) moves each plan's activations and weights by that "
+            "plan; stream_policy='mean' mixes plans at every residual sum: use stream_policy='shared'"
         )
 
 
@@ -508,8 +523,9 @@ def fuse(
         the one-shot round, each parent in turn (the target too) is aligned
         onto the mean of the other aligned parents, for at most N rounds in
         all, until no plan entry moves by more than ``tol`` in a round
-        (``aux.iterations``, ``aux.plan_change``). Aligners by weights only
-        (the means have no activations of their own).
+        (``aux.iterations``, ``aux.plan_change``). By activations, each
+        parent is aligned onto the mean of the others' activations moved by
+        their plans (the parents' means have no activations of their own).
       tol: iterative barycentre: the plan change under which it stops (0:
         hard plans identical). With Sinkhorn plans the barycentre blurs its
         means round after round (digits K = 4: 11% after 10 rounds,

@@ -432,8 +432,9 @@ def _many_method(base: str) -> Callable[[Group, str | None], Outcome]:
             aligner: Any = dataclasses.replace(s.matching, soft=False, restarts=1)
             label, solver_name = f"weight matching, barycentre (<= {n} rounds)", "exact"
         else:
-            aligner = dataclasses.replace(s.fusion, mode="weights", solver="exact")
-            label, solver_name = f"OT fusion (weights, exact), barycentre (<= {n} rounds)", "exact"
+            mode = "activations" if base == "ot-acts" else "weights"
+            aligner = dataclasses.replace(s.fusion, mode=mode, solver="exact")
+            label, solver_name = f"OT fusion ({mode}, exact), barycentre (<= {n} rounds)", "exact"
         group.say(f"iterative barycentre ({base}, at most {n} rounds)")
 
         def extra(aux):
@@ -512,6 +513,10 @@ METHODS: dict[str, Method] = {
     ),
     "ot-many": Method(
         "many parents: OTFusion by weights (exact) in the iterative barycentre", _many_method("ot")
+    ),
+    "ot-acts-many": Method(
+        "many parents: OTFusion by activations (exact) in the iterative barycentre (onto the others' moved activations)",
+        _many_method("ot-acts"),
     ),
     "vanilla": Method("vanilla averaging (a row of every table)"),
     "ensemble": Method("the prediction ensemble (a row of every table)"),

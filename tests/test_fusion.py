@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import otfusion_jax as otf
 from otfusion_jax import engine
 from otfusion_jax.models import build, capture_activations, recompute_batch_stats
+from otfusion_jax.plans import as_matrix
 
 from fusion_helpers import apply_jit, init_jit, max_abs_diff, permuted_copy, random_variables
 
@@ -364,26 +365,52 @@ def test_unbalanced_sinkhorn_relaxes_the_marginals():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "aligner",
-    [otf.FusionConfig(exact_backend="host"), otf.WeightMatching(start="greedy", restarts=1)],
-    ids=["ot-weights", "wm"],
+    [otf.FusionConfig(exact_backend="host"), otf.WeightMatching(start="greedy", restarts=1),
+     otf.FusionConfig(mode="activations", exact_backend="host")],
+    ids=["ot-weights", "wm", "ot-acts"],
 )
 def test_barycentre_of_permuted_copies_is_the_model(aligner):
     """K = 4 permuted copies of one model: round 1 recovers it, round 2 changes no plan, the loop stops."""
-    _, spec, v = _mlp((12, 8), bias=True, seed=0)
+    model, spec, v = _mlp((12, 8), bias=True, seed=0)
     parents = [permuted_copy(v, spec, s) for s in (1, 2, 3)] + [v]
-    fused, aux = otf.fuse(parents, spec, aligner, iterations=10)
+    acts = None
+    if aligner.needs_activations:
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 4, 4, 1)), jnp.float32)
+        acts = [capture_activations(model, p, x) for p in parents]
+    fused, aux = otf.fuse(parents, spec, aligner, iterations=10, activations=acts)
     assert max_abs_diff(fused, v) < 1e-6
     assert int(aux.iterations) == 2 and float(aux.plan_change) == 0.0
     assert all(p is not None for p in aux.plans)  # every parent, the target too, has plans onto the result
     for name in spec.plans:
         np.testing.assert_allclose(aux.plans[-1][name], np.eye(aux.plans[-1][name].shape[0]), atol=1e-6)
-    aligned, aux_a = otf.align_parents(parents, spec, aligner, iterations=10)
+    aligned, aux_a = otf.align_parents(parents, spec, aligner, iterations=10, activations=acts)
     assert all(max_abs_diff(a, v) < 1e-6 for a in aligned) and int(aux_a.iterations) == 2
 
 
 @pytest.mark.slow
+def test_the_barycentre_by_activations_ends_at_its_fixed_point():
+    """Independent parents: at convergence each parent's plans are its OT plans onto the mean of the others'
+    activations, each moved by its own plans (the barycentre in activation space)."""
+    model, spec, _ = _mlp((12, 8), bias=True, seed=0)
+    parents = [_mlp((12, 8), bias=True, seed=s)[2] for s in range(4)]
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((32, 4, 4, 1)), jnp.float32)
+    acts = [capture_activations(model, p, x) for p in parents]
+    cfg = otf.FusionConfig(mode="activations", exact_backend="host")
+    one_shot, _ = otf.fuse(parents, spec, cfg, activations=acts)
+    fused, aux = otf.fuse(parents, spec, cfg, activations=acts, iterations=30)
+    assert float(aux.plan_change) == 0.0 and int(aux.iterations) >= 2
+    assert max_abs_diff(fused, one_shot) > 1e-3  # the rounds moved some parent
+    for i in range(4):
+        moved = [{n: tuple(a @ aux.plans[j][n] for a in acts[j][n]) for n in acts[j]} for j in range(4) if j != i]
+        mean = {n: tuple(sum(m[n][q] for m in moved) / 3 for q in range(len(acts[i][n]))) for n in acts[i]}
+        again = cfg.align(parents[i], parents[-1], spec, parent_acts=acts[i], target_acts=mean)
+        for n in spec.plans:
+            np.testing.assert_allclose(as_matrix(again.plans[n], aux.plans[i][n].shape[0]), aux.plans[i][n], atol=1e-6)
+
+
+@pytest.mark.slow
 def test_barycentre_rounds_and_refusals():
-    """Trained-like random parents: it runs at most `iterations` rounds; activations aligners are refused."""
+    """Trained-like random parents: it runs at most `iterations` rounds."""
     _, spec, a = _mlp((12, 8), bias=True, seed=0)
     parents = [_mlp((12, 8), bias=True, seed=s)[2] for s in (1, 2)] + [a]
     fused_1, aux_1 = otf.fuse(parents, spec, otf.FusionConfig(exact_backend="host"))
@@ -391,7 +418,5 @@ def test_barycentre_rounds_and_refusals():
     fused, aux = otf.fuse(parents, spec, otf.FusionConfig(exact_backend="host"), iterations=3)
     assert 2 <= int(aux.iterations) <= 3
     assert jax.tree_util.tree_structure(fused) == jax.tree_util.tree_structure(fused_1)
-    with pytest.raises(otf.FusionError, match="iterative barycentre"):
-        otf.fuse(parents, spec, otf.FusionConfig(mode="activations"), iterations=2, activations=[{}, {}, {}])
     with pytest.raises(otf.FusionError, match="iterations must be an int >= 1"):
         otf.fuse(parents, spec, otf.FusionConfig(), iterations=0)

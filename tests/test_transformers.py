@@ -533,6 +533,8 @@ def test_the_mean_policy_averages_the_incoming_and_branch_plans(mode):
     assert max_abs_diff(fused, shared) > 1e-3  # another fusion than the shared stream plan's
     with pytest.raises(otf.FusionError, match="stream_policy='mean' mixes plans"):
         otf.FusionConfig(stream_policy="mean", symmetry="orthogonal")
+    with pytest.raises(otf.FusionError, match="iterative barycentre .* use stream_policy='shared'"):
+        otf.fuse([a, b, b], spec, aligner, activations=acts and acts + acts[1:], iterations=2)
     mlp_model, mlp_spec = models.build("mlpnet", widths=(4,))
     v = init_jit(mlp_model, jax.random.key(0), (28, 28, 1))
     with pytest.raises(otf.FusionError, match="declares none"):
