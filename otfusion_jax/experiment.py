@@ -93,7 +93,7 @@ class ExperimentConfig:
       many_method: a :data:`METHODS` name added to every table of more than two parents unless listed already
         (default "wm-many", the best many-parent method measured, docs/RESULTS.md; "ot-many" instead for
         parents of different widths, which weight matching cannot take); "" adds none.
-      barycenter_iterations: "wm-many" / "ot-many": at most this many rounds of the iterative barycentre.
+      barycenter_iterations: "wm-many" / "ot-many" / "ot-acts-many": at most this many rounds of the iterative barycentre.
       wm_rank: how weight matching picks among its restarts (``config.matching.restarts``): "train_loss" (the
         loss of the parent's restart averaged with the target, on ``rank_samples`` training images: training
         data, never the test set) or "objective" (the matching objective, the library's own choice).
