@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Issue 14: the ready-made Fashion-MNIST conv-net parents (checkpoints/fashion_<model>) fused with every method.
-# Usage: bash docs/scripts/conv_fusion.sh vgg11|resnet18   (writes docs/results/fashion_<model>/<run>/)
+# Usage: bash docs/scripts/conv_fusion.sh vgg11|resnet18|vgg11_bn|resnet18_bn   (writes docs/results/fashion_<model>/<run>/)
 # Runs: main (every one-shot method, each + REPAIR where the model allows it; loss-barrier plot), unitnorm (vgg11: the published command
 # with unit-norm rows), finetune (the published method and vanilla averaging, each + 1 epoch of fine-tuning,
 # 12% of the parents' 8). Sinkhorn: epsilon 0.05 of the mean cost, the setting chosen for the Fashion MLPNets
 # (docs/RESULTS.md), not tuned on these parents or on any test set.
+# BatchNorm models (*_bn): main keeps the statistics aligned with the plans (experiment.bn_stats=align) and adds
+# REPAIR rows; recompute recomputes every BatchNorm's statistics on the 200 training samples after fusion
+# (bn_stats=recompute): the three treatments of issue 14 on the same parents.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:?vgg11 or resnet18}
@@ -14,13 +17,17 @@ out=docs/results/fashion_${model}
 sink=(--config.fusion.relative_epsilon=mean --config.fusion.epsilon=0.05)
 # REPAIR needs a layer that sets each plan's statistics: a BatchNorm-free ResNet's residual sums have none
 # (fuse.py refuses, naming the plan), so its REPAIR rows wait for the BatchNorm parents.
-repair=$([[ $model == vgg11 ]] && echo True || echo False)
+repair=$([[ $model == resnet18 ]] && echo False || echo True)
 $py fuse.py --config=$cfg --out=$out/main "${sink[@]}" --config.experiment.repair=$repair \
   --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn,wm
 if [[ $model == vgg11 ]]; then
   $py fuse.py --config=$cfg --out=$out/unitnorm --config.fusion.unit_norm_rows=True \
     --config.experiment.method=ot-weights --config.experiment.plots=False
 fi
-first=$([[ $model == vgg11 ]] && echo ot-weights || echo ot-acts)
+if [[ $model == *_bn ]]; then
+  $py fuse.py --config=$cfg --out=$out/recompute "${sink[@]}" --config.experiment.bn_stats=recompute \
+    --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn,wm --config.experiment.plots=False
+fi
+first=$([[ $model == vgg11* ]] && echo ot-weights || echo ot-acts)
 $py fuse.py --config=$cfg --out=$out/finetune --config.experiment.method=$first \
   --config.experiment.finetune_epochs=1 --config.experiment.plots=False
