@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.max_train = config_dict.placeholder(int)  # keep the first max_train train examples
     config.data.max_test = config_dict.placeholder(int)  # keep the first max_test test examples
     config.data.seed = 0  # train/test split of digits, shared by all parents
+    config.data.eval_split = "test"  # test | heldout (the training images after max_train: for choices, never the test set)
 
     config.train = ml_collections.ConfigDict()  # otfusion_jax.training.TrainConfig (seed: config.seed + k)
     config.train.epochs = 10  # passes over the training set

@@ -90,7 +90,7 @@ SCHEMA: dict[str | None, tuple[str, ...]] = {
         "model", "data", "train", "fusion", "matching", "experiment",
     ),
     "model": ("name", "bias", "norm", "width", "widths", "depth", "embed_dim", "num_heads", "mlp_dim", "patch_size", "layer_norm_eps"),
-    "data": ("name", "source", "data_dir", "pad_to", "max_train", "max_test", "seed"),
+    "data": ("name", "source", "data_dir", "pad_to", "max_train", "max_test", "seed", "eval_split"),
     "train": _TRAIN_FIELDS,
     "fusion": FUSION_FIELDS,
     "matching": MATCHING_FIELDS,
@@ -334,6 +334,7 @@ FIELDS: dict[str, Field] = {
     "data.max_train": _int("train examples kept", 1, optional=True),
     "data.max_test": _int("test examples kept", 1, optional=True),
     "data.seed": _int("train/test split of digits", 0),
+    "data.eval_split": _choice("evaluate on the test set or the held-out training images", data_lib.EVAL_SPLITS),
     "train.epochs": _int("passes over the training set", 0),
     "train.batch_size": _int("examples per SGD step", 1),
     "train.lr": _float("base learning rate", 0, low_open=True),
@@ -493,6 +494,8 @@ def _check_combinations(cfg: dict[str, Any], num_parents: int, model_from_config
     offered = ("auto", *_data_sources()[data["name"]])
     if data["source"] not in offered:
         raise field_error("data.source", data["source"], f"data set {data['name']!r} is offered by {', '.join(map(repr, offered))}")
+    if data["eval_split"] == "heldout" and data["max_train"] is None:
+        raise field_error("data.eval_split", "heldout", "evaluates on the training images after data.max_train: set it")
     name, options = model_options_from(cfg)
     for key in SCHEMA["model"]:
         rule = FIELDS[f"model.{key}"]
@@ -746,6 +749,7 @@ def data_kwargs_from(config: Any) -> dict[str, Any]:
         "max_train": d["max_train"],
         "max_test": d["max_test"],
         "seed": d["seed"],
+        "eval_split": d["eval_split"],
     }
 
 

@@ -41,7 +41,10 @@ __all__ = [
     "read_idx",
     "NORMALIZATION",
     "FASHION_MNIST_SYSTEM_DIR",
+    "EVAL_SPLITS",
 ]
+
+EVAL_SPLITS = ("test", "heldout")  # what a Dataset's x_test holds (see load's eval_split)
 
 # Where `apt-get install dataset-fashion-mnist` puts the Fashion-MNIST IDX files.
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
@@ -108,6 +111,9 @@ class Dataset:
       x_test: ``float32`` images, shape ``(N_test, H, W, C)``, normalised.
       y_test: ``int32`` labels in ``[0, num_classes)``, shape ``(N_test,)``.
       num_classes: Number of classes.
+      eval_split: What ``x_test``/``y_test`` hold: ``"test"`` (the test set) or
+        ``"heldout"`` (the training examples after ``max_train``, which no
+        parent trained on: for choices that must not see the test set).
 
     Equality and hashing are by identity (the fields are arrays).
     """
@@ -119,6 +125,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         """Checks that the arrays have consistent shapes.
@@ -513,6 +520,7 @@ def load(
     max_train: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
+    eval_split: str = "test",
 ) -> Dataset:
     """Loads a data set as normalised ``float32`` NHWC arrays.
 
@@ -533,6 +541,10 @@ def load(
       max_train: Keep only the first ``max_train`` train examples.
       max_test: Keep only the first ``max_test`` test examples.
       seed: Seed of the train/test split of ``"digits"`` (ignored otherwise).
+      eval_split: ``"test"`` (default) evaluates on the test set; ``"heldout"``
+        puts the training examples after the first ``max_train`` in place of
+        the test set (then cut to ``max_test``): data the parents never saw,
+        on which to choose methods and epsilons without touching the test set.
 
     Returns:
       The :class:`Dataset`, with ``x_*`` of shape ``(N, H, W, C)`` and
@@ -549,6 +561,10 @@ def load(
     for arg, value in (("max_train", max_train), ("max_test", max_test)):
         if value is not None and value < 1:
             raise ValueError(f"{arg} must be >= 1 or None, got {value}")
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {eval_split!r}")
+    if eval_split == "heldout" and max_train is None:
+        raise ValueError("eval_split='heldout' evaluates on the training examples after max_train: set max_train")
     if resolved == "sklearn":
         x_train, y_train, x_test, y_test = _load_digits(seed)
     elif resolved == "idx":
@@ -561,7 +577,13 @@ def load(
             data_dir = FASHION_MNIST_SYSTEM_DIR
         x_train, y_train, x_test, y_test = _load_idx(name, os.fspath(data_dir))
     else:
-        x_train, y_train, x_test, y_test = _load_tfds(name, data_dir, max_train, max_test)
+        x_train, y_train, x_test, y_test = _load_tfds(name, data_dir, None if eval_split == "heldout" else max_train, max_test)
+    if eval_split == "heldout":
+        if len(x_train) <= max_train:
+            raise ValueError(
+                f"eval_split='heldout': {name} has {len(x_train)} training examples, none after max_train={max_train}"
+            )
+        x_test, y_test = x_train[max_train:], y_train[max_train:]
     x_train, y_train = x_train[:max_train], y_train[:max_train]
     x_test, y_test = x_test[:max_test], y_test[:max_test]
     if pad_to is not None:
@@ -574,6 +596,7 @@ def load(
         x_test=_normalise(x_test, name),
         y_test=np.ascontiguousarray(y_test, dtype=np.int32),
         num_classes=_NUM_CLASSES[name],
+        eval_split=eval_split,
     )
 
 

@@ -780,10 +780,11 @@ class Table:
     target: int
     rows: list[dict[str, Any]]
     fused: dict[str, Fused]
+    split: str = "test"
 
     def markdown(self) -> str:
         """The rows as a Markdown table (:func:`format_table`)."""
-        return format_table(self.rows)
+        return format_table(self.rows, self.split)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -843,7 +844,9 @@ def run(
         title = table_title(group, settings.experiment.target)
         say(f"table for {title}")
         rows, fused = run_fusion_table(members, spec, dataset, settings, progress=progress)
-        table = Table(tuple(group), title, group[settings.experiment.target % len(group)], rows, fused)
+        if dataset.eval_split != "test":
+            title += f" [evaluated on the {dataset.eval_split} training images, not the test set]"
+        table = Table(tuple(group), title, group[settings.experiment.target % len(group)], rows, fused, dataset.eval_split)
         tables.append(table)
         if on_table is not None:
             on_table(table)
@@ -867,8 +870,11 @@ def mean_costs(aux: engine.FusionAux) -> dict[str, float]:
     return {name: float(np.mean([float(info[name].cost) for info in infos])) for name in infos[0]}
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def format_table(rows: Sequence[Mapping[str, Any]], split: str = "test") -> str:
     """A Markdown table: method, test accuracy (%), test loss, loss barrier, fusion time and compile time (s).
+
+    ``split="heldout"``: the accuracy and loss are on the held-out training images (``data.eval_split``),
+    and the header says so.
 
     The loss barrier of a fused model (the midpoint of its parents, once aligned) is its test loss minus the
     parents' mean test loss. The compile time is the first call's extra time: compilation, or loading the
@@ -884,7 +890,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     parent_losses = [r["loss"] for r in rows if r["method"].startswith("parent") and r.get("loss") is not None]
     base = float(np.mean(parent_losses)) if parent_losses else None
     lines = [
-        "| method | test accuracy (%) | test loss | loss barrier | fusion time (s) | compile (s) |",
+        f"| method | {split} accuracy (%) | {split} loss | loss barrier | fusion time (s) | compile (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -29,6 +29,7 @@ __all__ = [
     "check_parent_matches",
     "check_model_overrides",
     "check_data_matches",
+    "check_heldout_unseen",
     "describe_model",
 ]
 
@@ -44,7 +45,8 @@ def load_parents(
 
     Returns:
       ``(parents, spec, metas)``: the parents (name, module, variables), their shared alignment spec,
-      and per parent ``{"path", "test_accuracy_at_training", "model", "has_batchnorm"}``.
+      and per parent ``{"path", "test_accuracy_at_training", "model", "dataset", "has_batchnorm"}``
+      (``dataset``: the metadata's record of the training data, None for imported files).
 
     Raises:
       ValueError: Naming the checkpoint (and leaf) for any problem; ``checkpoints.CheckpointError``
@@ -77,6 +79,7 @@ def load_parents(
                 "path": os.path.abspath(path),
                 "test_accuracy_at_training": acc,
                 "model": meta.get("model"),
+                "dataset": meta.get("dataset"),
                 "has_batchnorm": "batch_stats" in variables,
             }
         )
@@ -216,6 +219,31 @@ def check_data_matches(metas: Sequence[Mapping[str, Any]], dataset: Any) -> None
                 f"checkpoint {m['path']}: trained on inputs {tuple(model.get('input_shape') or ())} with "
                 f"{model.get('num_classes')} classes, but data {dataset.name} has {tuple(dataset.input_shape)} "
                 f"with {dataset.num_classes} classes (pick the config the parents were trained with)"
+            )
+
+
+def check_heldout_unseen(metas: Sequence[Mapping[str, Any]], dataset: Any, max_train: int | None) -> None:
+    """With ``data.eval_split="heldout"``, no parent may have trained on the held-out images.
+
+    A parent whose metadata says it trained on more than ``max_train`` images (``dataset.num_train``) saw some
+    of them; a parent without that record (an imported file) cannot be vouched for. Both are errors.
+
+    Raises:
+      ValueError: Naming the checkpoint and its training-set size.
+    """
+    if getattr(dataset, "eval_split", "test") != "heldout":
+        return
+    for m in metas:
+        seen = ((m.get("dataset") or {}).get("num_train"))
+        if seen is None:
+            raise ValueError(
+                f"checkpoint {m['path']}: no record of how many training images it saw, so data.eval_split=heldout "
+                "cannot vouch that it never saw the held-out ones; evaluate on the test set"
+            )
+        if int(seen) > int(max_train):
+            raise ValueError(
+                f"checkpoint {m['path']}: trained on {seen} images, more than data.max_train={max_train}: the "
+                "held-out images are part of its training set; set data.max_train to at least that many"
             )
 
 

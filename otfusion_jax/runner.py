@@ -135,6 +135,7 @@ def prepare_fuse(
         parents_lib.check_config_matches(cfg, metas)
     dataset = configs_util.load_data(cfg)
     parents_lib.check_data_matches(metas, dataset)
+    parents_lib.check_heldout_unseen(metas, dataset, cfg["data"]["max_train"])
     groups = configs_util.fusion_groups(cfg["experiment"]["groups"], len(loaded))
     settings = configs_util.settings_from(cfg)
     out_dir = out or os.path.join(cfg["workdir"], "fusion")

@@ -46,6 +46,7 @@ BAD: dict[str, list] = {
     "data.max_train": ["1.5", "0"],
     "data.max_test": ["many", "-1"],
     "data.seed": ["x", "-2"],
+    "data.eval_split": [None, "validation", "heldout"],  # heldout needs data.max_train (None by default)
     "train.epochs": ["1.5", "-1"],
     "train.batch_size": ["x", "0"],
     "train.lr": ["fast", "0", "-0.1", "inf", "nan"],

@@ -114,6 +114,23 @@ def test_digits_max_train_max_test_take_prefix_after_split():
         data.load("digits", max_train=0)
 
 
+def test_heldout_split_is_the_training_tail_no_parent_saw():
+    full = data.load("digits", seed=1)
+    held = data.load("digits", seed=1, max_train=1000, eval_split="heldout")
+    assert held.eval_split == "heldout" and full.eval_split == "test"
+    np.testing.assert_array_equal(held.x_train, full.x_train[:1000])
+    np.testing.assert_array_equal(held.x_test, full.x_train[1000:])  # the rest of the training split, not the test set
+    np.testing.assert_array_equal(held.y_test, full.y_train[1000:])
+    short = data.load("digits", seed=1, max_train=1000, max_test=20, eval_split="heldout")
+    np.testing.assert_array_equal(short.y_test, full.y_train[1000:1020])
+    with pytest.raises(ValueError, match="set max_train"):
+        data.load("digits", eval_split="heldout")
+    with pytest.raises(ValueError, match="none after max_train=5000"):
+        data.load("digits", max_train=5000, eval_split="heldout")
+    with pytest.raises(ValueError, match="eval_split must be one of"):
+        data.load("digits", eval_split="validation")
+
+
 def test_digits_pad_to():
     ds = data.load("digits", pad_to=12)
     plain = data.load("digits")
@@ -402,6 +419,14 @@ def test_tfds_auto_source_and_limits(tfds):
     np.testing.assert_allclose(border, np.broadcast_to(-np.asarray(mean) / std, (4, 3)), rtol=1e-6)
 
 
+def test_tfds_heldout_split(tfds):
+    with tfds.testing.mock_data(num_examples=9):
+        full = data.load("fashion_mnist", source="tfds")
+        held = data.load("fashion_mnist", source="tfds", max_train=6, eval_split="heldout")
+    np.testing.assert_array_equal(held.x_test, full.x_train[6:])
+    assert held.x_train.shape[0] == 6 and held.eval_split == "heldout"
+
+
 def test_tfds_empty_split(tfds):
     with tfds.testing.mock_data(num_examples=0):
         with pytest.raises(data.DataSourceError, match="tfds data source 'mnist'.*no examples"):
@@ -459,3 +484,16 @@ def test_real_fashion_mnist(fashion):
     np.testing.assert_array_equal(np.bincount(fashion.y_train), np.full(10, 6000))
     assert abs(float(fashion.x_train.mean())) < 0.01
     assert abs(float(fashion.x_train.std()) - 1.0) < 0.01
+
+
+def test_heldout_evaluation_refuses_parents_that_saw_the_heldout_images():
+    from otfusion_jax import parents  # noqa: PLC0415
+
+    held = data.load("digits", max_train=1000, eval_split="heldout")
+    ok = [{"path": "p0", "dataset": {"num_train": 1000}}, {"path": "p1", "dataset": {"num_train": 900}}]
+    parents.check_heldout_unseen(ok, held, 1000)
+    with pytest.raises(ValueError, match="p1: trained on 1497 images, more than data.max_train=1000"):
+        parents.check_heldout_unseen([ok[0], {"path": "p1", "dataset": {"num_train": 1497}}], held, 1000)
+    with pytest.raises(ValueError, match="p0: no record of how many training images it saw"):
+        parents.check_heldout_unseen([{"path": "p0", "dataset": None}], held, 1000)
+    parents.check_heldout_unseen([{"path": "p0", "dataset": None}], data.load("digits"), None)  # test set: no check
