@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.matching.align_output = False  # also match the class layer's plan
 
     config.experiment = ml_collections.ConfigDict()  # what fuse.py makes: otfusion_jax.experiment.ExperimentConfig
-    config.experiment.method = "ot-weights,ot-acts"  # comma list: ot-weights | ot-acts (may end :exact / :sinkhorn) | wm | wm-refine | wm-soft | learned | wm-many | ot-many | ot-acts-many
+    config.experiment.method = "ot-weights,ot-acts,recommended"  # the original's two, then ours (README); comma list: ot-weights | ot-acts (may end :exact / :sinkhorn / :orthogonal) | recommended | wm | wm-refine | wm-soft | learned | wm-many | ot-many | ot-acts-many
     config.experiment.repair = False  # also REPAIR each fused model (its "+ REPAIR" rows)
     config.experiment.learn_steps = 60  # "learned": Adam steps through Sinkhorn
     config.experiment.learn_weights = False  # "learned": also fit per-layer mixing weights (tends to pick one parent)

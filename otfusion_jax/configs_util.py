@@ -458,7 +458,8 @@ def fusion_groups(groups: Sequence[Any], num_parents: int) -> list[list[int]]:
 
 
 def check_options_for_model(config: Any, name: str, has_batchnorm: bool, where: str) -> None:
-    """The options that depend on the model: BatchNorm statistics only for models with BatchNorm.
+    """The options that depend on the model: BatchNorm statistics only for models with BatchNorm, the per-sum
+    stream policy only for models whose spec declares residual streams (transformers).
 
     Args:
       config: The experiment config (its ``experiment.bn_stats``).
@@ -469,10 +470,22 @@ def check_options_for_model(config: Any, name: str, has_batchnorm: bool, where: 
     Raises:
       ValueError: Naming the field, the model and the allowed value.
     """
-    if to_dict(config)["experiment"]["bn_stats"] == "recompute" and not has_batchnorm:
+    cfg = to_dict(config)
+    if cfg["experiment"]["bn_stats"] == "recompute" and not has_batchnorm:
         raise field_error(
             "experiment.bn_stats", "recompute", f"the model ({name}, from {where}) has no BatchNorm; allowed: 'align'"
         )
+    if cfg["fusion"]["stream_policy"] != "shared" and not _has_streams(name):
+        raise field_error(
+            "fusion.stream_policy", cfg["fusion"]["stream_policy"],
+            f"the model ({name}, from {where}) declares no residual-stream sums (only transformers do); allowed: 'shared'",
+        )
+
+
+def _has_streams(name: str) -> bool:
+    """Whether model ``name``'s spec declares residual-stream sums (``spec.streams``), from its default options."""
+    record = models.get(name)
+    return bool(record.spec(record.make_options(), record.example_input_shape).streams)
 
 
 def _has_batchnorm(name: str, options: Mapping[str, Any]) -> bool:

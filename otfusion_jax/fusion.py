@@ -209,7 +209,7 @@ class FusionConfig:
         Raises:
           FusionError: "mean" on a spec without declared streams.
         """
-        if self.stream_policy == "shared":
+        if self.stream_policy == "shared" or spec.derived or spec.taps:  # shared, or already per-sum
             return spec
         if not spec.streams:
             raise FusionError(

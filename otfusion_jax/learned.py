@@ -69,7 +69,16 @@ class LearnedStats(NamedTuple):
 
 
 def init_params(spec: spec_lib.AlignmentSpec, k: int, config: fusion.FusionConfig) -> Params:
-    """Starting point: the config's epsilon in every layer, equal weights 1/K."""
+    """Starting point: the config's epsilon in every layer, equal weights 1/K.
+
+    Raises:
+      FusionError: ``config.stream_policy`` other than "shared" (the epsilons are keyed by ``spec.plans``).
+    """
+    if config.stream_policy != "shared":
+        raise engine.FusionError(
+            f"learned fusion keys its epsilons by the spec's plans; stream_policy={config.stream_policy!r} solves "
+            "others: use stream_policy='shared'"
+        )
     return {
         "log_eps": {p: jnp.asarray(math.log(config.epsilon), jnp.float32) for p in spec.plans},
         "logits": {p: jnp.zeros((k,), jnp.float32) for p in spec.plans},

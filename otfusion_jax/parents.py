@@ -40,7 +40,8 @@ def load_parents(
     """Loads and checks parent checkpoints.
 
     Args:
-      paths: One checkpoint per parent: our orbax folders, or the original OTFusion's PyTorch files.
+      paths: One checkpoint per parent: our orbax folders, the original OTFusion's PyTorch files (also timm and
+        Hugging Face ViT state dicts), or Hugging Face ViTs' ``model.safetensors``.
       fmt: "auto" (detect PyTorch files from their content), "ours" or "torch".
 
     Returns:
@@ -52,11 +53,13 @@ def load_parents(
       ValueError: Naming the checkpoint (and leaf) for any problem; ``checkpoints.CheckpointError``
         for unreadable files; ImportError when a PyTorch file needs torch.
     """
-    from otfusion_jax.interop import is_torch_checkpoint, load_torch_checkpoint  # pylint: disable=import-outside-toplevel
+    from otfusion_jax.interop import hf_vit, is_torch_checkpoint, load_torch_checkpoint  # pylint: disable=import-outside-toplevel
 
     parents, metas, spec = [], [], None
     for k, path in enumerate(paths):
-        if fmt == "torch" or (fmt == "auto" and is_torch_checkpoint(path)):
+        if fmt == "auto" and os.fspath(path).endswith(".safetensors"):  # save_pretrained's file
+            _, _, variables, meta = hf_vit.load_safetensors(path)
+        elif fmt == "torch" or (fmt == "auto" and is_torch_checkpoint(path)):
             _, _, variables, meta = load_torch_checkpoint(path)
         else:
             variables, meta = checkpoints.load(path)
@@ -222,28 +225,44 @@ def check_data_matches(metas: Sequence[Mapping[str, Any]], dataset: Any) -> None
             )
 
 
-def check_heldout_unseen(metas: Sequence[Mapping[str, Any]], dataset: Any, max_train: int | None) -> None:
+def check_heldout_unseen(metas: Sequence[Mapping[str, Any]], dataset: Any, data: Mapping[str, Any]) -> None:
     """With ``data.eval_split="heldout"``, no parent may have trained on the held-out images.
 
-    A parent whose metadata says it trained on more than ``max_train`` images (``dataset.num_train``) saw some
-    of them; a parent without that record (an imported file) cannot be vouched for. Both are errors.
+    Each parent's metadata must record training on the same data (name, resolved source, and for digits the
+    split's seed: otherwise the "held-out" tail holds other images) and on at most ``data.max_train`` of its
+    images; a parent without that record (an imported file) cannot be vouched for. All are errors.
+
+    Args:
+      metas: The ``metas`` of :func:`load_parents`.
+      dataset: The loaded ``data.Dataset``.
+      data: ``config.data`` (plain dict).
 
     Raises:
-      ValueError: Naming the checkpoint and its training-set size.
+      ValueError: Naming the checkpoint and what differs.
     """
     if getattr(dataset, "eval_split", "test") != "heldout":
         return
     for m in metas:
-        seen = ((m.get("dataset") or {}).get("num_train"))
-        if seen is None:
+        rec = m.get("dataset") or {}
+        if rec.get("num_train") is None:
             raise ValueError(
                 f"checkpoint {m['path']}: no record of how many training images it saw, so data.eval_split=heldout "
                 "cannot vouch that it never saw the held-out ones; evaluate on the test set"
             )
-        if int(seen) > int(max_train):
+        mine = {"name": dataset.name, "source": dataset.source}
+        if dataset.name == "digits":
+            mine["seed"] = data["seed"]
+        for key, value in mine.items():
+            if rec.get(key) != value:
+                raise ValueError(
+                    f"checkpoint {m['path']}: trained on data with {key}={rec.get(key)!r}, evaluated with "
+                    f"{key}={value!r}: its held-out images are not these; data.eval_split=heldout needs the same data"
+                )
+        if int(rec["num_train"]) > int(data["max_train"]):
             raise ValueError(
-                f"checkpoint {m['path']}: trained on {seen} images, more than data.max_train={max_train}: the "
-                "held-out images are part of its training set; set data.max_train to at least that many"
+                f"checkpoint {m['path']}: trained on {rec['num_train']} images, more than data.max_train="
+                f"{data['max_train']}: the held-out images are part of its training set; set data.max_train to at "
+                "least that many"
             )
 
 

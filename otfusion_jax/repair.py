@@ -50,6 +50,7 @@ fused std in the ratio. Identical parents and fused model are a fixed point
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -180,6 +181,16 @@ def check_repairable(
     return layers
 
 
+def _bias_shape(kernel: Any, n: int) -> tuple[int, ...]:
+    """A layer's bias shape: the shortest trailing axes of its kernel holding its ``n`` outputs (Flax's
+    ``DenseGeneral`` attention kernels ``(embed, heads, head_dim)`` have ``(heads, head_dim)`` biases); ``(n,)``."""
+    if kernel is not None:
+        for k in range(len(kernel.shape) - 1, -1, -1):
+            if math.prod(kernel.shape[k:]) == n:
+                return tuple(kernel.shape[k:])
+    return (n,)
+
+
 def add_zero_biases(variables: Variables, spec: spec_lib.AlignmentSpec) -> dict[str, Any]:
     """Adds the zero biases a bias-free model's variables lack for ``spec`` (a with-bias spec).
 
@@ -217,7 +228,7 @@ def add_zero_biases(variables: Variables, spec: spec_lib.AlignmentSpec) -> dict[
         if name not in sizes:
             raise ValueError(f"add_zero_biases: no present leaf tells the size of plan {name!r} for {path}")
         n, dtype = sizes[name]
-        flat[path] = jnp.zeros((n,), dtype)
+        flat[path] = jnp.zeros(_bias_shape(flat.get(path.rsplit("/", 1)[0] + "/kernel"), n), dtype)
     try:
         spec.check_variables(flat)
     except spec_lib.SpecError as e:

@@ -135,7 +135,7 @@ def prepare_fuse(
         parents_lib.check_config_matches(cfg, metas)
     dataset = configs_util.load_data(cfg)
     parents_lib.check_data_matches(metas, dataset)
-    parents_lib.check_heldout_unseen(metas, dataset, cfg["data"]["max_train"])
+    parents_lib.check_heldout_unseen(metas, dataset, cfg["data"])
     groups = configs_util.fusion_groups(cfg["experiment"]["groups"], len(loaded))
     settings = configs_util.settings_from(cfg)
     out_dir = out or os.path.join(cfg["workdir"], "fusion")
@@ -271,6 +271,10 @@ def prepare_train(config: Any, *, overwrite: bool = False) -> TrainJob:
       One of :data:`ERRORS`, with a one-line message naming the field or path.
     """
     cfg = configs_util.validate(config)
+    if cfg["data"]["eval_split"] != "test":  # parents' metadata records test-set accuracy
+        raise configs_util.field_error(
+            "data.eval_split", cfg["data"]["eval_split"], "is fuse.py's; train.py evaluates parents on the test set"
+        )
     dataset = configs_util.load_data(cfg)
     existing = {}
     for k in range(cfg["num_parents"]):

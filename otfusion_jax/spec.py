@@ -402,17 +402,26 @@ class AlignmentSpec:
 
 
 def with_biases(spec: AlignmentSpec) -> AlignmentSpec:
-    """The same spec with a bias leaf ``<layer>/bias`` next to every weight leaf that lacks one."""
+    """The same spec with a bias leaf ``<layer>/bias`` next to every weight leaf that lacks one.
+
+    A new bias of a layer that adds into a stream is added at the same sum as its kernel (``spec.streams``).
+    """
     leaves = dict(spec.leaves)
+    new: dict[str, str] = {}  # kernel path -> its new bias
     for path, ls in spec.leaves:
         bias = path.rsplit("/", 1)[0] + "/bias"
         if ls.role == "weight" and bias not in leaves:
             # A viewed kernel (attention's (embed, heads, head_dim)) has a bias read the same way.
             view = (ls.view[-1],) if ls.view else None
             leaves[bias] = LeafSpec((ls.output_plan,), view=view, role="bias")
+            new[path] = bias
+    streams = [
+        StreamSums(st.plan, [(added + tuple(new[p] for p in added if p in new), readers) for added, readers in st.sums])
+        for st in spec.streams
+    ]
     return AlignmentSpec.build(
         leaves, spec.plans, spec.output_plan, heads=spec.heads, permutation_only=spec.permutation_only,
-        folds=dict(spec.folds), streams=spec.streams, derived=dict(spec.derived), taps=spec.taps,
+        folds=dict(spec.folds), streams=streams, derived=dict(spec.derived), taps=spec.taps,
     )
 
 

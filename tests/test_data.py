@@ -490,10 +490,16 @@ def test_heldout_evaluation_refuses_parents_that_saw_the_heldout_images():
     from otfusion_jax import parents  # noqa: PLC0415
 
     held = data.load("digits", max_train=1000, eval_split="heldout")
-    ok = [{"path": "p0", "dataset": {"num_train": 1000}}, {"path": "p1", "dataset": {"num_train": 900}}]
-    parents.check_heldout_unseen(ok, held, 1000)
+    cfg = {"max_train": 1000, "seed": 0}
+    rec = {"name": "digits", "source": "sklearn", "seed": 0}
+    ok = [{"path": "p0", "dataset": {**rec, "num_train": 1000}}, {"path": "p1", "dataset": {**rec, "num_train": 900}}]
+    parents.check_heldout_unseen(ok, held, cfg)
     with pytest.raises(ValueError, match="p1: trained on 1497 images, more than data.max_train=1000"):
-        parents.check_heldout_unseen([ok[0], {"path": "p1", "dataset": {"num_train": 1497}}], held, 1000)
+        parents.check_heldout_unseen([ok[0], {"path": "p1", "dataset": {**rec, "num_train": 1497}}], held, cfg)
     with pytest.raises(ValueError, match="p0: no record of how many training images it saw"):
-        parents.check_heldout_unseen([{"path": "p0", "dataset": None}], held, 1000)
-    parents.check_heldout_unseen([{"path": "p0", "dataset": None}], data.load("digits"), None)  # test set: no check
+        parents.check_heldout_unseen([{"path": "p0", "dataset": None}], held, cfg)
+    with pytest.raises(ValueError, match="p0: trained on data with seed=1, evaluated with seed=0"):
+        parents.check_heldout_unseen([{"path": "p0", "dataset": {**rec, "seed": 1, "num_train": 900}}], held, cfg)
+    with pytest.raises(ValueError, match="p0: trained on data with name='mnist', evaluated with name='digits'"):
+        parents.check_heldout_unseen([{"path": "p0", "dataset": {**rec, "name": "mnist", "num_train": 9}}], held, cfg)
+    parents.check_heldout_unseen([{"path": "p0", "dataset": None}], data.load("digits"), cfg)  # test set: no check

@@ -409,7 +409,7 @@ def test_the_barycentre_by_activations_ends_at_its_fixed_point():
 
 
 @pytest.mark.slow
-def test_barycentre_rounds_and_refusals():
+def test_barycentre_rounds_and_bad_iterations():
     """Trained-like random parents: it runs at most `iterations` rounds."""
     _, spec, a = _mlp((12, 8), bias=True, seed=0)
     parents = [_mlp((12, 8), bias=True, seed=s)[2] for s in (1, 2)] + [a]

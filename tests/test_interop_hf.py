@@ -89,7 +89,7 @@ def test_hf_layouts_give_torch_logits_and_round_trip_exactly(case):
 
 
 def test_the_epsilon_matters_and_is_read_from_config_json(tmp_path):
-    """Saved as save_pretrained lays it out (a state dict beside config.json), the heads and epsilon come from the config."""
+    """A state dict beside save_pretrained's config.json: the heads and epsilon come from the config."""
     case = CASES[0]
     img, chans = case[0], case[2]
     paths = []
@@ -114,6 +114,25 @@ def test_the_epsilon_matters_and_is_read_from_config_json(tmp_path):
     assert len(loaded) == 2 and all(m["model"]["options"]["layer_norm_eps"] == 1e-12 for m in metas)
 
 
+def test_save_pretrained_folders_load_as_parents(tmp_path):
+    pytest.importorskip("safetensors")
+    case = CASES[1]
+    img, chans = case[0], case[2]
+    paths = []
+    for seed in (0, 1):
+        model = _hf_vit(case, seed)
+        model.save_pretrained(str(tmp_path / f"vit{seed}"))
+        paths.append(str(tmp_path / f"vit{seed}" / "model.safetensors"))
+    loaded, spec, metas = parents.load_parents(paths)  # fuse.py --parents=vit0/model.safetensors,vit1/...
+    assert metas[0]["model"]["options"]["num_heads"] == case[6] and metas[0]["model"]["options"]["layer_norm_eps"] == 1e-6
+    x = np.random.default_rng(3).standard_normal((2, img, img, chans)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded[1].module.apply(loaded[1].variables, jnp.asarray(x))),
+                               _logits(_hf_vit(case, 1), x), atol=1e-4, rtol=1e-4)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(hf_vit.HfLayoutError, match="bad.safetensors: unreadable safetensors file"):
+        parents.load_parents([str(tmp_path / "bad.safetensors"), paths[0]])
+
+
 def test_bad_hf_state_dicts_name_the_key_or_option():
     sd = {k: v.numpy() for k, v in _hf_vit(CASES[0]).state_dict().items()}
     with pytest.raises(hf_vit.HfLayoutError, match="hidden_act='gelu_new'"):
@@ -127,6 +146,13 @@ def test_bad_hf_state_dicts_name_the_key_or_option():
         hf_vit.vit_from_hf(sd, num_heads=3)
     with pytest.raises(hf_vit.HfLayoutError, match="embed_dim 8 is not one of timm's standard widths"):
         hf_vit.vit_from_hf(sd)
+    norm_bias = next(k for k in sd if k == "vit.layernorm.bias")
+    with pytest.raises(hf_vit.HfLayoutError, match="missing key 'vit.layernorm.bias'"):  # the file's name, not timm's
+        hf_vit.vit_from_hf({k: v for k, v in sd.items() if k != norm_bias}, num_heads=2)
+    no_qkv_bias = {k: v for k, v in sd.items() if not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias",
+                                                                    "query.bias", "key.bias", "value.bias"))}
+    with pytest.raises(hf_vit.HfLayoutError, match="qkv_bias=False"):
+        hf_vit.vit_from_hf(no_qkv_bias, num_heads=2)
 
 
 def test_bad_config_json_names_the_file(tmp_path):

@@ -539,3 +539,20 @@ def test_the_mean_policy_averages_the_incoming_and_branch_plans(mode):
     v = init_jit(mlp_model, jax.random.key(0), (28, 28, 1))
     with pytest.raises(otf.FusionError, match="declares none"):
         otf.fuse([v, v], mlp_spec, otf.FusionConfig(stream_policy="mean"))
+
+
+@pytest.mark.slow
+def test_repair_of_a_bias_free_vit_adds_biases_inside_the_stream_sums():
+    from otfusion_jax import experiment  # noqa: PLC0415
+
+    model, spec, a = _vit(0, depth=2, bias=False)
+    _, _, b = _vit(1, depth=2, bias=False)
+    spec_b = spec_lib.with_biases(spec)
+    sums = dict(zip(range(5), spec_b.streams[0].sums))
+    assert "params/block0/attn/out/bias" in sums[1][0] and "params/patch_embed/bias" in sums[0][0]
+    spec_lib.per_sum_plans(spec_b)  # still a consistent stream
+    aligned, _ = otf.align_parents([a, b], spec, otf.FusionConfig(mode="weights"))
+    fused = otf.engine.weighted_sum(aligned, jnp.array([0.5, 0.5]))
+    module_r, repaired = experiment.repair_fused(model, spec, fused, aligned, np.asarray(_images(n=32)))
+    logits = module_r.apply(repaired, _images())
+    assert bool(jnp.all(jnp.isfinite(logits))) and "bias" in repaired["params"]["block0"]["mlp"]["fc1"]

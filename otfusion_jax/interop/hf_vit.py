@@ -24,11 +24,17 @@ What the state dict does not say, ``ViTConfig`` does: ``num_attention_heads``
 ``layer_norm_eps`` (Hugging Face's default 1e-12; it becomes our
 ``ViTOptions.layer_norm_eps``, so the logits agree). Only ``hidden_act="gelu"``
 (exact) is supported. NumPy only: ``transformers`` is never imported.
+
+Files: a ``torch.save``d state dict (``interop.torch_checkpoints``) or the
+``model.safetensors`` that ``save_pretrained`` writes (:func:`load_safetensors`,
+with the ``safetensors`` package), each with the ``config.json`` beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -38,7 +44,9 @@ import numpy as np
 from otfusion_jax.interop import timm_vit
 from otfusion_jax.models.vit import ViTOptions
 
-__all__ = ["is_hf_vit", "vit_from_hf", "vit_to_hf", "HF_LAYER_NORM_EPS", "HfLayoutError"]
+__all__ = [
+    "is_hf_vit", "vit_from_hf", "vit_to_hf", "read_config", "load_safetensors", "HF_LAYER_NORM_EPS", "HfLayoutError",
+]
 
 HF_LAYER_NORM_EPS = 1e-12  # ViTConfig's default
 
@@ -149,13 +157,86 @@ def vit_from_hf(
         if len(set(shapes.values())) != 1:
             raise HfLayoutError(f"{where}: block {b}'s q/k/v {kind}s differ in shape: {shapes}")
         timm[f"blocks.{b}.attn.qkv.{kind}"] = np.concatenate([parts[p] for p in ("q_proj", "k_proj", "v_proj")])
+    if "blocks.0.attn.qkv.bias" not in timm and "blocks.0.attn.proj.bias" in timm:
+        raise HfLayoutError(f"{where}: no q/k/v biases but other biases (ViTConfig(qkv_bias=False)): not supported; "
+                            "our vit has biases everywhere or nowhere")
     try:
         options, shape, classes, variables = timm_vit.vit_from_timm(timm, num_heads=num_heads, where=where)
-    except timm_vit.TimmLayoutError as e:
-        raise HfLayoutError(str(e).replace("timm ViT", "ViT")) from None
+    except timm_vit.TimmLayoutError as e:  # name the keys as this file names them
+        message = re.sub(r"'([\w.]+)'", lambda m: repr(_hf_key(m.group(1))), str(e).replace("timm ViT", "ViT"))
+        raise HfLayoutError(message) from None
     if not layer_norm_eps > 0:
         raise HfLayoutError(f"{where}: layer_norm_eps must be > 0, got {layer_norm_eps}")
     return dataclasses.replace(options, layer_norm_eps=float(layer_norm_eps)), shape, classes, variables
+
+
+def _hf_key(timm_key: str) -> str:
+    """A timm key's transformers-5 name (for error messages); other text as it is."""
+    back = {v: k for k, v in _TO_TIMM.items()}
+    if timm_key in back:
+        return back[timm_key]
+    m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", timm_key)
+    if m is None:
+        return timm_key
+    module = {v: k for k, v in _BLOCK_TO_TIMM.items()}.get(m.group(2), "attention.{q,k,v}_proj" if m.group(2) == "attn.qkv" else m.group(2))
+    return f"vit.layers.{m.group(1)}.{module}.{m.group(3)}"
+
+
+def read_config(where: str) -> dict[str, Any]:
+    """``num_heads``, ``layer_norm_eps``, ``hidden_act`` from the ``config.json`` beside file ``where`` (as
+    ``save_pretrained`` writes it) if it describes a ViT; {} without one.
+
+    Raises:
+      HfLayoutError: an unreadable config.json (named).
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(where)), "config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise HfLayoutError(f"{path}: unreadable Hugging Face config: {e}") from None
+    if not isinstance(cfg, Mapping) or cfg.get("model_type") != "vit":
+        return {}
+    names = {"num_attention_heads": "num_heads", "layer_norm_eps": "layer_norm_eps", "hidden_act": "hidden_act"}
+    return {ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg}
+
+
+def from_config(state_dict: Mapping[str, Any], cfg: Mapping[str, Any], where: str):
+    """:func:`vit_from_hf` with the ``num_heads`` / ``layer_norm_eps`` / ``hidden_act`` of ``cfg`` (defaults: Hugging Face's)."""
+    heads = cfg.get("num_heads")
+    return vit_from_hf(
+        state_dict,
+        num_heads=None if heads is None else int(heads),
+        layer_norm_eps=float(cfg.get("layer_norm_eps", HF_LAYER_NORM_EPS)),
+        hidden_act=str(cfg.get("hidden_act", "gelu")),
+        where=where,
+    )
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Reads a Hugging Face ViT's ``model.safetensors`` (heads and epsilon from the ``config.json`` beside it).
+
+    Returns:
+      ``(model_name, model_options, variables, metadata)`` as ``interop.load_torch_checkpoint``.
+
+    Raises:
+      HfLayoutError: not a ViT classifier, or an unreadable file (the message names it).
+      ImportError: the ``safetensors`` package is missing (it comes with ``pip install -e '.[hf]'``).
+    """
+    where = os.path.abspath(os.fspath(path))
+    try:
+        from safetensors.numpy import load_file  # noqa: PLC0415 - optional
+    except ImportError as e:
+        raise ImportError(f"{where}: reading .safetensors needs the safetensors package: pip install -e '.[hf]'") from e
+    try:
+        sd = load_file(where)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        raise HfLayoutError(f"{where}: unreadable safetensors file: {type(e).__name__}: {e}") from None
+    options, shape, classes, variables = from_config(sd, read_config(where), where)
+    info = {"name": "vit", "options": dataclasses.asdict(options), "input_shape": list(shape), "num_classes": classes}
+    return "vit", dict(info["options"]), variables, {"kind": "safetensors_import", "source": where, "model": info}
 
 
 def vit_to_hf(variables: Mapping[str, Any], options: ViTOptions) -> dict[str, np.ndarray]:

@@ -21,7 +21,9 @@ conversion is a reshape or a transpose (bit exact both ways). The number of
 heads is not in the shapes: for timm's standard widths it is read from
 :data:`TIMM_HEADS` (tiny 192 -> 3 ... huge 1280 -> 16, giant 1408 -> 16);
 give ``num_heads`` for any other width.
-LayerNorm epsilon: timm's 1e-6, our ``vit``'s too.
+LayerNorm epsilon: timm's 1e-6, our ``vit``'s default too (``ViTOptions.layer_norm_eps``; a ViT imported
+from Hugging Face has 1e-12: exported to timm, build timm's model with
+``norm_layer=functools.partial(nn.LayerNorm, eps=1e-12)`` to keep its logits).
 
 NumPy only (a state dict of torch tensors is converted with ``.numpy()``);
 ``timm`` itself is never imported.

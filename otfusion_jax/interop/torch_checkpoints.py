@@ -32,7 +32,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import json
 import numbers
 import os
 import re
@@ -559,18 +558,8 @@ def load_torch_checkpoint(
 
 def _hf_config(where: str, top: Mapping[str, Any]) -> dict[str, Any]:
     """A Hugging Face ViT's ``num_heads``, ``layer_norm_eps``, ``hidden_act``: entries of the file, else the
-    ``config.json`` next to it (as ``save_pretrained`` writes it), else Hugging Face's defaults."""
-    found: dict[str, Any] = {}
-    config_path = os.path.join(os.path.dirname(where), "config.json")
-    if os.path.exists(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (OSError, ValueError) as e:
-            raise TorchCheckpointError(f"{config_path}: unreadable Hugging Face config: {e}") from None
-        if isinstance(cfg, Mapping) and cfg.get("model_type") == "vit":
-            names = {"num_attention_heads": "num_heads", "layer_norm_eps": "layer_norm_eps", "hidden_act": "hidden_act"}
-            found.update({ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg})
+    ``config.json`` next to it (``hf_vit.read_config``), else Hugging Face's defaults."""
+    found = dict(hf_vit.read_config(where))
     for key in ("num_heads", "layer_norm_eps", "hidden_act"):
         if key in top:
             found[key] = _plain(top[key])
@@ -586,15 +575,7 @@ def _load_vit(sd, top, where, state_key, prefix, input_shape, num_classes):
     hf = hf_vit.is_hf_vit(sd)
     try:
         if hf:
-            cfg = _hf_config(where, top)
-            heads = cfg.get("num_heads")
-            options, shape, classes, variables = hf_vit.vit_from_hf(
-                sd,
-                num_heads=None if heads is None else int(heads),
-                layer_norm_eps=float(cfg.get("layer_norm_eps", hf_vit.HF_LAYER_NORM_EPS)),
-                hidden_act=str(cfg.get("hidden_act", "gelu")),
-                where=where,
-            )
+            options, shape, classes, variables = hf_vit.from_config(sd, _hf_config(where, top), where)
         else:
             heads = top.get("num_heads")
             options, shape, classes, variables = timm_vit.vit_from_timm(
