@@ -438,7 +438,8 @@ def _many_method(base: str) -> Callable[[Group, str | None], Outcome]:
             mode = "activations" if base == "ot-acts" else "weights"
             # One plan per stream: the barycentre moves activations and weights by each plan (not by mixed ones).
             aligner = dataclasses.replace(s.fusion, mode=mode, solver="exact", stream_policy="shared")
-            label, solver_name = f"OT fusion ({mode}, exact), barycentre (<= {n} rounds)", "exact"
+            kind = "orthogonal" if aligner.symmetry == "orthogonal" else "exact"  # transformers' rotations
+            label, solver_name = f"OT fusion ({mode}, {kind}), barycentre (<= {n} rounds)", "exact"
         group.say(f"iterative barycentre ({base}, at most {n} rounds)")
 
         def extra(aux):
