@@ -70,7 +70,12 @@ def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
     assert weights > vanilla + 0.02, rows
     assert acts > vanilla + 0.2, rows
     assert acts > 0.85, rows
-    assert set(fused) == {"OT fusion (weights, exact)", "OT fusion (activations, exact)"}
+    rec = "recommended: OT fusion (weights, sinkhorn 0.05 x mean cost)"
+    assert set(fused) == {"OT fusion (weights, exact)", "OT fusion (activations, exact)", rec}
+    # the recommended method comes with its REPAIR row although config.experiment.repair is off
+    assert not config.experiment.repair
+    repaired = _row(rows, rec + " + REPAIR")["accuracy"]
+    assert repaired > weights and repaired > vanilla + 0.3, rows
 
 
 def _fuse_script_commands(folder):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +131,23 @@ def test_batchnorm_model_identity_and_statistics():
     assert _max_diff(out["params"], fused["params"]) == 0.0
     hidden = [p for p in spec.plans if p != spec.output_plan]
     _assert_stats_match(model, out, [a, b], x, hidden, None, mean_atol=1e-5, std_rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
+    """A BatchNorm-free ResNet cannot be REPAIRed: the recommended method's own REPAIR row says why, the run goes on;
+    with experiment.repair asked for, the same model is an error."""
+    from otfusion_jax import data as data_lib  # noqa: PLC0415
+    from otfusion_jax import experiment  # noqa: PLC0415
+
+    model, spec = build("resnet18", input_shape=(16, 16, 3), num_classes=3, width=0.0625, bias=False, norm=False)
+    parents = [experiment.Parent(f"parent {k}", model, init(model, jax.random.key(k), (16, 16, 3))) for k in (0, 1)]
+    x = np.asarray(jax.random.normal(jax.random.key(5), (12, 16, 16, 3)))
+    y = np.arange(12) % 3
+    ds = data_lib.Dataset("cifar10", "tfds", x[:8], y[:8], x[8:], y[8:], 3)
+    exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="")
+    rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
+    row = next(r for r in rows if r["method"].endswith("+ REPAIR"))
+    assert row["accuracy"] is None and "residual sum" in row["note"]
+    with pytest.raises(ValueError, match="residual sum"):
+        experiment.run_fusion_table(parents, spec, ds, experiment.Settings(dataclasses.replace(exp, repair=True)))

@@ -556,3 +556,24 @@ def test_repair_of_a_bias_free_vit_adds_biases_inside_the_stream_sums():
     module_r, repaired = experiment.repair_fused(model, spec, fused, aligned, np.asarray(_images(n=32)))
     logits = module_r.apply(repaired, _images())
     assert bool(jnp.all(jnp.isfinite(logits))) and "bias" in repaired["params"]["block0"]["mlp"]["fc1"]
+
+
+@pytest.mark.slow
+def test_the_recommended_method_aligns_transformers_by_rotations():
+    from otfusion_jax import data as data_lib  # noqa: PLC0415
+    from otfusion_jax import experiment  # noqa: PLC0415
+
+    model, spec, a = _vit(0)
+    _, _, b = _vit(1)
+    x = np.asarray(_images(n=24))
+    y = np.arange(24) % 3
+    ds = data_lib.Dataset("digits", "sklearn", x[:16], y[:16], x[16:], y[16:], 3)
+    settings = experiment.Settings(experiment.ExperimentConfig(method="recommended", num_samples=8))
+    parents = [experiment.Parent(f"parent {k}", model, v) for k, v in enumerate((a, b))]
+    rows, fused = experiment.run_fusion_table(parents, spec, ds, settings)
+    assert list(fused) == ["recommended: OT fusion (activations, orthogonal)"]
+    assert not any("REPAIR" in r["method"] for r in rows)  # no REPAIR for transformers
+    want, _ = otf.fuse([a, b], spec, otf.FusionConfig(mode="activations", symmetry="orthogonal"),
+                       activations=[models.capture_activations(model, v, jnp.asarray(experiment.sample_inputs(x[:16], 8, 0)))
+                                    for v in (a, b)])
+    assert max_abs_diff(fused["recommended: OT fusion (activations, orthogonal)"].variables, want) < 1e-5
