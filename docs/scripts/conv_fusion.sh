@@ -8,6 +8,8 @@
 # BatchNorm models (*_bn): main keeps the statistics aligned with the plans (experiment.bn_stats=align) and adds
 # REPAIR rows; recompute recomputes every BatchNorm's statistics on the 200 training samples after fusion
 # (bn_stats=recompute): the three treatments of issue 14 on the same parents.
+# k4 (vgg11, once parents 2 and 3 exist: python train.py --config=configs/fashion_vgg11.py --config.num_parents=4):
+# the four parents fused onto parent 3 one-shot and by the iterative barycentres, each + REPAIR.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:?vgg11 or resnet18}
@@ -31,3 +33,8 @@ fi
 first=$([[ $model == vgg11* ]] && echo ot-weights || echo ot-acts)
 $py fuse.py --config=$cfg --out=$out/finetune --config.experiment.method=$first \
   --config.experiment.finetune_epochs=1 --config.experiment.plots=False
+if [[ $model == vgg11 && -d checkpoints/fashion_vgg11/parent_3 ]]; then
+  $py fuse.py --config=$cfg --out=$out/k4 "${sink[@]}" --config.num_parents=4 --config.experiment.groups='("0,1,2,3",)' \
+    --config.experiment.repair=True --config.experiment.plots=False --config.experiment.many_method="" \
+    --config.experiment.method=ot-weights,ot-acts,ot-acts:sinkhorn,recommended,ot-many,ot-acts-many,wm-many
+fi
