@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 1000  # batch size of the per-epoch test evaluation
     config.train.optimizer = "sgd"  # sgd (momentum, coupled L2) | adamw (decoupled weight decay)
     config.train.warmup_epochs = 0.0  # linear warm-up of the lr over this many epochs
+    config.train.augment = "none"  # none | crop | flip_crop (random crops after padding by H/8, horizontal flips)
 
     config.fusion = ml_collections.ConfigDict()  # OTFusion: exactly otfusion_jax.FusionConfig's fields but mode (the method picks it)
     config.fusion.solver = "exact"  # exact | sinkhorn (a method may override it: ot-acts:sinkhorn)

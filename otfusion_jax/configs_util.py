@@ -350,6 +350,7 @@ FIELDS: dict[str, Field] = {
     "train.eval_batch_size": _int("batch size of the test evaluation", 1),
     "train.optimizer": _choice("optimiser", lambda: training.OPTIMIZERS),
     "train.warmup_epochs": _float("linear warm-up epochs", 0),
+    "train.augment": _choice("training-image augmentation", lambda: training.AUGMENTATIONS),
     "fusion.solver": Field("str", "OT solver (choices: FusionConfig)"),
     "fusion.exact_backend": _choice("exact assignment solver (every method)", lambda: fusion.EXACT_BACKENDS),
     "fusion.auction_bidders": _int("auction: rows bidding per round", 1, optional=True),

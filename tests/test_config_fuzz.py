@@ -62,6 +62,7 @@ BAD: dict[str, list] = {
     "train.eval_batch_size": ["x", "0"],
     "train.optimizer": [None, "lion"],
     "train.warmup_epochs": ["x", "-1", "11"],  # more than the 10 epochs
+    "train.augment": [None, "mixup"],
     "experiment.method": [None, "ot-magic", "ot-weights:emd", ",", "ot-weights,bogus", "wm:sinkhorn", "learned:exact"],
     "experiment.repair": ["maybe"],
     "experiment.learn_steps": ["x", "0"],

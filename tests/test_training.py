@@ -317,3 +317,33 @@ def test_batchnorm_model_updates_batch_stats():
     a = training.predict_logits(module, out, ds.x_test, batch_size=3)
     b = training.predict_logits(module, out, ds.x_test, batch_size=8)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_augmentations_crop_and_flip_the_images_reproducibly():
+    x = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
+    assert training.augment_batch(x, "none", np.random.default_rng(0)) is x
+    a = training.augment_batch(x, "crop", np.random.default_rng(0))
+    b = training.augment_batch(x, "crop", np.random.default_rng(0))
+    np.testing.assert_array_equal(a, b)  # the same (seed, epoch) gives the same crops
+    assert a.shape == x.shape
+    # each crop is the 8x8 window at some offset (within one pixel) of the border-padded image
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    for i in range(2):
+        assert any(np.array_equal(a[i], padded[i, dy:dy + 8, dx:dx + 8]) for dy in range(3) for dx in range(3))
+    flips = [training.augment_batch(x, "flip_crop", np.random.default_rng(s)) for s in range(20)]
+    mirrored = np.pad(x[:, :, ::-1], ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    seen = {any(np.array_equal(f[0], mirrored[0, dy:dy + 8, dx:dx + 8]) for dy in range(3) for dx in range(3))
+            for f in flips}
+    assert seen == {True, False}  # flipped in some draws, not in others
+    with pytest.raises(ValueError, match="TrainConfig.augment must be one of"):
+        TrainConfig(augment="mixup")
+
+
+def test_training_with_augmentation_is_deterministic_and_differs_from_plain(digits, mlp):
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, augment="flip_crop")
+    v0 = _init(mlp, digits.input_shape)
+    a, _ = training.train(mlp, v0, digits, cfg, progress=False)
+    b, _ = training.train(mlp, v0, digits, cfg, progress=False)
+    c, _ = training.train(mlp, v0, digits, dataclasses.replace(cfg, augment="none"), progress=False)
+    _assert_trees_equal(a, b)
+    assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c))) > 1e-4
