@@ -445,12 +445,13 @@ _fuse_jit = jax.jit(_fuse_impl, static_argnames=_STATIC)
 _align_jit = jax.jit(_align_impl, static_argnames=_STATIC)
 
 
-def _check_iterations(aligner, iterations, tol) -> None:
+def _check_iterations(aligner, iterations, tol, spec) -> None:
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise FusionError(f"iterations must be an int >= 1, got {iterations!r}")
     if not tol >= 0:
         raise FusionError(f"tol must be >= 0, got {tol!r}")
-    if iterations > 1 and aligner is not None and getattr(aligner, "stream_policy", "shared") != "shared":
+    respec = getattr(aligner, "respec", None)
+    if iterations > 1 and respec is not None and respec(spec).derived:  # plans that mix others (spec.derived)
         raise FusionError(
             f"the iterative barycentre (iterations={iterations}) moves each plan's activations and weights by that "
             "plan; stream_policy='mean' mixes plans at every residual sum: use stream_policy='shared'"
@@ -538,7 +539,7 @@ def fuse(
         from otfusion_jax.fusion import FusionConfig  # pylint: disable=import-outside-toplevel
 
         aligner = FusionConfig()
-    _check_iterations(aligner, iterations, tol)
+    _check_iterations(aligner, iterations, tol, spec)
     parents, acts, key, params, t = _prepare(parents, spec, aligner, activations, key, params, target, weights)
     return _fuse_jit(parents, spec, aligner, acts, weights, key, params, t, iterations, float(tol))
 
@@ -563,6 +564,6 @@ def align_parents(
     these. ``weights`` matter here only for the iterative barycentre (its means of the other parents).
     Arguments as :func:`fuse`.
     """
-    _check_iterations(aligner, iterations, tol)
+    _check_iterations(aligner, iterations, tol, spec)
     parents, acts, key, params, t = _prepare(parents, spec, aligner, activations, key, params, target, weights)
     return _align_jit(parents, spec, aligner, acts, weights, key, params, t, iterations, float(tol))

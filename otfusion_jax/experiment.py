@@ -339,21 +339,29 @@ class Method:
     solvers: tuple[str, ...] = ()
 
 
+def _orthogonal(base: fusion_lib.FusionConfig, mode: str) -> fusion_lib.FusionConfig:
+    """``base`` aligning transformers by rotations (``FusionConfig.symmetry``): exact head maps, one stream plan."""
+    return dataclasses.replace(base, mode=mode, solver="exact", symmetry="orthogonal", stream_policy="shared")
+
+
+def _run_ot(group: Group, cfg: fusion_lib.FusionConfig, label: str) -> Outcome:
+    """One OTFusion row: ``cfg`` run on the group, with its unconverged-solver warnings and per-plan OT costs."""
+    group.say(label)
+    threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
+
+    def extra(aux):
+        return {"warnings": engine.warn_unconverged(aux, threshold, config=cfg), "ot_cost": mean_costs(aux)}
+
+    return group.run_aligner(cfg, label, cfg.solver, extra=extra)
+
+
 def _ot_method(mode: str) -> Callable[[Group, str | None], Outcome]:
     def fuse_ot(group: Group, solver: str | None) -> Outcome:
         base = group.settings.fusion
-        if solver == "orthogonal":  # transformers: rotations of the stream and within heads (FusionConfig.symmetry)
-            cfg = dataclasses.replace(base, mode=mode, solver="exact", symmetry="orthogonal", stream_policy="shared")
-        else:
-            cfg = dataclasses.replace(base, mode=mode, solver=solver or base.solver)
-        name = solver if solver == "orthogonal" else cfg.solver
-        group.say(f"OT fusion by {mode} ({name})")
-        threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
-
-        def extra(aux):
-            return {"warnings": engine.warn_unconverged(aux, threshold, config=cfg), "ot_cost": mean_costs(aux)}
-
-        return group.run_aligner(cfg, f"OT fusion ({mode}, {name})", cfg.solver, extra=extra)
+        if solver == "orthogonal":  # transformers: rotations of the stream and within heads
+            return _run_ot(group, _orthogonal(base, mode), f"OT fusion ({mode}, orthogonal)")
+        cfg = dataclasses.replace(base, mode=mode, solver=solver or base.solver)
+        return _run_ot(group, cfg, f"OT fusion ({mode}, {cfg.solver})")
 
     return fuse_ot
 
@@ -463,21 +471,10 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
     del solver
     base = group.settings.fusion
     if group.spec.heads:
-        cfg = dataclasses.replace(base, mode="activations", solver="exact", symmetry="orthogonal", stream_policy="shared")
-        label, repair = "recommended: OT fusion (activations, orthogonal)", False
-    else:
-        cfg = dataclasses.replace(
-            base, mode="weights", solver="sinkhorn", epsilon=RECOMMENDED_EPSILON, relative_epsilon="mean"
-        )
-        label, repair = f"recommended: OT fusion (weights, sinkhorn {RECOMMENDED_EPSILON:g} x mean cost)", True
-    group.say(label)
-    threshold = cfg.sinkhorn_threshold if cfg.solver == "sinkhorn" else None
-
-    def extra(aux):
-        return {"warnings": engine.warn_unconverged(aux, threshold, config=cfg), "ot_cost": mean_costs(aux)}
-
-    out = group.run_aligner(cfg, label, cfg.solver, extra=extra)
-    return dataclasses.replace(out, repair=repair)
+        return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
+    cfg = dataclasses.replace(base, mode="weights", solver="sinkhorn", epsilon=RECOMMENDED_EPSILON, relative_epsilon="mean")
+    out = _run_ot(group, cfg, f"recommended: OT fusion (weights, sinkhorn {RECOMMENDED_EPSILON:g} x mean cost)")
+    return dataclasses.replace(out, repair=True)
 
 
 def _learned_method(group: Group, solver: str | None) -> Outcome:
@@ -702,8 +699,7 @@ def barrier_curves(
         "after OT alignment (weights, exact)": interpolation_curve(b.module, aligned, target, x, y),
     }
     if spec.heads and samples is not None:
-        ortho = dataclasses.replace(config, mode="activations", solver="exact", symmetry="orthogonal",
-                                    past_correction=True, stream_policy="shared")
+        ortho = _orthogonal(dataclasses.replace(config, past_correction=True), "activations")
         acts = [models.capture_activations(p.module, p.variables, samples, acts_kind) for p in (a, b)]
         aligned, target = engine.align_parents([a.variables, b.variables], spec, ortho, activations=acts)[0]
         curves["after orthogonal alignment (activations)"] = interpolation_curve(b.module, aligned, target, x, y)
