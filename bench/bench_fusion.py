@@ -13,8 +13,9 @@ ended by ``jax.block_until_ready``; the compile time is reported apart):
   ResNet18 on 32x32x3 with BatchNorm), mode (weights, activations of
   ``--samples`` inputs; capturing them is timed apart) and solver
   (``exact-auto``: the default ``FusionConfig``, whose "auto" backend is
-  ``exact-lapjv`` (or ``exact-host`` without the lapjv package) on a CPU and the
-  auction elsewhere; ``exact-device``: optax Hungarian on the device,
+  ``exact-native`` on a CPU (the C++ solver called as an XLA FFI target,
+  ``otfusion_jax.native``; ``exact-lapjv`` or ``exact-host`` where it cannot be
+  built) and the auction elsewhere; ``exact-device``: optax Hungarian on the device,
   ``exact-auction``: the parallel auction on the device, ``exact-host``:
   scipy/POT through a host callback, ``exact-lapjv``: the lapjv package's
   Jonker-Volgenant through a host callback (timed where installed), ``sinkhorn``:
@@ -92,7 +93,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import otfusion_jax as otf  # noqa: E402
-from otfusion_jax import ot  # noqa: E402
+from otfusion_jax import native, ot  # noqa: E402
 from otfusion_jax.interop import layouts  # noqa: E402
 from otfusion_jax.models import build, capture_activations, init  # noqa: E402
 
@@ -124,10 +125,12 @@ except ImportError:  # pragma: no cover
 __all__ = ["main", "device_info", "run"]
 
 SOLVERS: dict[str, dict[str, Any]] = {
-    # The default FusionConfig: exact_backend="auto" (ot.resolve_backend: "lapjv" or "host" on a CPU, "auction" elsewhere).
+    # The default FusionConfig: exact_backend="auto" (ot.resolve_backend: "native" on a CPU where it builds, else
+    # "lapjv" or "host"; "auction" elsewhere).
     "exact-auto": dict(solver="exact", exact_backend="auto"),
     "exact-device": dict(solver="exact", exact_backend="device"),
     "exact-auction": dict(solver="exact", exact_backend="auction"),
+    "exact-native": dict(solver="exact", exact_backend="native"),
     "exact-host": dict(solver="exact", exact_backend="host"),
     "exact-lapjv": dict(solver="exact", exact_backend="lapjv"),
     # Cost divided by its mean, epsilon 0.01 of that: the reference gets the same problem.
@@ -139,7 +142,8 @@ SINKHORN_MAX_ITERATIONS = 2000
 # configuration on a 2-core CPU, most for the while loops of the device
 # Hungarian and Sinkhorn over ResNet18's 13 plans).
 QUICK_PLAN: dict[str, dict[str, list[str]]] = {
-    "mlpnet": {"weights": [s for s in SOLVERS if s not in ("exact-auto", "exact-lapjv")], "activations": ["exact-host"]},
+    "mlpnet": {"weights": [s for s in SOLVERS if s not in ("exact-auto", "exact-lapjv", "exact-native")],
+               "activations": ["exact-host"]},
     "vgg11": {"weights": ["exact-host"]},
     "resnet18": {"weights": ["exact-host"]},
     "vit": {"weights": ["exact-host", "sinkhorn"], "activations": ["exact-host"]},
@@ -147,8 +151,10 @@ QUICK_PLAN: dict[str, dict[str, list[str]]] = {
 
 
 def available_solvers() -> list[str]:
-    """Every solver of ``SOLVERS`` that runs here (``exact-lapjv`` needs the optional lapjv package)."""
-    return [s for s in SOLVERS if s != "exact-lapjv" or ot.has_lapjv()]
+    """Every solver of ``SOLVERS`` that runs here (``exact-lapjv`` needs the optional lapjv package,
+    ``exact-native`` a CPU backend and a C++ compiler: ``otfusion_jax.native``)."""
+    native_ok = jax.default_backend() == "cpu" and native.available()
+    return [s for s in SOLVERS if (s != "exact-lapjv" or ot.has_lapjv()) and (s != "exact-native" or native_ok)]
 
 # The ORIGINAL OTFusion code (sidak/otfusion, PyTorch 2.13 CPU + POT 0.9.7, its
 # README flags, its fusion call only, warm medians) as measured in issue 15 on

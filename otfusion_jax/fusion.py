@@ -73,8 +73,11 @@ class FusionConfig:
       solver: "exact" or "sinkhorn".
       exact_backend: square uniform problems (the rest always use the host's
         exact LP), one of ``ot.EXACT_BACKENDS``: "auto" (default: the fastest
-        for the platform, ``ot.resolve_backend``: "lapjv" or "host" on a CPU,
-        "auction" on accelerators), "device" (optax Hungarian: jit/vmap-able,
+        for the platform, ``ot.resolve_backend``: "native" on a CPU where a C++
+        compiler is found, else "lapjv" or "host"; "auction" on accelerators),
+        "native" (``otfusion_jax.native``: a C++ solver called as an XLA FFI
+        target, CPU only; cacheable by the persistent compilation cache),
+        "device" (optax Hungarian: jit/vmap-able,
         sequential), "auction" (``ot.exact_assignment_auction``: parallel
         rounds on device; optimal for the cost rounded to a grid of
         range / (2^26 / (n + 1))), "host" (scipy through a host callback) or

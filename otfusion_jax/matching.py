@@ -38,8 +38,8 @@ best objective.
 ``init_plans`` (e.g. OTFusion's plans: "refinement") replaces either start.
 
 Solvers: the assignment solver every aligner uses, ``ot.assignment`` with
-``backend`` one of ``ot.EXACT_BACKENDS`` ("auto": a host solver (lapjv or scipy) on a CPU,
-the auction on accelerators). Plans of equal width share one solver instance
+``backend`` one of ``ot.EXACT_BACKENDS`` ("auto": the native C++ solver on a CPU, else a
+host solver (lapjv or scipy); the auction on accelerators). Plans of equal width share one solver instance
 in the compiled graph.
 
 Soft variant (``soft=True``): each plan is an entropic OT plan instead of a

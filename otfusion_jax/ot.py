@@ -19,6 +19,7 @@ import numpy as np
 from jax import custom_batching
 from optax import assignment as optax_assignment
 
+from otfusion_jax import native
 from otfusion_jax.plans import Permutation
 
 # OTT-JAX is imported by sinkhorn_plan on first use: importing it costs about
@@ -33,6 +34,7 @@ __all__ = [
     "has_lapjv",
     "assignment",
     "exact_assignment_host",
+    "exact_assignment_native",
     "pairwise_cost",
     "pairwise_cost_columns",
     "normalize_cost",
@@ -50,7 +52,7 @@ __all__ = [
 
 METRICS = ("euclidean", "cosine", "correlation")
 # Exact assignment solvers (square costs, uniform marginals); "auto" picks the fastest for the platform.
-EXACT_BACKENDS = ("auto", "device", "auction", "host", "lapjv")
+EXACT_BACKENDS = ("auto", "device", "auction", "native", "host", "lapjv")
 COST_NORMS = ("none", "log", "max", "median", "mean")
 
 
@@ -376,25 +378,46 @@ def exact_assignment_host(cost: jax.Array, solver: str = "scipy") -> tuple[jax.A
     return plan, perm, _exact_info(cost, plan)
 
 
+def exact_assignment_native(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanInfo]:
+    """Like :func:`exact_assignment`, solved by the C++ solver of :mod:`otfusion_jax.native` (an XLA FFI call).
+
+    CPU backend only. Unlike the host solvers it is no callback: programs that call it are loaded from the
+    persistent compilation cache by a new process, and the solve skips the Python round trip (as fast as
+    lapjv or faster on fusion's costs, ``bench/RESULTS.md``). Works under jit and vmap (one call for the batch).
+    """
+    n = cost.shape[0]
+    perm = native.assign(cost)
+    plan = jnp.zeros_like(cost).at[perm, jnp.arange(n)].set(1.0 / n)
+    return plan, perm, _exact_info(cost, plan)
+
+
 def resolve_backend(backend: str) -> str:
     """The concrete exact solver of ``backend``; "auto" is read at trace time from ``jax.default_backend()``.
 
-    "auto" is a host solver through a callback on a CPU backend: "lapjv" where the
-    optional ``lapjv`` package is installed (1.5-10x faster than scipy), else "host"
-    (scipy; 2.5-4x faster there than the device Hungarian and 1.6-2.4x faster than
-    the auction; ``bench/RESULTS.md``, 2-core CPU); and the on-device "auction" on
-    accelerators, where it runs its rounds in parallel and under ``vmap`` in
-    lockstep (not yet measured on a GPU: ``bench/gpu_check.sh``). "lapjv" asked
-    for without the package is an error naming the extra.
+    "auto" on a CPU backend is "native" (the C++ solver of :mod:`otfusion_jax.native`, an XLA FFI call that the
+    persistent compilation cache can hold, built on first use) where a C++ compiler is found; else a host solver
+    through a callback: "lapjv" where the optional ``lapjv`` package is installed (1.5-10x faster than scipy),
+    else "host" (scipy; 2.5-4x faster there than the device Hungarian and 1.6-2.4x faster than the auction;
+    ``bench/RESULTS.md``, 2-core CPU). On accelerators "auto" is the on-device "auction", which runs its rounds
+    in parallel and under ``vmap`` in lockstep (not yet measured on a GPU: ``bench/gpu_check.sh``). "lapjv"
+    asked for without the package, or "native" where it cannot be built or off a CPU backend, is an error
+    that says why.
     """
     if backend not in EXACT_BACKENDS:
         raise ValueError(f"exact_backend must be one of {EXACT_BACKENDS}, got {backend!r}")
     if backend == "auto":
         if jax.default_backend() != "cpu":
             return "auction"
+        if native.available():
+            return "native"
         return "lapjv" if has_lapjv() else "host"
     if backend == "lapjv" and not has_lapjv():
         raise ValueError("exact_backend='lapjv' needs the lapjv package: pip install 'otfusion-jax[fast]'")
+    if backend == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"exact_backend='native' runs on a CPU backend only (this is {jax.default_backend()!r})")
+        if not native.available():
+            raise ValueError(f"exact_backend='native' cannot be used: {native.build_error()}")
     return backend
 
 
@@ -414,6 +437,8 @@ def assignment(
     backend = resolve_backend(backend)
     if backend == "auction":
         return exact_assignment_auction(cost, bidders=bidders)
+    if backend == "native":
+        return exact_assignment_native(cost)
     if backend in ("host", "lapjv"):
         return exact_assignment_host(cost, "scipy" if backend == "host" else "lapjv")
     return exact_assignment(cost)

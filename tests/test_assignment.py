@@ -56,8 +56,9 @@ def test_lapjv_equals_scipy_without_ties(n, d):
     np.testing.assert_array_equal(np.asarray(batched[1]), np.asarray(_host["scipy"](cost[::-1])[1]))
 
 
-def test_auto_picks_lapjv_on_a_cpu_when_installed(monkeypatch):
+def test_auto_picks_lapjv_on_a_cpu_when_installed_and_native_unavailable(monkeypatch):
     assert jax.default_backend() == "cpu"
+    monkeypatch.setattr(ot.native, "available", lambda: False)
     assert ot.resolve_backend("auto") == "lapjv" and ot.resolve_backend("host") == "host"
     monkeypatch.setattr(ot, "has_lapjv", lambda: False)
     assert ot.resolve_backend("auto") == "host"
