@@ -43,6 +43,31 @@ def test_native_is_an_optimal_permutation(n, seed, levels):
     np.testing.assert_allclose(_objective(cost, perm), cost[rows, cols].sum(), rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["uniform", "distances", "rank1", "integers", "permuted"])
+def test_native_is_optimal_on_harder_families(family):
+    """Larger problems of the kinds that stress the row reduction: near-constant distances, rank-one costs
+    (many reduced costs tie), few distinct values, and a noisy permutation (what aligned neurons look like)."""
+    rng = np.random.default_rng(["uniform", "distances", "rank1", "integers", "permuted"].index(family))
+    for n in (63, 128, 200):
+        if family == "uniform":
+            cost = rng.random((n, n))
+        elif family == "distances":
+            x, y = rng.standard_normal((2, n, 300))
+            cost = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
+        elif family == "rank1":
+            cost = np.outer(rng.random(n), rng.random(n))
+        elif family == "integers":
+            cost = rng.integers(0, 4, (n, n)).astype(float)
+        else:
+            x = rng.standard_normal((n, 50))
+            cost = ((x[:, None] - x[rng.permutation(n)][None] - 0.3 * rng.standard_normal((1, n, 50))) ** 2).sum(-1)
+        cost = cost.astype(np.float32)
+        perm = np.asarray(_assign(jnp.asarray(cost)))
+        assert sorted(perm.tolist()) == list(range(n))
+        rows, cols = linear_sum_assignment(cost)
+        np.testing.assert_allclose(_objective(cost, perm), cost[rows, cols].sum(), rtol=1e-5, atol=1e-4)
+
+
 def test_native_float64_and_exact_assignment_api():
     rng = np.random.default_rng(0)
     cost = rng.standard_normal((30, 30))

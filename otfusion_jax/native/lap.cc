@@ -5,9 +5,9 @@
 // An FFI target is referred to by name only, so programs that call it are cached like any other, and the
 // solve runs without the Python round trip.
 //
-// Algorithm: column reduction (v[j] = min_i c[i][j], each column's argmin row assigned when free), then one
-// shortest augmenting path (Dijkstra on reduced costs, Jonker & Volgenant 1987; the path search of
-// Crouse 2016 / scipy's linear_sum_assignment) for every row left free. Dual feasibility holds throughout,
+// Algorithm: Jonker & Volgenant (1987): column reduction, reduction transfer and two passes of augmenting row
+// reduction assign most rows cheaply; then one shortest augmenting path (Dijkstra on reduced costs, the path
+// search of Crouse 2016 / scipy's linear_sum_assignment) for every row left free. Dual feasibility holds throughout,
 // so the result is an optimal assignment; where several assignments tie, which one comes back may differ
 // from scipy's or lapjv's. Arithmetic in double whatever the input type.
 //
@@ -15,6 +15,7 @@
 // perm[j] = the row assigned to column j (the convention of otfusion_jax.ot.exact_assignment).
 // Leading dimensions are a batch (jax.vmap with vmap_method="broadcast_all"), solved one after another.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -40,7 +41,8 @@ bool SolveOne(const T* cost, int64_t n, int32_t* perm, std::string* error) {
   }
   std::vector<double> u(n, 0.0), v(n, inf);
   std::vector<int64_t> col4row(n, -1), row4col(n, -1), argmin(n, 0);
-  // Column reduction: v[j] = min_i c[i][j] (row-major scan), then each column takes its argmin row if free.
+  // Column reduction: v[j] = min_i c[i][j] (row-major scan); each row keeps the column of smallest v among those
+  // whose minimum it holds.
   for (int64_t i = 0; i < n; ++i) {
     const T* row = cost + i * n;
     for (int64_t j = 0; j < n; ++j) {
@@ -56,6 +58,89 @@ bool SolveOne(const T* cost, int64_t n, int32_t* perm, std::string* error) {
     if (col4row[i] == -1) {
       col4row[i] = j;
       row4col[j] = i;
+    } else if (v[j] < v[col4row[i]]) {
+      row4col[col4row[i]] = -1;
+      col4row[i] = j;
+      row4col[j] = i;
+    }
+  }
+  // Reduction transfer: a row that holds one column lowers that column's v by its second-smallest reduced cost.
+  std::vector<int64_t> free_rows;
+  free_rows.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (col4row[i] == -1) {
+      free_rows.push_back(i);
+      continue;
+    }
+    const int64_t j1 = col4row[i];
+    const T* row = cost + i * n;
+    double mu = inf;
+    for (int64_t j = 0; j < n; ++j) {
+      if (j != j1) mu = std::min(mu, static_cast<double>(row[j]) - v[j]);
+    }
+    if (mu < inf) v[j1] -= mu;
+  }
+  // Augmenting row reduction (two passes; Jonker & Volgenant): a free row takes its cheapest column, lowering
+  // that column's v to its second-cheapest, and the row it displaces is served next. Capped, since its
+  // progress per step can be tiny in floating point; whatever is still free goes to the augmenting paths.
+  int64_t steps = 0;
+  const int64_t max_steps = 16 * n + 64;
+  for (int pass = 0; pass < 2 && !free_rows.empty() && steps < max_steps; ++pass) {
+    std::vector<int64_t> next;
+    size_t k = 0;
+    while (k < free_rows.size() && steps < max_steps) {
+      ++steps;
+      const int64_t i = free_rows[k++];
+      const T* row = cost + i * n;
+      double umin = static_cast<double>(row[0]) - v[0], usub = inf;
+      int64_t j1 = 0, j2 = -1;
+      for (int64_t j = 1; j < n; ++j) {
+        const double h = static_cast<double>(row[j]) - v[j];
+        if (h < usub) {
+          if (h >= umin) {
+            usub = h;
+            j2 = j;
+          } else {
+            usub = umin;
+            umin = h;
+            j2 = j1;
+            j1 = j;
+          }
+        }
+      }
+      int64_t i0 = row4col[j1];
+      const bool strict = umin < usub;
+      if (strict) {
+        v[j1] -= usub - umin;
+      } else if (i0 != -1 && j2 != -1) {
+        j1 = j2;
+        i0 = row4col[j2];
+      }
+      if (i0 != -1) col4row[i0] = -1;
+      col4row[i] = j1;
+      row4col[j1] = i;
+      if (i0 != -1) {
+        if (strict) {
+          free_rows[--k] = i0;  // serve the displaced row next
+        } else {
+          next.push_back(i0);
+        }
+      }
+    }
+    for (; k < free_rows.size(); ++k) next.push_back(free_rows[k]);
+    free_rows.swap(next);
+  }
+  // Row duals u[i] = min_j (c[i][j] - v[j]): feasible. An assigned pair that is not tight (rounding) is freed, so
+  // the augmenting paths below only ever walk tight assigned edges.
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = cost + i * n;
+    double m = inf;
+    for (int64_t j = 0; j < n; ++j) m = std::min(m, static_cast<double>(row[j]) - v[j]);
+    u[i] = m;
+    const int64_t j = col4row[i];
+    if (j != -1 && static_cast<double>(row[j]) - v[j] - m > 1e-12 * (1.0 + std::fabs(m))) {
+      row4col[j] = -1;
+      col4row[i] = -1;
     }
   }
   // Shortest augmenting path from every free row.
