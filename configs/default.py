@@ -113,6 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.experiment.groups = ()  # tables to make, each a comma list of parent indices ("0,1"); (): all parents
     config.experiment.finetune_epochs = 0  # fine-tune each fused model (and vanilla) for this many epochs
     config.experiment.finetune_lr = config_dict.placeholder(float)  # fine-tuning lr; None: config.train.lr
+    config.experiment.finetune_distill = 0.0  # fine-tuning: weight of the parents' soft targets (0: labels only)
+    config.experiment.finetune_temperature = 1.0  # fine-tuning: their softmax temperature
     config.experiment.plots = True  # PNG plots next to results.json
     config.experiment.weights = config_dict.placeholder(tuple)  # per-parent averaging weights; None: 1/K
     config.experiment.ensemble_step = config_dict.placeholder(float)  # 2 parents: target's weight s (the original's --ensemble-step)

@@ -62,7 +62,11 @@ __all__ = [
     "parents_dir",
 ]
 
-_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(training.TrainConfig) if f.name != "seed")
+# config.train: the parents' recipe, every TrainConfig field but the seed (config.seed + k) and distillation
+# (a fine-tune's: config.experiment.finetune_distill / finetune_temperature).
+_TRAIN_FIELDS = tuple(
+    f.name for f in dataclasses.fields(training.TrainConfig) if f.name not in ("seed", "distill", "distill_temperature")
+)
 # config.fusion: every FusionConfig field but mode (ot-weights / ot-acts pick it), read from the dataclass.
 FUSION_FIELDS = tuple(f.name for f in dataclasses.fields(fusion.FusionConfig) if f.name != "mode")
 # config.matching: weight matching's own seed, then the WeightMatching fields worth a command-line flag. Not
@@ -395,6 +399,8 @@ FIELDS: dict[str, Field] = {
     "experiment.groups": Field("tuple", "tables to make", item="group"),
     "experiment.finetune_epochs": _int("fine-tuning epochs of each fused model", 0),
     "experiment.finetune_lr": _float("fine-tuning lr (None: config.train.lr)", 0, low_open=True, optional=True),
+    "experiment.finetune_distill": _float("fine-tuning: weight of distillation from the parents", 0, 1),
+    "experiment.finetune_temperature": _float("fine-tuning: distillation temperature", 0, low_open=True),
     "experiment.plots": _bool("PNG plots next to results.json"),
     "experiment.weights": Field("tuple", "per-parent averaging weights", item="float", low=0, optional=True),
     "experiment.ensemble_step": _float("2 parents: the target's weight", 0, 1, optional=True),

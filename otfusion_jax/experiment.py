@@ -86,6 +86,10 @@ class ExperimentConfig:
       groups: tables to make, each a comma list of parent indices ("0,1"); (): one table with every parent.
       finetune_epochs: fine-tune each fused model (and vanilla averaging) for this many epochs ("+ fine-tune" rows).
       finetune_lr: fine-tuning learning rate; None: the parents' (``Settings.train.lr``).
+      finetune_distill: weight in [0, 1] of distillation from the group's parents in the fine-tune (the mean of
+        their softmax at ``finetune_temperature`` on the training images as soft targets, ``training.TrainConfig
+        .distill``); 0: labels only. The same for every fine-tuned row, vanilla averaging included.
+      finetune_temperature: the distillation's temperature.
       plots: PNG plots next to results.json (read by the writer, ``runner``).
       weights: per-parent averaging weights (None: 1/K), normalised by ``engine.fuse``.
       ensemble_step: two parents: the target's weight s (the original's ``--ensemble-step``); beats ``weights``.
@@ -111,6 +115,8 @@ class ExperimentConfig:
     groups: tuple[str, ...] = ()
     finetune_epochs: int = 0
     finetune_lr: float | None = None
+    finetune_distill: float = 0.0
+    finetune_temperature: float = 1.0
     plots: bool = True
     weights: tuple[float, ...] | None = None
     ensemble_step: float | None = None
@@ -153,8 +159,8 @@ class Settings:
         is taken as given: ``configs_util.settings_from`` passes ``config.fusion.exact_backend``).
       matching_seed: weight matching's key (restart r uses ``fold_in(key, r)``).
       train: the parents' training recipe; fine-tuning is this with ``experiment.finetune_epochs`` epochs,
-        ``experiment.finetune_lr`` and the warm-up scaled to the same share of the run (None: TrainConfig's
-        defaults).
+        ``experiment.finetune_lr``, ``experiment.finetune_distill`` / ``finetune_temperature`` and the warm-up
+        scaled to the same share of the run (None: TrainConfig's defaults).
     """
 
     experiment: ExperimentConfig = dataclasses.field(default_factory=lambda: ExperimentConfig())
@@ -173,7 +179,10 @@ class Settings:
         epochs = int(exp.finetune_epochs)
         # The warm-up keeps its share of the run: 2 of 20 epochs stay a tenth of a 2-epoch fine-tune.
         warmup = base.warmup_epochs * epochs / base.epochs if base.epochs else 0.0
-        return dataclasses.replace(base, epochs=epochs, lr=float(exp.finetune_lr or base.lr), warmup_epochs=warmup)
+        return dataclasses.replace(
+            base, epochs=epochs, lr=float(exp.finetune_lr or base.lr), warmup_epochs=warmup,
+            distill=float(exp.finetune_distill), distill_temperature=float(exp.finetune_temperature),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -743,15 +752,29 @@ def run_fusion_table(
         return models.recompute_batch_stats(t_module, variables, samples) if exp.bn_stats == "recompute" else variables
 
     rows: list[dict[str, Any]] = []
+    teacher: list[np.ndarray] = []  # the parents' soft targets for a distilled fine-tune, computed once
+
+    def tune(variables):
+        if finetune.distill > 0 and not teacher:
+            say(f"teacher: the {len(parents)} parents' mean softmax (T={finetune.distill_temperature}) on the training images")
+            models_ = [(p.module, p.variables) for p in parents]
+            teacher.append(training.teacher_probabilities(models_, dataset.x_train, finetune.distill_temperature))
+        return training.train(
+            t_module, variables, dataset, finetune, progress=False, teacher=teacher[0] if teacher else None
+        )[0]
+
+    ft_label = "" if finetune is None else f"{finetune.epochs} ep" + (
+        f", distilled {finetune.distill:g} at T={finetune.distill_temperature:g}" if finetune.distill > 0 else ""
+    )
 
     def add(label, variables, **extra):
         rows.append({"method": label, **training.evaluate(t_module, variables, x_test, y_test), **extra})
         if finetune is not None:
             say(f"fine-tuning {label} for {finetune.epochs} epoch(s)")
-            tuned, secs = _timed(lambda: training.train(t_module, variables, dataset, finetune, progress=False)[0])
+            tuned, secs = _timed(lambda: tune(variables))
             rows.append(
                 {
-                    "method": f"{label} + fine-tune ({finetune.epochs} ep)",
+                    "method": f"{label} + fine-tune ({ft_label})",
                     **training.evaluate(t_module, tuned, x_test, y_test),
                     "finetune_seconds": secs,
                 }

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -48,6 +48,8 @@ __all__ = [
     "make_schedule",
     "make_optimizer",
     "cross_entropy",
+    "distillation_loss",
+    "teacher_probabilities",
     "train_step",
     "eval_step",
     "logits_step",
@@ -101,6 +103,10 @@ class TrainConfig:
         of the image's height with its border pixels, then a random crop back
         to the image's size); ``"flip_crop"`` (also a horizontal flip of half
         the images). The standard CIFAR / Fashion-MNIST recipe against overfitting.
+      distill: weight w in [0, 1] of a teacher's soft targets in the loss (knowledge distillation, Hinton et
+        al. 2015): ``(1 - w) * CE(labels) + w * T^2 * CE(teacher_T, softmax(logits / T))``; 0: labels only.
+        :func:`train` then needs the teacher's probabilities (:func:`teacher_probabilities`).
+      distill_temperature: T of the distillation term (> 0); the teacher's probabilities must be taken at it.
     """
 
     epochs: int = 10
@@ -120,6 +126,8 @@ class TrainConfig:
     optimizer: str = "sgd"
     warmup_epochs: float = 0.0
     augment: str = "none"
+    distill: float = 0.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         """Validates the fields and normalises ``milestones`` to a tuple of ints.
@@ -148,6 +156,9 @@ class TrainConfig:
             ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
             ("augment", self.augment in AUGMENTATIONS, f"must be one of {AUGMENTATIONS}"),
+            ("distill", 0 <= self.distill <= 1, "must be in [0, 1]"),
+            ("distill_temperature", math.isfinite(self.distill_temperature) and self.distill_temperature > 0,
+             "must be a finite number > 0"),
             ("warmup_epochs", math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs <= max(self.epochs, 0),
              "must be in [0, epochs]"),
         ]
@@ -263,6 +274,9 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTran
         label_smoothing=0.0,
         drop_remainder=False,
         eval_batch_size=1,
+        augment="none",
+        distill=0.0,
+        distill_temperature=1.0,
         epochs=cfg.epochs if sched == "cosine" or cfg.warmup_epochs else 0,
         step_every=cfg.step_every if sched == "step" else 1,
         gamma=cfg.gamma if sched in ("step", "multistep") else 1.0,
@@ -302,29 +316,46 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "tx", "label_smoothing"))
+def distillation_loss(logits: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
+    """Per-example ``T^2 * CE(teacher, softmax(logits / T))`` (KL to the teacher up to a constant; the ``T^2``
+    keeps its gradient on the scale of the label loss's, Hinton et al. 2015).
+
+    Args:
+      logits: (N, C) student logits.
+      teacher: (N, C) teacher probabilities at temperature T.
+      temperature: T.
+    """
+    return temperature**2 * optax.softmax_cross_entropy(logits / temperature, teacher)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "tx", "label_smoothing", "distill", "temperature"))
 def train_step(
     state: TrainState,
-    batch: tuple[jax.Array, jax.Array],
+    batch: tuple[jax.Array, ...],
     *,
     module: nn.Module,
     tx: optax.GradientTransformation,
     label_smoothing: float = 0.0,
+    distill: float = 0.0,
+    temperature: float = 1.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a batch (pure, jitted; module and tx are static).
 
     Args:
       state: The training state.
-      batch: ``(x, y)``: (B, H, W, C) inputs and (B,) integer labels.
+      batch: ``(x, y)``: (B, H, W, C) inputs and (B,) integer labels; with ``distill`` > 0, ``(x, y, teacher)``
+        with the teacher's (B, C) probabilities at ``temperature``.
       module: The Flax model, called as ``module.apply(v, x, train=True)``.
       tx: The optimiser that built ``state.opt_state``.
       label_smoothing: Label smoothing of the loss.
+      distill: Weight of the distillation term (:func:`distillation_loss`); the label term gets ``1 - distill``.
+      temperature: Its temperature.
 
     Returns:
       ``(new_state, metrics)`` with metrics ``loss_sum`` (sum of the batch's
       per-example losses), ``correct`` and ``count`` (scalars).
     """
-    x, y = batch
+    x, y = batch[0], batch[1]
 
     def loss_fn(params):
         if state.batch_stats:
@@ -336,6 +367,8 @@ def train_step(
             logits = module.apply({"params": params}, x, train=True)
             new_stats = state.batch_stats
         losses = cross_entropy(logits, y, label_smoothing)
+        if distill:
+            losses = (1.0 - distill) * losses + distill * distillation_loss(logits, batch[2], temperature)
         return losses.mean(), (losses, logits, new_stats)
 
     grads, (losses, logits, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -473,6 +506,27 @@ def predict_logits(
     return np.asarray(jax.device_get(jnp.concatenate(outs)), np.float32)
 
 
+def teacher_probabilities(
+    models: Sequence[tuple[nn.Module, Mapping[str, Any]]], x: np.ndarray, temperature: float = 1.0,
+    batch_size: int = 1000,
+) -> np.ndarray:
+    """The prediction ensemble as a teacher: the mean over ``models`` of ``softmax(logits / temperature)``.
+
+    Args:
+      models: ``(module, variables)`` pairs (e.g. the parents of a fusion).
+      x: (N, H, W, C) inputs (the training images the student is fine-tuned on).
+      temperature: Softmax temperature (> 0).
+      batch_size: Examples per forward pass.
+
+    Returns:
+      (N, num_classes) float32 probabilities.
+    """
+    if not models:
+        raise ValueError("teacher_probabilities needs at least one model")
+    probs = [jax.nn.softmax(predict_logits(m, v, x, batch_size) / temperature, axis=-1) for m, v in models]
+    return np.asarray(sum(probs) / len(probs), np.float32)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The data-order seed of ``epoch`` (0-based) in a run with ``seed``.
 
@@ -520,6 +574,7 @@ def train(
     *,
     progress: bool | Callable[[dict[str, Any]], None] = True,
     eval_every_epoch: bool = True,
+    teacher: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trains (or fine-tunes) ``variables`` on ``dataset.x_train`` for ``cfg.epochs``.
 
@@ -537,6 +592,10 @@ def train(
         history record instead of the bar.
       eval_every_epoch: Evaluate on the test split after every epoch; if
         False, only after the last one (other records have ``None`` there).
+      teacher: With ``cfg.distill`` > 0: the teacher's probabilities on
+        ``dataset.x_train`` at ``cfg.distill_temperature``, shape (N, C), row i
+        for training example i (:func:`teacher_probabilities`). The batches
+        are the same as without it.
 
     Returns:
       ``(variables, history)``: the trained variables (same collections as
@@ -552,6 +611,12 @@ def train(
             f"no training steps: {n} training examples with batch_size={cfg.batch_size} "
             f"and drop_remainder={cfg.drop_remainder}"
         )
+    if cfg.distill > 0:
+        if teacher is None:
+            raise ValueError(f"TrainConfig.distill={cfg.distill} needs the teacher's probabilities (teacher=...)")
+        teacher = np.asarray(teacher, np.float32)
+        if teacher.ndim != 2 or teacher.shape[0] != n:
+            raise ValueError(f"teacher probabilities must have shape ({n}, num_classes), got {teacher.shape}")
     schedule = make_schedule(cfg, steps_per_epoch)
     tx = make_optimizer(cfg, steps_per_epoch)
     variables = _model_variables(variables)
@@ -571,17 +636,22 @@ def train(
             if bar is not None:
                 bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
             totals = None
+            # Batches of example indices: the same order as batching (x, y) with this seed.
             batches = data_lib.batches(
                 dataset.x_train,
-                dataset.y_train,
+                np.arange(n),
                 cfg.batch_size,
                 seed=epoch_seed(cfg.seed, epoch),
                 drop_remainder=cfg.drop_remainder,
             )
             rng = np.random.default_rng((cfg.seed, epoch))  # the epoch's augmentations
-            for xb, yb in batches:
+            for xb, ib in batches:
                 xb = augment_batch(xb, cfg.augment, rng)
-                state, m = train_step(state, (xb, yb), module=module, tx=tx, label_smoothing=cfg.label_smoothing)
+                batch = (xb, dataset.y_train[ib]) + ((teacher[ib],) if cfg.distill > 0 else ())
+                state, m = train_step(
+                    state, batch, module=module, tx=tx, label_smoothing=cfg.label_smoothing,
+                    distill=cfg.distill, temperature=cfg.distill_temperature,
+                )
                 totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
                 if bar is not None:
                     bar.update(1)

@@ -112,6 +112,8 @@ BAD: dict[str, list] = {
     "experiment.groups": ["(1.5,)", "('0,7',)", "('0',)", "('0,0',)", "('a,b',)"],
     "experiment.finetune_epochs": ["x", "-1"],
     "experiment.finetune_lr": ["x", "0", "-1"],
+    "experiment.finetune_distill": ["x", "-0.1", "1.5"],
+    "experiment.finetune_temperature": ["x", "0", "-1"],
     "experiment.plots": ["maybe"],
 }
 

@@ -124,6 +124,11 @@ def test_settings_follow_the_command_line():
     assert (s.matching.backend, s.matching.restarts, s.matching.start, s.matching_seed) == ("device", 3, "greedy", 7)
     assert s.fusion.exact_backend == "device" and s.experiment.methods == [("wm", None), ("ot-acts", "sinkhorn")]
     assert (s.finetune.epochs, s.finetune.lr) == (2, 0.3)  # fine-tuning starts from the parents' recipe
+    assert (s.finetune.distill, s.finetune.distill_temperature) == (0.0, 1.0)
+    distilled = _parse(["--config.experiment.finetune_epochs=1", "--config.experiment.finetune_distill=0.7",
+                        "--config.experiment.finetune_temperature=3"])
+    tuned = configs_util.settings_from(configs_util.validate(distilled)).finetune
+    assert (tuned.distill, tuned.distill_temperature) == (0.7, 3.0)
 
 
 def test_moved_fields_are_unknown_in_their_old_section():

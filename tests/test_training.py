@@ -347,3 +347,84 @@ def test_training_with_augmentation_is_deterministic_and_differs_from_plain(digi
     c, _ = training.train(mlp, v0, digits, dataclasses.replace(cfg, augment="none"), progress=False)
     _assert_trees_equal(a, b)
     assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c))) > 1e-4
+
+
+# --- distillation --------------------------------------------------------------------------
+
+
+def test_distilling_one_hot_labels_at_t1_is_label_training(digits, mlp):
+    """CE(one-hot, softmax(z)) is the label loss: distill=1 toward one-hot targets at T=1 trains identically."""
+    variables = _init(mlp, digits.input_shape)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, momentum=0.9, seed=1)
+    plain, hp = training.train(mlp, variables, digits, cfg, progress=False)
+    one_hot = np.eye(10, dtype=np.float32)[digits.y_train]
+    distilled, hd = training.train(
+        mlp, variables, digits, dataclasses.replace(cfg, distill=1.0), progress=False, teacher=one_hot
+    )
+    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(distilled)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+    assert hd[0]["train_loss"] == pytest.approx(hp[0]["train_loss"], rel=1e-4)
+
+
+def test_distillation_pulls_the_student_toward_the_teacher(digits, mlp):
+    """A teacher that swaps two classes: the distilled student follows it, the label-trained one does not."""
+    variables = _init(mlp, digits.input_shape)
+    swap = np.arange(10)
+    swap[[3, 8]] = [8, 3]
+    teacher = np.eye(10, dtype=np.float32)[swap[digits.y_train]] * 0.9 + 0.01
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, momentum=0.9, seed=0)
+    student = training.train(
+        mlp, variables, digits, dataclasses.replace(cfg, distill=1.0, distill_temperature=2.0), progress=False,
+        teacher=teacher,
+    )[0]
+    labels = training.train(mlp, variables, digits, cfg, progress=False)[0]
+    threes = digits.y_test == 3
+    follows = (training.predict_logits(mlp, student, digits.x_test[threes]).argmax(-1) == 8).mean()
+    keeps = (training.predict_logits(mlp, labels, digits.x_test[threes]).argmax(-1) == 3).mean()
+    assert follows > 0.8 and keeps > 0.8, (follows, keeps)
+
+
+def test_distillation_needs_a_teacher_of_the_right_shape(digits, mlp):
+    variables = _init(mlp, digits.input_shape)
+    cfg = TrainConfig(epochs=1, distill=0.5)
+    with pytest.raises(ValueError, match=r"distill=0.5 needs the teacher"):
+        training.train(mlp, variables, digits, cfg, progress=False)
+    with pytest.raises(ValueError, match=rf"shape \({len(digits.x_train)}, num_classes\), got \(5, 10\)"):
+        training.train(mlp, variables, digits, cfg, progress=False, teacher=np.ones((5, 10)))
+    for field, value in (("distill", 1.5), ("distill_temperature", 0.0)):
+        with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+            TrainConfig(**{field: value})
+
+
+def test_teacher_probabilities_are_the_mean_softmax(digits, mlp):
+    a, b = _init(mlp, digits.input_shape, 0), _init(mlp, digits.input_shape, 1)
+    x = digits.x_test[:50]
+    probs = training.teacher_probabilities([(mlp, a), (mlp, b)], x, temperature=3.0, batch_size=16)
+    la, lb = training.predict_logits(mlp, a, x), training.predict_logits(mlp, b, x)
+    expected = (jax.nn.softmax(la / 3.0) + jax.nn.softmax(lb / 3.0)) / 2
+    np.testing.assert_allclose(probs, np.asarray(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_fusion_table_fine_tunes_with_the_parents_as_teacher(digits):
+    """experiment.finetune_distill: every fine-tuned row (vanilla included) learns from the parents' ensemble."""
+    from otfusion_jax import experiment
+
+    module, spec = models.build("mlpnet", input_shape=digits.input_shape, widths=(32, 16))
+    parents = []
+    for k in (0, 1):
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, momentum=0.9, seed=k)
+        v = training.train(module, _init(module, digits.input_shape, k), digits, cfg, progress=False)[0]
+        parents.append(experiment.Parent(f"parent {k}", module, v))
+    exp = experiment.ExperimentConfig(
+        method="ot-weights", num_samples=16, many_method="", finetune_epochs=1, finetune_distill=0.5,
+        finetune_temperature=2.0, plots=False,
+    )
+    train = TrainConfig(epochs=10, batch_size=32, lr=0.01, momentum=0.9)
+    rows, _ = experiment.run_fusion_table(parents, spec, digits, experiment.Settings(exp, train=train))
+    tuned = [r for r in rows if "fine-tune" in r["method"]]
+    assert [r["method"] for r in tuned] == [
+        "vanilla averaging + fine-tune (1 ep, distilled 0.5 at T=2)",
+        "OT fusion (weights, exact) + fine-tune (1 ep, distilled 0.5 at T=2)",
+    ]
+    assert all(r["accuracy"] > 0.8 for r in tuned), tuned
