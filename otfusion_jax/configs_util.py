@@ -601,7 +601,8 @@ def validate(config: Any, *, num_parents: int | None = None, model_from_config: 
         settings.finetune  # noqa: B018 - builds the fine-tuning TrainConfig, which checks it
     except ValueError as e:
         exp = cfg["experiment"]
-        raise field_error("experiment.finetune_lr", exp["finetune_lr"], str(e)) from None
+        field = "finetune_distill" if "distill" in str(e) else "finetune_lr"
+        raise field_error(f"experiment.{field}", exp[field], str(e)) from None
     return cfg
 
 

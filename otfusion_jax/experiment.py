@@ -752,16 +752,17 @@ def run_fusion_table(
         return models.recompute_batch_stats(t_module, variables, samples) if exp.bn_stats == "recompute" else variables
 
     rows: list[dict[str, Any]] = []
-    teacher: list[np.ndarray] = []  # the parents' soft targets for a distilled fine-tune, computed once
+    teacher = None  # the parents' soft targets for a distilled fine-tune, computed once, timed apart
+    if finetune is not None and finetune.distill > 0:
+        say(f"teacher: the {len(parents)} parents' mean softmax (T={finetune.distill_temperature:g}) on the training images")
+        models_ = [(p.module, p.variables) for p in parents]
+        teacher, teacher_secs = _timed(
+            lambda: training.teacher_probabilities(models_, dataset.x_train, finetune.distill_temperature)
+        )
+        say(f"teacher: {teacher_secs:.1f} s")
 
     def tune(variables):
-        if finetune.distill > 0 and not teacher:
-            say(f"teacher: the {len(parents)} parents' mean softmax (T={finetune.distill_temperature}) on the training images")
-            models_ = [(p.module, p.variables) for p in parents]
-            teacher.append(training.teacher_probabilities(models_, dataset.x_train, finetune.distill_temperature))
-        return training.train(
-            t_module, variables, dataset, finetune, progress=False, teacher=teacher[0] if teacher else None
-        )[0]
+        return training.train(t_module, variables, dataset, finetune, progress=False, teacher=teacher)[0]
 
     ft_label = "" if finetune is None else f"{finetune.epochs} ep" + (
         f", distilled {finetune.distill:g} at T={finetune.distill_temperature:g}" if finetune.distill > 0 else ""

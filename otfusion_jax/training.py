@@ -107,6 +107,8 @@ class TrainConfig:
         al. 2015): ``(1 - w) * CE(labels) + w * T^2 * CE(teacher_T, softmax(logits / T))``; 0: labels only.
         :func:`train` then needs the teacher's probabilities (:func:`teacher_probabilities`).
       distill_temperature: T of the distillation term (> 0); the teacher's probabilities must be taken at it.
+        The history's ``train_loss`` is then this mixed loss (its teacher term includes the teacher's entropy:
+        not comparable with a labels-only run's).
     """
 
     epochs: int = 10
@@ -167,6 +169,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} {what}, got {getattr(self, name)!r}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("TrainConfig.nesterov needs momentum > 0")
+        if self.distill > 0 and self.augment != "none":
+            raise ValueError(
+                f"TrainConfig.distill={self.distill} takes the teacher's probabilities on the unaugmented images; "
+                f"it cannot be combined with augment={self.augment!r}"
+            )
 
 
 class TrainState(flax.struct.PyTreeNode):

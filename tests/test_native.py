@@ -95,8 +95,11 @@ def test_native_under_vmap_solves_each_problem():
 def test_native_bad_input_errors():
     with pytest.raises(ValueError, match=r"square cost.*\(4, 5\)"):
         native.assign(jnp.zeros((4, 5)))
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(ValueError, match="floating-point costs, got int32"):
         native.assign(jnp.zeros((4, 4), jnp.int32))
+    half = jnp.asarray(np.random.default_rng(0).standard_normal((9, 9)), jnp.bfloat16)  # solved in float32
+    np.testing.assert_array_equal(np.asarray(native.assign(half)), np.asarray(native.assign(half.astype(jnp.float32))))
+    assert native.assign(jnp.zeros((2, 0, 0))).shape == (2, 0) and native.assign(jnp.zeros((0, 3, 3))).shape == (0, 3)
     cost = np.zeros((6, 6), np.float32)
     cost[2, 3] = np.nan
     with pytest.raises(Exception, match=r"cost entry \(2, 3\) is not finite"):
@@ -157,6 +160,39 @@ def test_a_second_process_loads_native_programs_from_the_cache(tmp_path, backend
         assert second["loaded"] == second["programs"] >= 1
     else:
         assert second["loaded"] < second["programs"]
+
+
+_BUILD = "from otfusion_jax import native; print(native.available()); print(native.build_error()); print(native.library_path())"
+
+
+def _probe(env):
+    out = subprocess.run([sys.executable, "-c", _BUILD], capture_output=True, text=True, check=True, cwd=REPO,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    return out.stdout.splitlines()
+
+
+def test_native_build_without_a_compiler_says_why(tmp_path):
+    ok, why, _ = _probe({native.NATIVE_ENV: str(tmp_path), "CXX": "no-such-compiler-xyz"})
+    assert ok == "False" and "$CXX='no-such-compiler-xyz' is not an executable" in why
+
+
+@pytest.mark.slow
+def test_native_builds_fresh_readable_and_rebuilds_a_bad_file(tmp_path):
+    """A fresh cache folder gets a library others can read; a corrupt cached file is rebuilt, not fatal."""
+    ok, why, path = _probe({native.NATIVE_ENV: str(tmp_path)})
+    assert ok == "True" and why == "None" and os.path.dirname(path) == str(tmp_path)
+    assert os.stat(path).st_mode & 0o044 == 0o044 & ~_umask()
+    with open(path, "wb") as f:
+        f.write(b"not a shared library")
+    ok, why, again = _probe({native.NATIVE_ENV: str(tmp_path)})
+    assert (ok, why, again) == ("True", "None", path)
+    assert [n for n in os.listdir(tmp_path) if n.startswith("tmp")] == []  # no temporary files left behind
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_native_off_by_environment(tmp_path):

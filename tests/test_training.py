@@ -384,6 +384,33 @@ def test_distillation_pulls_the_student_toward_the_teacher(digits, mlp):
     assert follows > 0.8 and keeps > 0.8, (follows, keeps)
 
 
+def test_distillation_loss_value_and_gradient():
+    """T^2 * CE(teacher, softmax(z / T)) = T^2 * (KL + H(teacher)); its gradient in z is T * (softmax(z / T) - teacher)."""
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.standard_normal((4, 6)), jnp.float32)
+    teacher = jax.nn.softmax(jnp.asarray(rng.standard_normal((4, 6)), jnp.float32))
+    t = 3.0
+    p = jax.nn.softmax(z / t)
+    kl = (teacher * (jnp.log(teacher) - jnp.log(p))).sum(-1)
+    entropy = -(teacher * jnp.log(teacher)).sum(-1)
+    np.testing.assert_allclose(training.distillation_loss(z, teacher, t), t**2 * (kl + entropy), rtol=1e-5)
+    grad = jax.grad(lambda z: training.distillation_loss(z, teacher, t).sum())(z)
+    np.testing.assert_allclose(grad, t * (p - teacher), rtol=1e-4, atol=1e-6)
+
+
+def test_half_distillation_mixes_the_two_losses(digits, mlp):
+    """distill=0.5: the first step's loss is the mean of the label loss and the teacher loss."""
+    variables = _init(mlp, digits.input_shape)
+    cfg = TrainConfig(epochs=1, batch_size=len(digits.x_train), lr=1e-6, momentum=0.0, seed=0, distill=0.5,
+                      distill_temperature=2.0)
+    teacher = jax.nn.softmax(jnp.asarray(np.random.default_rng(1).standard_normal((len(digits.x_train), 10))))
+    _, history = training.train(mlp, variables, digits, cfg, progress=False, teacher=np.asarray(teacher))
+    logits = training.predict_logits(mlp, variables, digits.x_train)
+    ce = training.cross_entropy(logits, digits.y_train).mean()
+    kd = training.distillation_loss(logits, teacher, 2.0).mean()
+    assert history[0]["train_loss"] == pytest.approx(float(0.5 * ce + 0.5 * kd), rel=1e-4)
+
+
 def test_distillation_needs_a_teacher_of_the_right_shape(digits, mlp):
     variables = _init(mlp, digits.input_shape)
     cfg = TrainConfig(epochs=1, distill=0.5)
@@ -394,6 +421,8 @@ def test_distillation_needs_a_teacher_of_the_right_shape(digits, mlp):
     for field, value in (("distill", 1.5), ("distill_temperature", 0.0)):
         with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
             TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match="unaugmented images.*augment='crop'"):
+        TrainConfig(distill=0.5, augment="crop")
 
 
 def test_teacher_probabilities_are_the_mean_softmax(digits, mlp):

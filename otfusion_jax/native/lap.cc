@@ -39,6 +39,10 @@ bool SolveOne(const T* cost, int64_t n, int32_t* perm, std::string* error) {
       return false;
     }
   }
+  if (n == 1) {  // the row reduction below needs a second column
+    perm[0] = 0;
+    return true;
+  }
   std::vector<double> u(n, 0.0), v(n, inf);
   std::vector<int64_t> col4row(n, -1), row4col(n, -1), argmin(n, 0);
   // Column reduction: v[j] = min_i c[i][j] (row-major scan); each row keeps the column of smallest v among those
