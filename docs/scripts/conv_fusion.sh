@@ -10,6 +10,9 @@
 # (bn_stats=recompute): the three treatments of issue 14 on the same parents.
 # k4 (vgg11, once parents 2 and 3 exist: python train.py --config=configs/fashion_vgg11.py --config.num_parents=4):
 # the four parents fused onto parent 3 one-shot and by the iterative barycentres, each + REPAIR.
+# widths (vgg11, once the double-width parent 4 exists: python train.py --config=configs/fashion_vgg11.py
+# --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)'): parent 4 (32..256 channels) fused into parent 0's
+# widths by every OT variant (transport plans with proper marginals), each + REPAIR.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:?vgg11 or resnet18}
@@ -37,4 +40,10 @@ if [[ $model == vgg11 && -d checkpoints/fashion_vgg11/parent_3 ]]; then
   $py fuse.py --config=$cfg --out=$out/k4 "${sink[@]}" --config.num_parents=4 --config.experiment.groups='("0,1,2,3",)' \
     --config.experiment.repair=True --config.experiment.plots=False --config.experiment.many_method="" \
     --config.experiment.method=ot-weights,ot-acts,ot-acts:sinkhorn,recommended,ot-many,ot-acts-many,wm-many
+fi
+if [[ $model == vgg11 && -d checkpoints/fashion_vgg11/parent_4 ]]; then
+  $py fuse.py --config=$cfg --out=$out/widths "${sink[@]}" --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)' \
+    --config.experiment.groups='("4,0",)' --config.fusion.proper_marginals=True --config.experiment.repair=True \
+    --config.experiment.plots=False --config.experiment.many_method="" \
+    --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn
 fi
