@@ -151,3 +151,26 @@ def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
     assert row["accuracy"] is None and "residual sum" in row["note"]
     with pytest.raises(ValueError, match="residual sum"):
         experiment.run_fusion_table(parents, spec, ds, experiment.Settings(dataclasses.replace(exp, repair=True)))
+
+
+@pytest.mark.parametrize("name,opts,k,expected", [
+    ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: OT fusion (activations, sinkhorn"),
+    ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (weights, sinkhorn"),
+    ("mlpnet", dict(widths=(16, 8), bias=False), 3, "recommended: OT fusion (weights, sinkhorn"),
+])
+def test_the_recommended_method_for_many_conv_nets_is_by_activations(name, opts, k, expected):
+    """More than two conv-net parents: OT by activations with Sinkhorn + REPAIR (chosen on held-out images);
+    pairs, and MLPs of any number, keep OT by weights with Sinkhorn + REPAIR."""
+    from otfusion_jax import data as data_lib  # noqa: PLC0415
+    from otfusion_jax import experiment  # noqa: PLC0415
+
+    shape = (32, 32, 1)
+    model, spec = build(name, input_shape=shape, num_classes=3, **opts)
+    parents = [experiment.Parent(f"parent {i}", model, init(model, jax.random.key(i), shape)) for i in range(k)]
+    x = np.asarray(jax.random.normal(jax.random.key(5), (12, *shape)))
+    y = np.arange(12) % 3
+    ds = data_lib.Dataset("fashion_mnist", "idx", x[:8], y[:8], x[8:], y[8:], 3)
+    exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="")
+    rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
+    labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
+    assert len(labels) == 2 and labels[0].startswith(expected) and labels[1].endswith("+ REPAIR"), labels
