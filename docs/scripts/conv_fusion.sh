@@ -12,7 +12,8 @@
 # the four parents fused onto parent 3 one-shot and by the iterative barycentres, each + REPAIR.
 # widths (vgg11, once the double-width parent 4 exists: python train.py --config=configs/fashion_vgg11.py
 # --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)'): parent 4 (32..256 channels) fused into parent 0's
-# widths by every OT variant (transport plans with proper marginals), each + REPAIR.
+# widths by every OT variant (transport plans with proper marginals), each + REPAIR. resnet18 likewise with its
+# double-width parent 2 (--config.num_parents=3 --config.parent_widths='(1,1,2)'), without REPAIR (no BatchNorm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:?vgg11 or resnet18}
@@ -44,6 +45,12 @@ fi
 if [[ $model == vgg11 && -d checkpoints/fashion_vgg11/parent_4 ]]; then
   $py fuse.py --config=$cfg --out=$out/widths "${sink[@]}" --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)' \
     --config.experiment.groups='("4,0",)' --config.fusion.proper_marginals=True --config.experiment.repair=True \
+    --config.experiment.plots=False --config.experiment.many_method="" \
+    --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn
+fi
+if [[ $model == resnet18 && -d checkpoints/fashion_resnet18/parent_2 ]]; then
+  $py fuse.py --config=$cfg --out=$out/widths "${sink[@]}" --config.num_parents=3 --config.parent_widths='(1,1,2)' \
+    --config.experiment.groups='("2,0",)' --config.fusion.proper_marginals=True \
     --config.experiment.plots=False --config.experiment.many_method="" \
     --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn
 fi
