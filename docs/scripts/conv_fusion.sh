@@ -14,6 +14,9 @@
 # --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)'): parent 4 (32..256 channels) fused into parent 0's
 # widths by every OT variant (transport plans with proper marginals), each + REPAIR. resnet18 likewise with its
 # double-width parent 2 (--config.num_parents=3 --config.parent_widths='(1,1,2)'), without REPAIR (no BatchNorm).
+# Not run yet: trained with the parents' recipe (lr 0.05, no warm-up) that parent died in its first epoch (every
+# ReLU off, loss ln 10 from epoch 2; 2026-12-07); a warm-up (--config.train.warmup_epochs=1) or a lower lr is the
+# untested next try.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:?vgg11 or resnet18}
