@@ -487,14 +487,9 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
     base = group.settings.fusion
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
-    if len(group.parents) > 2 and _is_conv_net(group):
-        cfg = dataclasses.replace(
-            base, mode="activations", solver="sinkhorn", epsilon=RECOMMENDED_EPSILON, relative_epsilon="mean"
-        )
-        out = _run_ot(group, cfg, f"recommended: OT fusion (activations, sinkhorn {RECOMMENDED_EPSILON:g} x mean cost)")
-        return dataclasses.replace(out, repair=True)
-    cfg = dataclasses.replace(base, mode="weights", solver="sinkhorn", epsilon=RECOMMENDED_EPSILON, relative_epsilon="mean")
-    out = _run_ot(group, cfg, f"recommended: OT fusion (weights, sinkhorn {RECOMMENDED_EPSILON:g} x mean cost)")
+    mode = "activations" if len(group.parents) > 2 and _is_conv_net(group) else "weights"
+    cfg = dataclasses.replace(base, mode=mode, solver="sinkhorn", epsilon=RECOMMENDED_EPSILON, relative_epsilon="mean")
+    out = _run_ot(group, cfg, f"recommended: OT fusion ({mode}, sinkhorn {RECOMMENDED_EPSILON:g} x mean cost)")
     return dataclasses.replace(out, repair=True)
 
 

@@ -374,8 +374,7 @@ def exact_assignment_host(cost: jax.Array, solver: str = "scipy") -> tuple[jax.A
         jax.lax.stop_gradient(cost),
         vmap_method="expand_dims",
     )
-    plan = jnp.zeros_like(cost).at[perm, jnp.arange(n)].set(1.0 / n)
-    return plan, perm, _exact_info(cost, plan)
+    return _permutation_result(cost, perm)
 
 
 def exact_assignment_native(cost: jax.Array) -> tuple[jax.Array, jax.Array, PlanInfo]:
@@ -385,10 +384,7 @@ def exact_assignment_native(cost: jax.Array) -> tuple[jax.Array, jax.Array, Plan
     persistent compilation cache by a new process, and the solve skips the Python round trip (as fast as
     lapjv or faster on fusion's costs, ``bench/RESULTS.md``). Works under jit and vmap (one call for the batch).
     """
-    n = cost.shape[0]
-    perm = native.assign(cost)
-    plan = jnp.zeros_like(cost).at[perm, jnp.arange(n)].set(1.0 / n)
-    return plan, perm, _exact_info(cost, plan)
+    return _permutation_result(cost, native.assign(cost))
 
 
 def resolve_backend(backend: str) -> str:
@@ -528,15 +524,13 @@ def exact_assignment_auction(
     # Persons are the rows (source neurons), objects the columns (target neurons).
     benefit = -jnp.where(usable, grid, 0).astype(jnp.int32) * (n + 1)
     owner, holds, rounds = _auction_solver(n, k, theta, int(slack * n), max_rounds, levels)(benefit)
-    ar = jnp.arange(n, dtype=jnp.int32)
     converged = jnp.all(holds >= 0)
     # Out of rounds: pair the free columns with the free rows so the plan stays a permutation.
     free_cols = jnp.nonzero(owner < 0, size=n, fill_value=n)[0]
     free_rows = jnp.nonzero(holds < 0, size=n, fill_value=n)[0].astype(jnp.int32)
     perm = owner.at[free_cols].set(free_rows, mode="drop")
-    plan = jnp.zeros_like(cost).at[perm, ar].set(1.0 / n)
-    info = _exact_info(cost, plan)._replace(converged=converged, n_iters=rounds)
-    return plan, perm, info
+    plan, perm, info = _permutation_result(cost, perm)
+    return plan, perm, info._replace(converged=converged, n_iters=rounds)
 
 
 @functools.lru_cache(maxsize=None)
@@ -619,6 +613,12 @@ def solved_info(cost: jax.Array, dtype: Any = None) -> PlanInfo:
 
 def _exact_info(cost: jax.Array, plan: jax.Array) -> PlanInfo:
     return solved_info(jnp.sum(plan * cost), cost.dtype)
+
+
+def _permutation_result(cost: jax.Array, perm: jax.Array) -> tuple[jax.Array, jax.Array, PlanInfo]:
+    """``(plan, perm, info)`` of a permutation: ``plan[perm[j], j] = 1/n`` (the A neuron sent to B neuron j)."""
+    plan = jnp.zeros_like(cost).at[perm, jnp.arange(cost.shape[0])].set(1.0 / cost.shape[0])
+    return plan, perm, _exact_info(cost, plan)
 
 
 def _emd_numpy(a: np.ndarray, b: np.ndarray, cost: np.ndarray) -> np.ndarray:
