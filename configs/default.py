@@ -68,9 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.fusion = ml_collections.ConfigDict()  # OTFusion: exactly otfusion_jax.FusionConfig's fields but mode (the method picks it)
     config.fusion.solver = "exact"  # exact | sinkhorn (a method may override it: ot-acts:sinkhorn)
-    config.fusion.exact_backend = "auto"  # every exact assignment (weight matching too): auto (host on CPU, auction on accelerators) | device (optax Hungarian) | auction | host (scipy callback)
+    config.fusion.exact_backend = "auto"  # every exact assignment (weight matching too): auto (native C++ solver on CPU, else lapjv/host; auction on accelerators) | native | device (optax Hungarian) | auction | host (scipy callback) | lapjv
     config.fusion.auction_bidders = config_dict.placeholder(int)  # auction: rows bidding per round (None: 16 on CPU, all on accelerators)
-    config.fusion.ground_metric = "euclidean"  # euclidean | cosine
+    config.fusion.ground_metric = "euclidean"  # euclidean | cosine | correlation (1 - Pearson; not in the original)
     config.fusion.squared = False  # squared euclidean (published commands: not squared)
     config.fusion.normalize_cost = "none"  # none | log | max | median | mean
     config.fusion.unit_norm_rows = False  # weight mode: unit-norm neuron rows before the metric

@@ -531,12 +531,28 @@ class Refine:
         self.first.check(sizes, target)
         self.then.check(sizes, target)
 
-    def align(self, parent, target, spec, *, parent_acts=None, target_acts=None, key=None, params=None) -> Alignment:
+    def match(
+        self,
+        parent: Variables,
+        target: Variables,
+        spec: spec_lib.AlignmentSpec,
+        key: jax.Array | None = None,
+        params: Mapping[str, Any] | None = None,
+        *,
+        parent_acts: Any = None,
+        target_acts: Any = None,
+    ) -> tuple[dict[str, jax.Array], MatchingInfo]:
+        """``then``'s descent started from ``first``'s plans: (perms, MatchingInfo), as :meth:`WeightMatching.match`
+        (so that wrappers which rank the restarts, such as fuse.py's training-loss ranking, take either)."""
         first = self.first.align(
             parent, target, spec, parent_acts=parent_acts, target_acts=target_acts, key=key, params=params
         )
-        init = plans_lib.plans_to_perms(first.plans)
-        return self.then.align(parent, target, spec, key=key, init=init)
+        return self.then.match(parent, target, spec, key, None, plans_lib.plans_to_perms(first.plans))
+
+    def align(self, parent, target, spec, *, parent_acts=None, target_acts=None, key=None, params=None) -> Alignment:
+        perms, info = self.match(parent, target, spec, key, params, parent_acts=parent_acts, target_acts=target_acts)
+        plans = info.plans if self.then.soft else {k: plans_lib.Permutation(p, 1.0) for k, p in perms.items()}
+        return Alignment(plans, {}, info)
 
 
 def weight_matching(

@@ -44,6 +44,7 @@ def test_learned_fusion_lowers_the_training_loss(shipped_digits):
     "method,label",
     [
         ("wm", "weight matching"),
+        ("wm-refine", "weight matching from OTFusion plans"),
         ("wm-soft", "soft weight matching"),
         ("learned", "learned fusion (Sinkhorn eps)"),
     ],
@@ -56,10 +57,10 @@ def test_beyond_the_original_rows(shipped_digits, method, label):
     settings = dataclasses.replace(
         settings,
         experiment=dataclasses.replace(settings.experiment, method=method, repair=True, learn_steps=5),
-        # weight matching: 2 restarts, not the default 8: still several, so the driver ranks them by training
+        # weight matching (and its refinement of OTFusion's plans): 2 restarts, not the default 8: still several, so the driver ranks them by training
         # loss (the path taken for restarts > 1); soft weight matching runs every restart's Sinkhorn loops
         # (the test's slowest part): 1 restart.
-        matching=dataclasses.replace(settings.matching, restarts=2 if method == "wm" else 1),
+        matching=dataclasses.replace(settings.matching, restarts=2 if method in ("wm", "wm-refine") else 1),
     )
     assert settings.experiment.wm_rank == "train_loss"
     rows, fused = experiment.run_fusion_table(parents, spec, ds, settings)
