@@ -104,6 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.experiment = ml_collections.ConfigDict()  # what fuse.py makes: otfusion_jax.experiment.ExperimentConfig
     config.experiment.method = "ot-weights,ot-acts,recommended"  # the original's two, then ours (README); comma list: ot-weights | ot-acts (may end :exact / :sinkhorn / :orthogonal) | recommended | wm | wm-refine | wm-soft | learned | wm-many | ot-many | ot-acts-many
     config.experiment.repair = False  # also REPAIR each fused model (its "+ REPAIR" rows)
+    config.experiment.repair_output = False  # REPAIR the logits too (not in Jordan et al.; see docs/RESULTS.md)
     config.experiment.learn_steps = 60  # "learned": Adam steps through Sinkhorn
     config.experiment.learn_weights = False  # "learned": also fit per-layer mixing weights (tends to pick one parent)
     config.experiment.num_samples = 200  # activation mode / BatchNorm recompute / REPAIR: training samples, >= 1 (paper: 200)
@@ -119,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.experiment.weights = config_dict.placeholder(tuple)  # per-parent averaging weights; None: 1/K
     config.experiment.ensemble_step = config_dict.placeholder(float)  # 2 parents: target's weight s (the original's --ensemble-step)
     config.experiment.target = -1  # index (in each group) of the parent whose widths and order the fused model takes
-    config.experiment.many_method = "wm-many"  # added to every table of > 2 parents (the best many-parent method measured); "": none
+    config.experiment.many_method = "recommended"  # added to every table of > 2 parents unless listed (recommended: its > 2-parent branch, the best measured on held-out data); "": none
     config.experiment.barycenter_iterations = 10  # wm-many / ot-many / ot-acts-many: at most this many rounds of the iterative barycentre
     config.experiment.wm_rank = "train_loss"  # weight matching's restarts ranked by: train_loss (training images) | objective
     config.experiment.rank_samples = 2000  # wm_rank=train_loss: training images (not the test set)

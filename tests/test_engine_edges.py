@@ -57,7 +57,8 @@ def test_barycentre_with_a_zero_weight_stays_finite(solver):
 
 @pytest.mark.slow
 def test_many_parents_of_different_widths_get_the_ot_barycentre():
-    """The default many-parent method (weight matching) needs equal widths: the driver falls back to OTFusion's."""
+    """The default many-parent row (the recommended method: the activation barycentre for MLPs) takes any widths;
+    weight matching's barycentre needs equal widths: asked for, the driver falls back to OTFusion's."""
     parents = []
     for k, widths in enumerate(((12, 8), (16, 10), (12, 8))):
         module, spec, v = _mlp(widths, k)
@@ -65,8 +66,13 @@ def test_many_parents_of_different_widths_get_the_ot_barycentre():
     x = np.asarray(jax.random.normal(jax.random.key(0), (64, *SHAPE)), np.float32)
     y = np.arange(64) % 5
     ds = otf.data.Dataset("toy", "test", x, y.astype(np.int32), x, y.astype(np.int32), 5)
-    settings = experiment.Settings(experiment=experiment.ExperimentConfig(method="ot-weights", plots=False))
-    rows, fused = experiment.run_fusion_table(parents, spec, ds, settings)
-    labels = [r["method"] for r in rows]
-    assert "OT fusion (weights, exact), barycentre (<= 10 rounds)" in labels
-    assert not any(lab.startswith("weight matching") for lab in labels)
+    for many, want in (
+        ("recommended", "recommended: OT fusion (activations, exact, post-ReLU correlation), barycentre (<= 10 rounds)"),
+        ("wm-many", "OT fusion (weights, exact), barycentre (<= 10 rounds)"),
+    ):
+        exp = experiment.ExperimentConfig(method="ot-weights", plots=False, num_samples=32, many_method=many)
+        rows, fused = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(experiment=exp))
+        labels = [r["method"] for r in rows]
+        assert want in labels and (f"{want} + REPAIR" in labels) == (many == "recommended"), labels
+        assert not any(lab.startswith("weight matching") for lab in labels)
+        assert all(r["accuracy"] is not None for r in rows if r["method"].startswith(want)), rows

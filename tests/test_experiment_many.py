@@ -1,4 +1,4 @@
-"""The driver's many-parent default (the iterative barycentre) and weight matching's restart ranking."""
+"""The driver's many-parent default (the recommended method's barycentre) and weight matching's restart ranking."""
 
 from __future__ import annotations
 
@@ -28,12 +28,18 @@ def test_tables_of_more_than_two_parents_add_the_barycentre(digits4):
     parents, spec, ds = digits4
     rows, fused = experiment.run_fusion_table(parents, spec, ds, _settings(method="ot-weights"))
     acc = {r["method"]: r for r in rows}
-    label = "weight matching, barycentre (<= 10 rounds)"
-    assert label in acc and 2 <= acc[label]["rounds"] <= 10
-    assert acc[label]["accuracy"] > acc["OT fusion (weights, exact)"]["accuracy"]  # 94.3% against 77.3% here
-    assert fused[label].method == "wm-many"
+    # the default many-parent row: the recommended method's branch for more than two MLPs (with its REPAIR row)
+    label = "recommended: OT fusion (activations, exact, post-ReLU correlation), barycentre (<= 10 rounds)"
+    assert label in acc and 1 <= acc[label]["rounds"] <= 10 and f"{label} + REPAIR" in acc, list(acc)
+    assert acc[label]["accuracy"] > acc["OT fusion (weights, exact)"]["accuracy"] + 0.05
+    assert acc[f"{label} + REPAIR"]["accuracy"] > 0.9
+    assert fused[label].method == "recommended"
+    rows_wm, fused_wm = experiment.run_fusion_table(parents, spec, ds, _settings(method="ot-weights", many_method="wm-many"))
+    wm = next(r for r in rows_wm if r["method"] == "weight matching, barycentre (<= 10 rounds)")
+    assert 2 <= wm["rounds"] <= 10 and wm["accuracy"] > acc["OT fusion (weights, exact)"]["accuracy"]  # 94.3 vs 77.3
+    assert fused_wm[wm["method"]].method == "wm-many"
     rows_two, _ = experiment.run_fusion_table(parents[:2], spec, ds, _settings(method="ot-weights"))
-    assert not any("barycentre" in r["method"] for r in rows_two)  # two parents: one-shot only
+    assert not any("barycentre" in r["method"] or "recommended" in r["method"] for r in rows_two)  # one-shot only
     rows_off, _ = experiment.run_fusion_table(parents, spec, ds, _settings(method="ot-weights", many_method=""))
     assert not any("barycentre" in r["method"] for r in rows_off)
 

@@ -156,13 +156,20 @@ def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
 @pytest.mark.parametrize("name,opts,k,expected", [
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: OT fusion (activations, sinkhorn"),
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (weights, sinkhorn"),
-    ("mlpnet", dict(widths=(16, 8), bias=False), 3, "recommended: OT fusion (weights, sinkhorn"),
+    ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: OT fusion (weights, sinkhorn"),
+    ("mlpnet", dict(widths=(16, 8), bias=False), 3,
+     "recommended: OT fusion (activations, exact, post-ReLU correlation), barycentre"),
 ])
-def test_the_recommended_method_for_many_conv_nets_is_by_activations(name, opts, k, expected):
-    """More than two conv-net parents: OT by activations with Sinkhorn + REPAIR (chosen on held-out images);
-    pairs, and MLPs of any number, keep OT by weights with Sinkhorn + REPAIR."""
+def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, monkeypatch):
+    """Pairs: OT by weights with Sinkhorn; more than two conv nets: OT by activations with Sinkhorn; more than two
+    MLPs: the activation barycentre with correlation costs (each chosen on held-out images); each with a REPAIR
+    row that corrects the logits too, although experiment.repair and repair_output are off."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
+
+    asked = []
+    real = experiment.repair_fused
+    monkeypatch.setattr(experiment, "repair_fused", lambda *a: asked.append(a[-1]) or real(*a))
 
     shape = (32, 32, 1)
     model, spec = build(name, input_shape=shape, num_classes=3, **opts)
@@ -174,3 +181,26 @@ def test_the_recommended_method_for_many_conv_nets_is_by_activations(name, opts,
     rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
     labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
     assert len(labels) == 2 and labels[0].startswith(expected) and labels[1].endswith("+ REPAIR"), labels
+    assert asked and all(asked), asked  # include_output: the logits are REPAIRed too
+
+
+def test_repair_fused_with_the_logits_gives_every_layer_its_target_statistics():
+    """The driver's REPAIR of a bias-free model (zero biases added) with include_output: hidden units and logits."""
+    from otfusion_jax import experiment  # noqa: PLC0415
+
+    model, spec = _mlp(bias=False)
+    a, b = (init(model, jax.random.key(k), SHAPE) for k in (11, 12))
+    x = _samples(SHAPE)
+    fused = otf.vanilla_average([a, b])
+    _, spec_b = _mlp(bias=True)
+    aligned_b = [repair.add_zero_biases(v, spec_b) for v in (a, b)]
+    for include_output in (False, True):
+        module_r, out = experiment.repair_fused(model, spec, fused, [a, b], x, None, include_output)
+        _assert_stats_match(module_r, out, aligned_b, x, [p for p in spec.plans if p != spec.output_plan], None,
+                            mean_atol=1e-4, std_rtol=1e-3)
+        logits = [spec.output_plan]
+        if include_output:
+            _assert_stats_match(module_r, out, aligned_b, x, logits, None, mean_atol=1e-4, std_rtol=1e-3)
+        else:
+            with pytest.raises(AssertionError):
+                _assert_stats_match(module_r, out, aligned_b, x, logits, None, mean_atol=1e-4, std_rtol=1e-3)
