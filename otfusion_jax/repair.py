@@ -36,9 +36,13 @@ Two cases, chosen from the variables:
   standardises its input over ``x`` and applies the fused (interpolated)
   scale and bias, so its output's mean and std on ``x`` are the interpolated
   parents' bias and |scale|: the parents' own statistics when their running
-  statistics describe ``x``. The parents are not needed in this case.
+  statistics describe ``x``. The parents are not needed in this case, unless
+  ``include_output``: the logits are then corrected as in the first case,
+  after the reset (the class layer needs a bias).
 
-The output (class) layer is left alone unless ``include_output``. Transformers
+The output (class) layer is left alone unless ``include_output`` (Jordan et
+al. correct hidden units only; the logits' correction is ours: on held-out
+images it lowers the loss of soft-plan fusions by half, docs/RESULTS.md). Transformers
 (specs with permutation-only streams and attention head groups): only the MLP
 hidden units are corrected; LayerNorm renormalises the stream for every
 reader, and queries/keys/values are left as they are (``_corrected_plans``). Stds are
@@ -144,14 +148,18 @@ def _corrected_plans(spec: spec_lib.AlignmentSpec, include_output: bool) -> list
 
 
 def check_repairable(
-    spec: spec_lib.AlignmentSpec, variables: Variables, include_output: bool = False
+    spec: spec_lib.AlignmentSpec,
+    variables: Variables,
+    include_output: bool = False,
+    plans: Sequence[str] | None = None,
 ) -> dict[str, tuple[str, str]]:
-    """Checks that REPAIR can fold its correction into the layers (no-BatchNorm case).
+    """Checks that REPAIR can fold its correction into the layers (no-BatchNorm case, or the logits).
 
     Args:
       spec: the model's alignment spec.
       variables: the fused variables.
       include_output: also correct the output plan.
+      plans: the plans to check instead (None: every plan REPAIR corrects, ``include_output`` included).
 
     Returns:
       plan name -> (kernel path, bias path) of the one layer producing it.
@@ -162,7 +170,7 @@ def check_repairable(
     """
     flat = spec_lib.flatten_paths(variables)
     layers = {}
-    for plan in _corrected_plans(spec, include_output):
+    for plan in _corrected_plans(spec, include_output) if plans is None else plans:
         kernels = spec.producers(plan, ("weight",))
         biases = spec.producers(plan, ("bias",))
         if len(kernels) != 1:
@@ -236,11 +244,11 @@ def add_zero_biases(variables: Variables, spec: spec_lib.AlignmentSpec) -> dict[
     return spec_lib.unflatten_paths(flat)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "spec", "include_output", "eps"))
-def _repair_layers(fused, targets, x, *, module, spec, include_output, eps):
-    layers = check_repairable(spec, fused, include_output)
+@functools.partial(jax.jit, static_argnames=("module", "spec", "plans", "eps"))
+def _repair_layers(fused, targets, x, *, module, spec, plans, eps):
+    layers = check_repairable(spec, fused, plans=plans)
     current = dict(fused)
-    for plan in _corrected_plans(spec, include_output):
+    for plan in plans:
         kernel_path, bias_path = layers[plan]
         acts = models.capture_activations(module, current, x, "pre")[plan]
         if len(acts) != 1:
@@ -274,7 +282,7 @@ def repair(
       fused: the fused variables (e.g. ``fusion.fuse`` or
         ``matching.fuse_weight_matching`` output).
       parents_aligned: the K parents aligned onto the fused model's neuron
-        order (the target parent as it is); unused with BatchNorm.
+        order (the target parent as it is); unused with BatchNorm unless ``include_output``.
       spec: the model's alignment spec.
       x: (S, H, W, C) samples, e.g. a few hundred training images.
       weights: (K,) interpolation weights, the fusion's (``aux.weights``); default 1/K.
@@ -289,10 +297,16 @@ def repair(
         produced by several layers (see ``check_repairable``).
     """
     fused = dict(fused)
+    plans = tuple(_corrected_plans(spec, include_output))
     if "batch_stats" in fused:
-        return models.recompute_batch_stats(module, fused, x)
-    check_repairable(spec, fused, include_output)
+        fused = models.recompute_batch_stats(module, fused, x)
+        if not include_output:
+            return fused
+        plans = (spec.output_plan,) if spec.output_plan else ()  # the BatchNorms are reset; the logits as below
+        if not plans:
+            return fused
+    check_repairable(spec, fused, plans=plans)
     if not parents_aligned:
         raise ValueError("REPAIR needs the aligned parents (at least one)")
     targets = target_stats(module, parents_aligned, x, weights=weights)
-    return _repair_layers(fused, targets, x, module=module, spec=spec, include_output=include_output, eps=float(eps))
+    return _repair_layers(fused, targets, x, module=module, spec=spec, plans=plans, eps=float(eps))

@@ -156,12 +156,13 @@ def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
 @pytest.mark.parametrize("name,opts,k,expected", [
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: OT fusion (activations, sinkhorn"),
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (weights, sinkhorn"),
+    ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: OT fusion (weights, sinkhorn"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 3,
      "recommended: OT fusion (activations, exact, post-ReLU correlation), barycentre"),
 ])
 def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, monkeypatch):
-    """Pairs: OT by weights with Sinkhorn; more than two conv nets: OT by activations with Sinkhorn; more than two
+    """Pairs: OT by weights with Sinkhorn (by activations with residual streams); more than two conv nets: OT by activations with Sinkhorn; more than two
     MLPs: the activation barycentre with correlation costs (each chosen on held-out images); each with a REPAIR
     row that corrects the logits too, although experiment.repair and repair_output are off."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
@@ -204,3 +205,27 @@ def test_repair_fused_with_the_logits_gives_every_layer_its_target_statistics():
         else:
             with pytest.raises(AssertionError):
                 _assert_stats_match(module_r, out, aligned_b, x, logits, None, mean_atol=1e-4, std_rtol=1e-3)
+
+
+def test_batchnorm_models_reset_their_statistics_then_correct_the_logits():
+    """With BatchNorm, REPAIR resets the statistics; include_output then also gives the logits the parents'
+    interpolated statistics (the class layer needs a bias, which the driver adds: repair_fused)."""
+    from otfusion_jax import experiment  # noqa: PLC0415
+
+    shape = (32, 32, 1)
+    model, spec = build("vgg11", input_shape=shape, num_classes=4, width=0.0625, bias=False, norm=True)
+    a, b = (init(model, jax.random.key(k), shape) for k in (21, 22))
+    x = _samples(shape, n=32)
+    fused = otf.vanilla_average([a, b])
+    _, plain = experiment.repair_fused(model, spec, fused, [a, b], x)
+    np.testing.assert_array_equal(  # statistics reset, weights untouched
+        spec_lib.flatten_paths(plain)["params/fc/kernel"], spec_lib.flatten_paths(fused)["params/fc/kernel"]
+    )
+    module_r, out = experiment.repair_fused(model, spec, fused, [a, b], x, None, True)
+    spec_b = spec_lib.with_biases(spec)
+    aligned_b = [repair.add_zero_biases(v, spec_b) for v in (a, b)]
+    _assert_stats_match(module_r, out, aligned_b, x, [spec.output_plan], None, mean_atol=1e-4, std_rtol=1e-3)
+    flat, flat_plain = spec_lib.flatten_paths(out), spec_lib.flatten_paths(plain)
+    for path, stat in flat_plain.items():  # the same reset statistics as without the logits' correction
+        if path.startswith("batch_stats/"):
+            np.testing.assert_allclose(flat[path], stat, rtol=1e-5, atol=1e-6, err_msg=path)
