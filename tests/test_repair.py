@@ -154,15 +154,15 @@ def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
 
 
 @pytest.mark.parametrize("name,opts,k,expected", [
-    ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: OT fusion (activations, sinkhorn"),
-    ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (weights, sinkhorn"),
-    ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn"),
+    ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: OT fusion (activations, sinkhorn 0.2"),
+    ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (activations, sinkhorn 0.2"),
+    ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: OT fusion (weights, sinkhorn"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 3,
      "recommended: OT fusion (activations, exact, post-ReLU correlation), barycentre"),
 ])
 def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, monkeypatch):
-    """Pairs: OT by weights with Sinkhorn (by activations with residual streams); more than two conv nets: OT by activations with Sinkhorn; more than two
+    """Conv nets: OT by activations with Sinkhorn; MLP pairs: OT by weights with Sinkhorn; more than two
     MLPs: the activation barycentre with correlation costs (each chosen on held-out images); each with a REPAIR
     row that corrects the logits too, although experiment.repair and repair_output are off."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
