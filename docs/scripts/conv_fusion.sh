@@ -37,6 +37,9 @@ if [[ $model == *_bn ]]; then
   $py fuse.py --config=$cfg --out=$out/recompute "${sink[@]}" --config.experiment.bn_stats=recompute \
     --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn,wm --config.experiment.plots=False
 fi
+# The recommended method (chosen on held-out images; REPAIR of hidden units and logits) on the pair.
+$py fuse.py --config=$cfg --out=$out/recommended --config.experiment.method=recommended \
+  --config.experiment.groups='("0,1",)' --config.experiment.plots=False
 first=$([[ $model == vgg11* ]] && echo ot-weights || echo ot-acts)
 $py fuse.py --config=$cfg --out=$out/finetune --config.experiment.method=$first \
   --config.experiment.finetune_epochs=1 --config.experiment.plots=False
@@ -44,12 +47,24 @@ if [[ $model == vgg11 && -d checkpoints/fashion_vgg11/parent_3 ]]; then
   $py fuse.py --config=$cfg --out=$out/k4 "${sink[@]}" --config.num_parents=4 --config.experiment.groups='("0,1,2,3",)' \
     --config.experiment.repair=True --config.experiment.plots=False --config.experiment.many_method="" \
     --config.experiment.method=ot-weights,ot-acts,ot-acts:sinkhorn,recommended,ot-many,ot-acts-many,wm-many
+  $py fuse.py --config=$cfg --out=$out/k4_recommended --config.num_parents=4 --config.experiment.groups='("0,1,2,3",)' \
+    --config.experiment.plots=False --config.experiment.method=recommended
 fi
 if [[ $model == vgg11 && -d checkpoints/fashion_vgg11/parent_4 ]]; then
   $py fuse.py --config=$cfg --out=$out/widths "${sink[@]}" --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)' \
     --config.experiment.groups='("4,0",)' --config.fusion.proper_marginals=True --config.experiment.repair=True \
     --config.experiment.plots=False --config.experiment.many_method="" \
     --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn
+fi
+if [[ $model == vgg11 && -d checkpoints/fashion_vgg11/parent_5 ]]; then
+  # parent 5: the second width-0.5 parent (--config.num_parents=6 --config.parent_widths='(1,1,1,1,2,2)'): the
+  # recommended method on 4 -> 0 and on the wide pair 4, 5; then every method on the wide pair.
+  wide=(--config.num_parents=6 --config.parent_widths='(1,1,1,1,2,2)' --config.experiment.many_method="")
+  $py fuse.py --config=$cfg --out=$out/widths_recommended "${wide[@]}" --config.experiment.groups='("4,0","4,5")' \
+    --config.experiment.plots=False \
+    --config.fusion.proper_marginals=True --config.experiment.method=recommended
+  $py fuse.py --config=$cfg --out=$out/wide_pair "${wide[@]}" "${sink[@]}" --config.experiment.groups='("4,5",)' \
+    --config.experiment.repair=True --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn,recommended
 fi
 if [[ $model == resnet18 && -d checkpoints/fashion_resnet18/parent_2 ]]; then
   $py fuse.py --config=$cfg --out=$out/widths "${sink[@]}" --config.num_parents=3 --config.parent_widths='(1,1,2)' \
