@@ -120,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.experiment.weights = config_dict.placeholder(tuple)  # per-parent averaging weights; None: 1/K
     config.experiment.ensemble_step = config_dict.placeholder(float)  # 2 parents: target's weight s (the original's --ensemble-step)
     config.experiment.target = -1  # index (in each group) of the parent whose widths and order the fused model takes
-    config.experiment.many_method = "recommended"  # added to every table of > 2 parents unless listed (recommended: its > 2-parent branch, the best measured on held-out data); "": none
+    config.experiment.many_method = "recommended"  # added to every table of > 2 parents unless listed (recommended: for > 2 MLPs / conv nets the best measured on held-out data); "": none
     config.experiment.barycenter_iterations = 10  # wm-many / ot-many / ot-acts-many: at most this many rounds of the iterative barycentre
     config.experiment.wm_rank = "train_loss"  # weight matching's restarts ranked by: train_loss (training images) | objective
     config.experiment.rank_samples = 2000  # wm_rank=train_loss: training images (not the test set)

@@ -25,5 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.fusion.relative_epsilon = "mean"  # scale-free epsilon
     config.fusion.proper_marginals = True  # the different-width table (equal widths: no effect)
     config.experiment.groups = ("0,1,2,3", "4,0")  # K = 4; the wider MLP -> parent 0's widths
+    config.experiment.many_method = "wm-many"  # the barycentre row of docs/RESULTS.md (the default, recommended, would repeat ot-acts:orthogonal)
     config.experiment.finetune_epochs = 2  # the "+ fine-tune" rows: 10% of the parents' 20 epochs
     return config

@@ -390,6 +390,7 @@ FIELDS: dict[str, Field] = {
     "matching.align_output": _bool("also match the class layer"),
     "experiment.method": Field("str", "comma list of fusion methods", check=_check_methods),
     "experiment.repair": _bool("also REPAIR each fused model"),
+    "experiment.repair_output": _bool("REPAIR the logits too"),
     "experiment.learn_steps": _int('"learned": Adam steps', 1),
     "experiment.learn_weights": _bool('"learned": also fit mixing weights'),
     "experiment.num_samples": _int("training samples for activations / BatchNorm / REPAIR", 1),

@@ -98,8 +98,9 @@ class ExperimentConfig:
       ensemble_step: two parents: the target's weight s (the original's ``--ensemble-step``); beats ``weights``.
       target: index (in each group) of the parent whose widths and neuron order the fused model takes.
       many_method: a :data:`METHODS` name added to every table of more than two parents unless listed already
-        (default "recommended", whose branch for more than two parents is the best many-parent method measured
-        on held-out data, docs/RESULTS.md); "" adds none.
+        (default "recommended": for more than two MLPs or conv nets its branch is the best many-parent method
+        measured on held-out data, docs/RESULTS.md; for transformers it is the one-shot orthogonal alignment);
+        "" adds none.
       barycenter_iterations: "wm-many" / "ot-many" / "ot-acts-many": at most this many rounds of the iterative barycentre.
       wm_rank: how weight matching picks among its restarts (``config.matching.restarts``): "train_loss" (the
         loss of the parent's restart averaged with the target, on ``rank_samples`` training images: training
@@ -585,10 +586,10 @@ METHODS: dict[str, Method] = {
         _learned_method,
     ),
     "recommended": Method(
-        "the recommended method (chosen on held-out data): OT by weights, Sinkhorn (epsilon 0.05 of the mean cost)"
-        " + REPAIR of hidden units and logits; conv nets: OT by activations, Sinkhorn (0.2) + REPAIR;"
-        " transformers: OT by activations, orthogonal; more than two MLPs: the barycentre by activations"
-        " (post-ReLU correlation) + REPAIR",
+        "the recommended method (chosen on held-out data), each + REPAIR of hidden units and logits: MLP pairs: OT"
+        " by weights, Sinkhorn (epsilon 0.05 of the mean cost); conv nets: OT by activations, Sinkhorn (0.2);"
+        " more than two MLPs: the barycentre by activations (post-ReLU correlation); transformers: OT by"
+        " activations, orthogonal (no REPAIR)",
         _recommended_method,
     ),
     "wm-many": Method(
@@ -679,7 +680,8 @@ def repair_fused(
     Returns:
       (the module to evaluate the result with, the repaired variables).
     """
-    needs_biases = "batch_stats" not in fused or include_output  # BatchNorm models: only the logits' correction
+    # BatchNorm models: biases only for the logits' correction (zero biases on every layer: the same function)
+    needs_biases = "batch_stats" not in fused or (include_output and spec.output_plan is not None)
     if needs_biases and any(ls.role == "weight" and not _has_bias(spec, p) for p, ls in spec.leaves):
         spec_b = spec_lib.with_biases(spec)
         module = module.clone(use_bias=True)

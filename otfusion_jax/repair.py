@@ -175,13 +175,13 @@ def check_repairable(
         biases = spec.producers(plan, ("bias",))
         if len(kernels) != 1:
             raise ValueError(
-                f"REPAIR without BatchNorm: plan {plan!r} is produced by {len(kernels)} layers "
+                f"REPAIR (without BatchNorm, or of the logits): plan {plan!r} is produced by {len(kernels)} layers "
                 f"({', '.join(kernels)}), a residual sum whose statistics no single layer sets; "
                 "use a model with BatchNorm (REPAIR then resets its statistics)"
             )
         if len(biases) != 1 or biases[0] not in flat:
             raise ValueError(
-                f"REPAIR without BatchNorm needs a bias on the layer producing plan {plan!r} "
+                f"REPAIR (without BatchNorm, or of the logits) needs a bias on the layer producing plan {plan!r} "
                 f"({kernels[0]}): rebuild the model with bias=True (models.build(..., bias=True)) "
                 "and give its variables zero biases with repair.add_zero_biases(variables, spec)"
             )
@@ -293,8 +293,9 @@ def repair(
       The repaired variables, same structure as ``fused``.
 
     Raises:
-      ValueError: no BatchNorm and a corrected layer without bias or a plan
-        produced by several layers (see ``check_repairable``).
+      ValueError: a corrected layer (without BatchNorm: every one; with it and
+        ``include_output``: the class layer) without bias, or produced by
+        several layers (see ``check_repairable``).
     """
     fused = dict(fused)
     plans = tuple(_corrected_plans(spec, include_output))

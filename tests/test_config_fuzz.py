@@ -65,6 +65,7 @@ BAD: dict[str, list] = {
     "train.augment": [None, "mixup"],
     "experiment.method": [None, "ot-magic", "ot-weights:emd", ",", "ot-weights,bogus", "wm:sinkhorn", "learned:exact"],
     "experiment.repair": ["maybe"],
+    "experiment.repair_output": ["maybe"],
     "experiment.learn_steps": ["x", "0"],
     "experiment.learn_weights": ["maybe"],
     "fusion.solver": [None, "emd"],

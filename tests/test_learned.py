@@ -67,6 +67,8 @@ def test_beyond_the_original_rows(shipped_digits, method, label):
     acc = {r["method"]: r["accuracy"] for r in rows}
     assert acc[label] > acc["vanilla averaging"] + 0.2, acc
     assert f"{label} + REPAIR" in acc and set(fused) == {label}, (acc, set(fused))
+    if method in ("wm", "wm-refine"):  # several restarts: ranked by training loss
+        assert "restart_chosen_by_train_loss" in next(r for r in rows if r["method"] == label)
     table = experiment.format_table(rows)
     assert f"| {label} + REPAIR |" in table and "loss barrier" in table
 

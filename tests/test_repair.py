@@ -183,6 +183,7 @@ def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts
     labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
     assert len(labels) == 2 and labels[0].startswith(expected) and labels[1].endswith("+ REPAIR"), labels
     assert asked and all(asked), asked  # include_output: the logits are REPAIRed too
+    assert rows[-1]["method"] == labels[1] and rows[-1]["accuracy"] is not None, rows[-1]  # and REPAIR ran
 
 
 def test_repair_fused_with_the_logits_gives_every_layer_its_target_statistics():

@@ -10,6 +10,10 @@
 # (bn_stats=recompute): the three treatments of issue 14 on the same parents.
 # k4 (vgg11, once parents 2 and 3 exist: python train.py --config=configs/fashion_vgg11.py --config.num_parents=4):
 # the four parents fused onto parent 3 one-shot and by the iterative barycentres, each + REPAIR.
+# recommended (every model): the recommended method on the pair (OT by activations, Sinkhorn 0.2 of the mean cost,
+# + REPAIR of hidden units and logits; chosen on held-out images), k4_recommended likewise on four VGG11s.
+# widths_recommended / wide_pair (vgg11, once parent 5, the second width-0.5 parent, exists: --config.num_parents=6
+# --config.parent_widths='(1,1,1,1,2,2)'): the recommended method on 4 -> 0 and on the pair 4, 5; every method on 4, 5.
 # widths (vgg11, once the double-width parent 4 exists: python train.py --config=configs/fashion_vgg11.py
 # --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)'): parent 4 (32..256 channels) fused into parent 0's
 # widths by every OT variant (transport plans with proper marginals), each + REPAIR. resnet18 likewise with its
