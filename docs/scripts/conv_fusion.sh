@@ -17,10 +17,8 @@
 # widths (vgg11, once the double-width parent 4 exists: python train.py --config=configs/fashion_vgg11.py
 # --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)'): parent 4 (32..256 channels) fused into parent 0's
 # widths by every OT variant (transport plans with proper marginals), each + REPAIR. resnet18 likewise with its
-# double-width parent 2 (--config.num_parents=3 --config.parent_widths='(1,1,2)'), without REPAIR (no BatchNorm).
-# Not run yet: trained with the parents' recipe (lr 0.05, no warm-up) that parent died in its first epoch (every
-# ReLU off, loss ln 10 from epoch 2; 2026-12-07); a warm-up (--config.train.warmup_epochs=1) or a lower lr is the
-# untested next try.
+# double-width parent 2 (--config.num_parents=3 --config.parent_widths='(1,1,2)' --config.train.warmup_epochs=1:
+# without the warm-up, at the pair's lr 0.05, it died in its first epoch), without REPAIR (no BatchNorm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:?vgg11 or resnet18}
@@ -74,5 +72,5 @@ if [[ $model == resnet18 && -d checkpoints/fashion_resnet18/parent_2 ]]; then
   $py fuse.py --config=$cfg --out=$out/widths "${sink[@]}" --config.num_parents=3 --config.parent_widths='(1,1,2)' \
     --config.experiment.groups='("2,0",)' --config.fusion.proper_marginals=True \
     --config.experiment.plots=False --config.experiment.many_method="" \
-    --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn
+    --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn,recommended
 fi
