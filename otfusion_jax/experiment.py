@@ -507,8 +507,9 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
     base = group.settings.fusion
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
-    if _is_conv_net(group) or len(group.parents) == 2:
-        mode, eps = ("activations", RECOMMENDED_CONV_EPSILON) if _is_conv_net(group) else ("weights", RECOMMENDED_EPSILON)
+    conv = _is_conv_net(group)
+    if conv or len(group.parents) == 2:
+        mode, eps = ("activations", RECOMMENDED_CONV_EPSILON) if conv else ("weights", RECOMMENDED_EPSILON)
         cfg = dataclasses.replace(base, mode=mode, solver="sinkhorn", epsilon=eps, relative_epsilon="mean")
         out = _run_ot(group, cfg, f"recommended: OT fusion ({mode}, sinkhorn {eps:g} x mean cost)")
     else:

@@ -505,7 +505,10 @@ class WeightMatching:
     ) -> Alignment:
         """Weight matching plans for one parent: permutations, or the soft plans."""
         del parent_acts, target_acts
-        perms, info = self.match(parent, target, spec, key, params, init)
+        return self._alignment(*self.match(parent, target, spec, key, params, init))
+
+    def _alignment(self, perms: Mapping[str, jax.Array], info: MatchingInfo) -> Alignment:
+        """The aligner's answer for a descent's result: the soft plans, or the permutations."""
         plans = info.plans if self.soft else {k: plans_lib.Permutation(p, 1.0) for k, p in perms.items()}
         return Alignment(plans, {}, info)
 
@@ -550,9 +553,9 @@ class Refine:
         return self.then.match(parent, target, spec, key, None, plans_lib.plans_to_perms(first.plans))
 
     def align(self, parent, target, spec, *, parent_acts=None, target_acts=None, key=None, params=None) -> Alignment:
-        perms, info = self.match(parent, target, spec, key, params, parent_acts=parent_acts, target_acts=target_acts)
-        plans = info.plans if self.then.soft else {k: plans_lib.Permutation(p, 1.0) for k, p in perms.items()}
-        return Alignment(plans, {}, info)
+        return self.then._alignment(
+            *self.match(parent, target, spec, key, params, parent_acts=parent_acts, target_acts=target_acts)
+        )
 
 
 def weight_matching(

@@ -298,14 +298,14 @@ def repair(
         several layers (see ``check_repairable``).
     """
     fused = dict(fused)
-    plans = tuple(_corrected_plans(spec, include_output))
     if "batch_stats" in fused:
         fused = models.recompute_batch_stats(module, fused, x)
-        if not include_output:
-            return fused
-        plans = (spec.output_plan,) if spec.output_plan else ()  # the BatchNorms are reset; the logits as below
+        # The BatchNorms are reset; the logits (if asked for) are corrected as without BatchNorm, below.
+        plans = (spec.output_plan,) if include_output and spec.output_plan else ()
         if not plans:
             return fused
+    else:
+        plans = tuple(_corrected_plans(spec, include_output))
     check_repairable(spec, fused, plans=plans)
     if not parents_aligned:
         raise ValueError("REPAIR needs the aligned parents (at least one)")
