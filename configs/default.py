@@ -101,8 +101,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.matching.sinkhorn_max_iterations = 2000  # wm-soft: Sinkhorn iteration cap
     config.matching.align_output = False  # also match the class layer's plan
 
+    config.cca = ml_collections.ConfigDict()  # CCA Merge (method cca): otfusion_jax.CCAMerge
+    config.cca.regularization = 0.5  # covariance shrinkage r in [0, 1]: (1 - r) S + r tr(S)/n I (held-out choice; 1: Procrustes)
+    config.cca.acts_kind = "post"  # the activations it is solved from: after (post) or before (pre) the ReLU
+    config.cca.num_samples = 1000  # training inputs they are captured on (None: experiment.num_samples); CCA needs more than 200
+
     config.experiment = ml_collections.ConfigDict()  # what fuse.py makes: otfusion_jax.experiment.ExperimentConfig
-    config.experiment.method = "ot-weights,ot-acts,recommended"  # the original's two, then ours (README); comma list: ot-weights | ot-acts (may end :exact / :sinkhorn / :orthogonal) | recommended | wm | wm-refine | wm-soft | learned | wm-many | ot-many | ot-acts-many
+    config.experiment.method = "ot-weights,ot-acts,recommended"  # the original's two, then ours (README); comma list: ot-weights | ot-acts (may end :exact / :sinkhorn / :orthogonal) | recommended | cca | wm | wm-refine | wm-soft | learned | wm-many | ot-many | ot-acts-many
     config.experiment.repair = False  # also REPAIR each fused model (its "+ REPAIR" rows)
     config.experiment.repair_output = False  # REPAIR the logits too (not in Jordan et al.; see docs/RESULTS.md)
     config.experiment.learn_steps = 60  # "learned": Adam steps through Sinkhorn

@@ -7,6 +7,7 @@
 """
 
 from otfusion_jax import (
+    cca,
     checkpoints,
     configs_util,
     data,
@@ -21,6 +22,7 @@ from otfusion_jax import (
     spec,
     training,
 )
+from otfusion_jax.cca import CCAMerge
 from otfusion_jax.engine import (
     Aligner,
     Alignment,
@@ -37,12 +39,13 @@ from otfusion_jax.engine import (
 )
 from otfusion_jax.fusion import FusionConfig, OTFusion
 from otfusion_jax.matching import MatchingInfo, Refine, WeightMatching, matching_objective, weight_matching
-from otfusion_jax.plans import Permutation, apply_plans, perms_to_plans, plans_to_perms
+from otfusion_jax.plans import Linear, Permutation, apply_plans, perms_to_plans, plans_to_perms
 from otfusion_jax.sharding import fuse_sharded, make_pair_mesh
 from otfusion_jax.spec import AlignmentSpec, LeafSpec, SpecError
 
 __all__ = [
     # subpackages
+    "cca",
     "checkpoints",
     "configs_util",
     "data",
@@ -67,12 +70,14 @@ __all__ = [
     "OTFusion",
     "WeightMatching",
     "Refine",
+    "CCAMerge",
     # data types
     "Alignment",
     "AlignmentSpec",
     "FusionAux",
     "FusionError",
     "LeafSpec",
+    "Linear",
     "MatchingInfo",
     "Permutation",
     "SpecError",

@@ -30,7 +30,7 @@ from typing import Any
 import flax.linen as nn
 
 from otfusion_jax import data as data_lib
-from otfusion_jax import experiment, fusion, matching, models, ot
+from otfusion_jax import cca, experiment, fusion, matching, models, ot
 from otfusion_jax import spec as spec_lib
 from otfusion_jax import training
 
@@ -84,6 +84,8 @@ MATCHING_FIELDS = (
     "sinkhorn_max_iterations",
     "align_output",
 )
+# config.cca: CCA Merge's fields, read from the dataclass.
+CCA_FIELDS = tuple(f.name for f in dataclasses.fields(cca.CCAMerge))
 # config.experiment: the ExperimentConfig fields, read from the dataclass.
 EXPERIMENT_FIELDS = tuple(f.name for f in dataclasses.fields(experiment.ExperimentConfig))
 
@@ -91,13 +93,14 @@ EXPERIMENT_FIELDS = tuple(f.name for f in dataclasses.fields(experiment.Experime
 SCHEMA: dict[str | None, tuple[str, ...]] = {
     None: (
         "seed", "num_parents", "workdir", "parents_dir", "parent_widths",
-        "model", "data", "train", "fusion", "matching", "experiment",
+        "model", "data", "train", "fusion", "matching", "cca", "experiment",
     ),
     "model": ("name", "bias", "norm", "width", "widths", "depth", "embed_dim", "num_heads", "mlp_dim", "patch_size", "layer_norm_eps"),
     "data": ("name", "source", "data_dir", "pad_to", "max_train", "max_test", "seed", "eval_split"),
     "train": _TRAIN_FIELDS,
     "fusion": FUSION_FIELDS,
     "matching": MATCHING_FIELDS,
+    "cca": CCA_FIELDS,
     "experiment": EXPERIMENT_FIELDS,
 }
 
@@ -389,6 +392,9 @@ FIELDS: dict[str, Field] = {
     "matching.sinkhorn_max_iterations": _int("wm-soft: Sinkhorn iteration cap", 1),
     "matching.align_output": _bool("also match the class layer"),
     "experiment.method": Field("str", "comma list of fusion methods", check=_check_methods),
+    "cca.regularization": _float("CCA Merge: covariance shrinkage in [0, 1]", 0, high=1.0),
+    "cca.acts_kind": _choice("CCA Merge: activations before or after the ReLU", lambda: tuple(models.ACT_COLLECTIONS)),
+    "cca.num_samples": _int("CCA Merge: training inputs its activations are captured on (None: experiment's)", 1, optional=True),
     "experiment.repair": _bool("also REPAIR each fused model"),
     "experiment.repair_output": _bool("REPAIR the logits too"),
     "experiment.learn_steps": _int('"learned": Adam steps', 1),
@@ -597,6 +603,10 @@ def validate(config: Any, *, num_parents: int | None = None, model_from_config: 
         matching_from(cfg)
     except ValueError as e:
         raise ValueError(str(e).replace("WeightMatching.", "config.matching.")) from None
+    try:
+        cca_from(cfg)
+    except ValueError as e:
+        raise ValueError(str(e).replace("CCAMerge.", "config.cca.")) from None
     settings = settings_from(cfg)
     try:
         settings.finetune  # noqa: B018 - builds the fine-tuning TrainConfig, which checks it
@@ -629,6 +639,12 @@ def matching_from(config: Any) -> tuple[matching.WeightMatching, int]:
     return matching.WeightMatching(backend=cfg["fusion"]["exact_backend"], **section), int(seed)
 
 
+def cca_from(config: Any) -> cca.CCAMerge:
+    """CCA Merge's options: ``config.cca``."""
+    section = to_dict(config)["cca"]
+    return cca.CCAMerge(**{k: section[k] for k in CCA_FIELDS})
+
+
 def experiment_config_from(config: Any) -> experiment.ExperimentConfig:
     """The :class:`~otfusion_jax.experiment.ExperimentConfig` of ``config.experiment``."""
     section = to_dict(config)["experiment"]
@@ -651,6 +667,7 @@ def settings_from(config: Any) -> experiment.Settings:
         fusion=fusion_config_from(config, "weights"),
         matching=wm,
         matching_seed=seed,
+        cca=cca_from(config),
         train=train_config_from(config),
     )
 

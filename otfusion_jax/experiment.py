@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from otfusion_jax import cca as cca_lib
 from otfusion_jax import data as data_lib
 from otfusion_jax import engine, learned, models, repair, training
 from otfusion_jax import fusion as fusion_lib
@@ -163,6 +164,7 @@ class Settings:
       matching: weight matching's options for the ``wm*`` methods (``soft`` is set per method; its ``backend``
         is taken as given: ``configs_util.settings_from`` passes ``config.fusion.exact_backend``).
       matching_seed: weight matching's key (restart r uses ``fold_in(key, r)``).
+      cca: CCA Merge's options (the ``cca`` method).
       train: the parents' training recipe; fine-tuning is this with ``experiment.finetune_epochs`` epochs,
         ``experiment.finetune_lr``, ``experiment.finetune_distill`` / ``finetune_temperature`` and the warm-up
         scaled to the same share of the run (None: TrainConfig's defaults).
@@ -172,6 +174,7 @@ class Settings:
     fusion: fusion_lib.FusionConfig = dataclasses.field(default_factory=fusion_lib.FusionConfig)
     matching: matching_lib.WeightMatching = dataclasses.field(default_factory=matching_lib.WeightMatching)
     matching_seed: int = 0
+    cca: cca_lib.CCAMerge = dataclasses.field(default_factory=cca_lib.CCAMerge)
     train: training.TrainConfig | None = None
 
     @property
@@ -269,7 +272,7 @@ class Group:
     weights: tuple[float, ...] | None
     samples: np.ndarray
     say: Callable[[str], None]
-    _acts: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    _acts: dict[tuple[str, int | None], list[Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def variables(self) -> list[dict[str, Any]]:
@@ -281,14 +284,17 @@ class Group:
         """The target parent's module: the fused model's architecture."""
         return self.parents[self.target].module
 
-    def activations(self, kind: str | None = None) -> list[Any]:
-        """Every parent's activations on the samples, captured once per group and kind (None:
-        ``experiment.acts_kind``)."""
-        kind = kind or self.settings.experiment.acts_kind
-        if kind not in self._acts:
-            x = jnp.asarray(self.samples)
-            self._acts[kind] = [models.capture_activations(p.module, p.variables, x, kind) for p in self.parents]
-        return self._acts[kind]
+    def activations(self, kind: str | None = None, num: int | None = None) -> list[Any]:
+        """Every parent's activations, captured once per group, kind (None: ``experiment.acts_kind``) and number of
+        samples (None: the group's ``samples``; else ``num`` training inputs drawn with ``experiment.sample_seed``)."""
+        exp = self.settings.experiment
+        kind = kind or exp.acts_kind
+        num = None if num == len(self.samples) else num
+        if (kind, num) not in self._acts:
+            x = self.samples if num is None else sample_inputs(self.dataset.x_train, num, exp.sample_seed)
+            x = jnp.asarray(x)
+            self._acts[kind, num] = [models.capture_activations(p.module, p.variables, x, kind) for p in self.parents]
+        return self._acts[kind, num]
 
     def rank_data(self) -> dict[str, jax.Array]:
         """``experiment.rank_samples`` training images and labels (not the activation / REPAIR samples)."""
@@ -307,6 +313,7 @@ class Group:
         key: Any = None,
         extra: Mapping[str, Any] | Callable[[engine.FusionAux], Mapping[str, Any]] | None = None,
         acts_kind: str | None = None,
+        num_samples: int | None = None,
         **fuse_options: Any,
     ) -> Outcome:
         """Fuses the group with ``engine.fuse`` and ``aligner``: timed twice (compile, then compiled).
@@ -318,10 +325,11 @@ class Group:
           key: the aligner's key (weight matching's sweep orders).
           extra: more row fields, or a function of the fusion's aux returning them.
           acts_kind: the activations the aligner gets, "pre" or "post" (None: ``experiment.acts_kind``).
+          num_samples: on how many training inputs (None: the group's ``samples``).
           **fuse_options: more keyword arguments of ``engine.fuse`` and ``engine.align_parents``
             (e.g. ``iterations=`` for the iterative barycentre).
         """
-        acts = self.activations(acts_kind) if aligner.needs_activations else None
+        acts = self.activations(acts_kind, num_samples) if aligner.needs_activations else None
         variables, weights, target = self.variables, self.weights, self.target
 
         def once():
@@ -493,26 +501,43 @@ def _is_conv_net(group: Group) -> bool:
     return any(np.ndim(leaf) == 4 for leaf in jax.tree_util.tree_leaves(group.parents[group.target].variables))
 
 
+def _equal_widths(group: Group) -> bool:
+    sizes = [group.spec.check_variables(v) for v in group.variables]
+    return all(s == sizes[0] for s in sizes)
+
+
+def _unrepairable(group: Group) -> bool:
+    """No BatchNorm and a residual sum: REPAIR has no single layer to fold a stream's correction into."""
+    spec = group.spec
+    no_bn = "batch_stats" not in group.variables[group.target]
+    return no_bn and any(len(spec.producers(p, ("weight",))) > 1 for p in spec.plans)
+
+
 def _recommended_method(group: Group, solver: str | None) -> Outcome:
     """The best method measured on held-out training images (docs/RESULTS.md, "The recommended method"), by
-    architecture and number of parents; its REPAIR corrects the logits too (``repair_output``):
+    architecture and number of parents:
 
     * transformers: OT by activations with their rotation symmetries (no REPAIR: it does not help them);
-    * conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + REPAIR;
-    * two MLPs: OT by weights, Sinkhorn (epsilon 0.05 of the mean cost), + REPAIR;
-    * more than two MLPs: the barycentre by activations, exact plans from post-ReLU correlation costs, + REPAIR
-      (four Fashion MLPNets: 82.82% against 78.66% for the weight-matching barycentre).
+    * more than two MLPs, and conv nets that REPAIR cannot correct (residual sums without BatchNorm), of equal
+      widths: CCA Merge (``config.cca``: post-ReLU activations of 1,000 samples), no REPAIR. Four Fashion
+      MLPNets: 87.62% against 82.82% for the activation barycentre + REPAIR (REPAIR costs CCA Merge 0.3); the
+      BatchNorm-free ResNet18 pair: 56.34% against 41.88% for OT by activations, exact;
+    * more than two MLPs of different widths: the barycentre by activations, exact plans from post-ReLU
+      correlation costs, + REPAIR of hidden units and logits;
+    * other conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + REPAIR of
+      hidden units and logits (CCA Merge: 81.60% at best on the VGG11 pair, against 89.90%);
+    * two MLPs: OT by weights, Sinkhorn (epsilon 0.05 of the mean cost), + REPAIR of hidden units and logits
+      (87.90%, loss barrier 0.096; CCA Merge 87.20%, barrier 0.025).
     """
     del solver
     base = group.settings.fusion
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
     conv = _is_conv_net(group)
-    if conv or len(group.parents) == 2:
-        mode, eps = ("activations", RECOMMENDED_CONV_EPSILON) if conv else ("weights", RECOMMENDED_EPSILON)
-        cfg = dataclasses.replace(base, mode=mode, solver="sinkhorn", epsilon=eps, relative_epsilon="mean")
-        out = _run_ot(group, cfg, f"recommended: OT fusion ({mode}, sinkhorn {eps:g} x mean cost)")
-    else:
+    many_mlps = not conv and len(group.parents) > 2
+    if (many_mlps or (conv and _unrepairable(group))) and _equal_widths(group):
+        return _cca_method(group, None, "recommended: ")
+    if many_mlps:
         n = int(group.settings.experiment.barycenter_iterations)
         cfg = dataclasses.replace(
             base, mode="activations", solver="exact", ground_metric="correlation", stream_policy="shared"
@@ -521,7 +546,20 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
         group.say(label)
         out = group.run_aligner(cfg, label, "exact", extra=_rounds, acts_kind="post", iterations=n)
         out = dataclasses.replace(out, aux=None)
+    else:
+        mode, eps = ("activations", RECOMMENDED_CONV_EPSILON) if conv else ("weights", RECOMMENDED_EPSILON)
+        cfg = dataclasses.replace(base, mode=mode, solver="sinkhorn", epsilon=eps, relative_epsilon="mean")
+        out = _run_ot(group, cfg, f"recommended: OT fusion ({mode}, sinkhorn {eps:g} x mean cost)")
     return dataclasses.replace(out, repair=True, repair_output=True)
+
+
+def _cca_method(group: Group, solver: str | None, prefix: str = "") -> Outcome:
+    del solver
+    aligner = group.settings.cca
+    label = f"{prefix}CCA Merge ({aligner.acts_kind}-ReLU activations, regularization {aligner.regularization:g})"
+    group.say(label)
+    out = group.run_aligner(aligner, label, "exact", acts_kind=aligner.acts_kind, num_samples=aligner.num_samples)
+    return dataclasses.replace(out, aux=None)  # no OT costs to plot
 
 
 def _learned_method(group: Group, solver: str | None) -> Outcome:
@@ -582,14 +620,20 @@ METHODS: dict[str, Method] = {
     "wm-soft": Method(
         "weight matching with Sinkhorn (soft) plans", _wm_method("wm-soft", "soft weight matching", soft=True)
     ),
+    "cca": Method(
+        "CCA Merge (Horoi et al. 2024): invertible linear maps of the neurons from canonical correlations of"
+        " activations (config.cca; models without BatchNorm, LayerNorm or attention)",
+        _cca_method,
+    ),
     "learned": Method(
         "OTFusion by weights with per-layer Sinkhorn epsilons (and mixing weights) fitted by gradient descent",
         _learned_method,
     ),
     "recommended": Method(
-        "the recommended method (chosen on held-out data), each + REPAIR of hidden units and logits: MLP pairs: OT"
-        " by weights, Sinkhorn (epsilon 0.05 of the mean cost); conv nets: OT by activations, Sinkhorn (0.2);"
-        " more than two MLPs: the barycentre by activations (post-ReLU correlation); transformers: OT by"
+        "the recommended method (chosen on held-out data): MLP pairs: OT by weights, Sinkhorn (epsilon 0.05 of the"
+        " mean cost); conv nets: OT by activations, Sinkhorn (0.2), both + REPAIR of hidden units and logits; more"
+        " than two MLPs and conv nets REPAIR cannot correct (residual sums without BatchNorm): CCA Merge"
+        " (config.cca; MLPs of different widths: the activation barycentre + REPAIR); transformers: OT by"
         " activations, orthogonal (no REPAIR)",
         _recommended_method,
     ),

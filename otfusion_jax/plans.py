@@ -7,7 +7,12 @@ A plan sends the neurons of a parent layer (n) onto those of the target layer (m
 * a :class:`Permutation` (exact plans of equal widths, weight matching): the
   same map for ``T = scale * P`` with P a permutation matrix, applied as a
   gather (``jnp.take``) instead of an n x n matmul: exact, and O(n) not O(n^2).
-  A bare ``(n,)`` integer array is read as ``Permutation(index, 1.0)``.
+  A bare ``(n,)`` integer array is read as ``Permutation(index, 1.0)``;
+* a :class:`Linear` map (CCA Merge): an invertible ``(n, n)`` matrix ``T`` on the
+  neurons a layer produces (its output axis, the last) and ``T^-1`` on the
+  layers that read them (every other axis), so that the layer pair computes
+  the same function up to the nonlinearity in between. Transport plans and
+  permutations need no inverse: their input side is the same matrix.
 
 Every method (OTFusion, weight matching, REPAIR's aligned parents, learned
 fusion, sharding, the bench) moves parents with :func:`apply_plans`.
@@ -25,6 +30,7 @@ from otfusion_jax import spec as spec_lib
 
 __all__ = [
     "Permutation",
+    "Linear",
     "Plan",
     "as_plan",
     "move_axis",
@@ -49,12 +55,29 @@ class Permutation(NamedTuple):
     scale: Any = 1.0
 
 
-Plan = Union[jax.Array, Permutation]
+class Linear(NamedTuple):
+    """An invertible map of a layer's neurons (CCA Merge's plans): ``matrix`` on its output axis, ``inverse`` on inputs.
+
+    Axis ``a`` of a leaf moves as for a dense plan (``y[.., j, ..] = sum_i M[i, j] x[.., i, ..]``) with
+    ``M = matrix`` when ``a`` is the leaf's output axis (its last: a kernel's outputs, a bias) and
+    ``M = inverse.T`` on any other axis (a kernel's inputs): the next layer undoes the map, so without the
+    nonlinearity in between the pair of layers would compute the parent's function exactly.
+
+    Attributes:
+      matrix: (n, m) the map of the produced neurons (parent activations ``x`` become ``x @ matrix``).
+      inverse: (m, n) its inverse.
+    """
+
+    matrix: jax.Array
+    inverse: jax.Array
+
+
+Plan = Union[jax.Array, Permutation, Linear]
 
 
 def as_plan(plan: Any) -> Plan:
-    """A Permutation or a dense plan; an (n,) integer array becomes ``Permutation(plan, 1.0)``."""
-    if isinstance(plan, Permutation):
+    """A Permutation, Linear or dense plan; an (n,) integer array becomes ``Permutation(plan, 1.0)``."""
+    if isinstance(plan, (Permutation, Linear)):
         return plan
     plan = jnp.asarray(plan)
     if plan.ndim == 1 and jnp.issubdtype(plan.dtype, jnp.integer):
@@ -65,8 +88,13 @@ def as_plan(plan: Any) -> Plan:
 
 
 def move_axis(x: jax.Array, plan: Plan, axis: int) -> jax.Array:
-    """Moves axis ``axis`` of ``x`` from parent to target neurons: ``y[.., j, ..] = sum_i T[i, j] x[.., i, ..]``."""
+    """Moves axis ``axis`` of ``x`` from parent to target neurons: ``y[.., j, ..] = sum_i T[i, j] x[.., i, ..]``.
+
+    A :class:`Linear` plan moves an output axis here (``move_leaf`` picks its side).
+    """
     plan = as_plan(plan)
+    if isinstance(plan, Linear):
+        plan = plan.matrix
     if isinstance(plan, Permutation):
         y = jnp.take(x, plan.index, axis=axis)
         if isinstance(plan.scale, (int, float)) and plan.scale == 1.0:
@@ -80,13 +108,18 @@ def move_leaf(
 ) -> jax.Array:
     """A leaf read through its view, with the given axes (default: every plan axis) moved by their plans.
 
+    A :class:`Linear` plan moves the leaf's last (output) axis by its matrix and any other axis by its inverse.
     Returns the leaf in its viewed shape.
     """
     x = leaf.reshape(spec_lib.view_shape(ls, leaf.shape, path))
     if axes is None:
         axes = [ax for ax, name in enumerate(ls.axes) if name is not None]
+    last = len(ls.axes) - 1
     for ax in axes:
-        x = move_axis(x, plans[ls.axes[ax]], ax)
+        plan = plans[ls.axes[ax]]
+        if isinstance(plan, Linear):
+            plan = plan.matrix if ax == last else plan.inverse.T
+        x = move_axis(x, plan, ax)
     return x
 
 
@@ -130,8 +163,10 @@ def apply_plans(
 
 
 def as_matrix(plan: Plan, n: int | None = None, dtype: Any = jnp.float32) -> jax.Array:
-    """The dense (n, m) matrix of a plan (``n`` defaults to m for a permutation)."""
+    """The dense (n, m) matrix of a plan (``n`` defaults to m for a permutation; a Linear plan's output side)."""
     plan = as_plan(plan)
+    if isinstance(plan, Linear):
+        return plan.matrix
     if not isinstance(plan, Permutation):
         return plan
     m = plan.index.shape[0]
@@ -154,6 +189,7 @@ def plans_to_perms(plans: Mapping[str, Any]) -> dict[str, jax.Array]:
     out = {}
     for name, t in plans.items():
         t = as_plan(t)
+        t = t.matrix if isinstance(t, Linear) else t
         idx = t.index if isinstance(t, Permutation) else jnp.argmax(t, axis=0)
         out[name] = jnp.asarray(idx).astype(jnp.int32)
     return out

@@ -57,8 +57,9 @@ def test_barycentre_with_a_zero_weight_stays_finite(solver):
 
 @pytest.mark.slow
 def test_many_parents_of_different_widths_get_the_ot_barycentre():
-    """The default many-parent row (the recommended method: the activation barycentre for MLPs) takes any widths;
-    weight matching's barycentre needs equal widths: asked for, the driver falls back to OTFusion's."""
+    """The default many-parent row (the recommended method: for MLPs of different widths, which CCA Merge cannot
+    fuse, the activation barycentre) takes any widths; weight matching's barycentre needs equal widths: asked
+    for, the driver falls back to OTFusion's."""
     parents = []
     for k, widths in enumerate(((12, 8), (16, 10), (12, 8))):
         module, spec, v = _mlp(widths, k)

@@ -135,22 +135,29 @@ def test_batchnorm_model_identity_and_statistics():
 
 @pytest.mark.slow
 def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
-    """A BatchNorm-free ResNet cannot be REPAIRed: the recommended method's own REPAIR row says why, the run goes on;
-    with experiment.repair asked for, the same model is an error."""
+    """A BatchNorm-free ResNet cannot be REPAIRed. Of equal widths, the recommended method fuses it by CCA Merge
+    (no REPAIR row); of different widths, by OT with its own REPAIR row, which says why it is empty, and the run
+    goes on; with experiment.repair asked for, the same model is an error."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 
-    model, spec = build("resnet18", input_shape=(16, 16, 3), num_classes=3, width=0.0625, bias=False, norm=False)
-    parents = [experiment.Parent(f"parent {k}", model, init(model, jax.random.key(k), (16, 16, 3))) for k in (0, 1)]
+    parents = []
+    for k, width in enumerate((0.0625, 0.0625, 0.125)):
+        model, spec = build("resnet18", input_shape=(16, 16, 3), num_classes=3, width=width, bias=False, norm=False)
+        parents.append(experiment.Parent(f"parent {k}", model, init(model, jax.random.key(k), (16, 16, 3))))
     x = np.asarray(jax.random.normal(jax.random.key(5), (12, 16, 16, 3)))
     y = np.arange(12) % 3
     ds = data_lib.Dataset("cifar10", "tfds", x[:8], y[:8], x[8:], y[8:], 3)
-    exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="")
-    rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
+    exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="", target=0)
+    rows, _ = experiment.run_fusion_table(parents[:2], spec, ds, experiment.Settings(exp))
+    labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
+    assert labels == ["recommended: CCA Merge (post-ReLU activations, regularization 0.5)"], labels
+    rows, _ = experiment.run_fusion_table(parents[1:], spec, ds, experiment.Settings(exp))
     row = next(r for r in rows if r["method"].endswith("+ REPAIR"))
+    assert row["method"].startswith("recommended: OT fusion (activations, sinkhorn")
     assert row["accuracy"] is None and "residual sum" in row["note"]
     with pytest.raises(ValueError, match="residual sum"):
-        experiment.run_fusion_table(parents, spec, ds, experiment.Settings(dataclasses.replace(exp, repair=True)))
+        experiment.run_fusion_table(parents[1:], spec, ds, experiment.Settings(dataclasses.replace(exp, repair=True)))
 
 
 @pytest.mark.parametrize("name,opts,k,expected", [
@@ -158,13 +165,11 @@ def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (activations, sinkhorn 0.2"),
     ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: OT fusion (weights, sinkhorn"),
-    ("mlpnet", dict(widths=(16, 8), bias=False), 3,
-     "recommended: OT fusion (activations, exact, post-ReLU correlation), barycentre"),
 ])
 def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, monkeypatch):
-    """Conv nets: OT by activations with Sinkhorn; MLP pairs: OT by weights with Sinkhorn; more than two
-    MLPs: the activation barycentre with correlation costs (each chosen on held-out images); each with a REPAIR
-    row that corrects the logits too, although experiment.repair and repair_output are off."""
+    """Conv nets: OT by activations with Sinkhorn; MLP pairs: OT by weights with Sinkhorn (each chosen on
+    held-out images); each with a REPAIR row that corrects the logits too, although experiment.repair and
+    repair_output are off. (More than two MLPs: tests/test_cca.py.)"""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 

@@ -1,0 +1,177 @@
+"""CCA Merge: the map of one layer, Linear plans, the permuted (and rescaled) copy property, refusals, the method row."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otfusion_jax as otf
+from otfusion_jax import cca, configs_util, data, experiment, plans
+from otfusion_jax import spec as spec_lib
+from otfusion_jax.models import build, capture_activations
+
+from fusion_helpers import apply_jit, max_abs_diff, permute_numpy, random_permutations, random_variables, shipped_parents
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_cca_map_recovers_an_invertible_linear_relation():
+    """Without shrinkage, target activations that are an invertible map A of the parent's give T = A."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 6)) @ (np.eye(6) + 0.3 * rng.standard_normal((6, 6))) + 3.0  # correlated, off-centre
+    a = rng.standard_normal((6, 6)) + 3 * np.eye(6)
+    t, t_inv, corr = jax.jit(cca.cca_map)(jnp.asarray(x, jnp.float32), jnp.asarray(x @ a, jnp.float32), 0.0)
+    np.testing.assert_allclose(np.asarray(t), a, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(t @ t_inv), np.eye(6), atol=2e-3)
+    assert float(corr) == pytest.approx(1.0, abs=1e-3)  # every canonical correlation is 1
+
+
+def test_linear_plans_move_outputs_by_the_map_and_inputs_by_its_inverse():
+    """A dense pair moved by a Linear plan computes the same affine map (what the ReLU between them breaks)."""
+    model, spec = build("mlpnet", input_shape=(3, 3, 1), num_classes=4, widths=(5,), bias=True)
+    v = random_variables(model, (3, 3, 1), 0)
+    rng = np.random.default_rng(1)
+    t = rng.standard_normal((5, 5)) + 3 * np.eye(5)
+    linear = plans.Linear(jnp.asarray(t, jnp.float32), jnp.asarray(np.linalg.inv(t), jnp.float32))
+    moved = plans.apply_plans(v, spec, {"fc1": linear, "fc2": plans.Permutation(jnp.arange(4))})
+    p, q = v["params"], moved["params"]
+    x = rng.standard_normal((7, 9))
+
+    def affine(prm):
+        h = x @ np.asarray(prm["fc1"]["kernel"]) + np.asarray(prm["fc1"]["bias"])
+        return h, h @ np.asarray(prm["fc2"]["kernel"]) + np.asarray(prm["fc2"]["bias"])
+
+    (h0, y0), (h1, y1) = affine(p), affine(q)
+    np.testing.assert_allclose(h1, h0 @ t, rtol=1e-4, atol=1e-4)  # the produced neurons move by T
+    np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4)  # the next layer undoes it
+    np.testing.assert_allclose(np.asarray(plans.as_matrix(linear)), t, rtol=1e-6)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 20), min_size=1, max_size=3),
+    bias=st.booleans(),
+    rescale=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_permuted_copy_is_recovered(widths, bias, rescale, seed):
+    """Fusing a model with a permuted copy of itself gives the model back; without shrinkage, also a copy whose
+    neurons are permuted and rescaled by positive factors (the same function through a ReLU, which no
+    permutation method undoes).
+
+    Widths non-increasing and at most the input's 36 pixels, pre-ReLU activations of 256 samples: every
+    covariance is nonsingular, so the map is unique. The rescaled copy without shrinkage squares the scales'
+    spread into the covariances' condition number, which float32 eigendecompositions pay for: a looser
+    tolerance there (a wrong pairing of neurons would be off by the weights' own size, about 1).
+    """
+    widths = tuple(sorted(widths, reverse=True))
+    model, spec = build("mlpnet", input_shape=(6, 6, 1), num_classes=3, widths=widths, bias=bias)
+    v = random_variables(model, (6, 6, 1), seed)
+    sizes = spec.check_variables(v)
+    perms = random_permutations(spec, sizes, seed + 1)
+    copy = permute_numpy(v, spec, perms)
+    regularization = 0.5
+    if rescale:
+        regularization = 0.0
+        rng = np.random.default_rng(seed + 2)
+        scales = {name: rng.uniform(0.5, 2.0, n) for name, n in sizes.items() if name != spec.output_plan}
+        copy = _rescaled(copy, spec, scales)
+    x = jax.random.normal(jax.random.key(seed), (256, 6, 6, 1))
+    np.testing.assert_allclose(apply_jit(model, copy, x), apply_jit(model, v, x), rtol=1e-4, atol=1e-4)
+    acts = [capture_activations(model, w, x, "pre") for w in (copy, v)]
+    fused, aux = otf.fuse([copy, v], spec, otf.CCAMerge(regularization, "pre"), activations=acts)
+    assert max_abs_diff(fused, v) < (2e-2 if rescale else 2e-3)
+    assert set(aux.plans[0]) == set(spec.plans) and aux.plans[1] is None
+
+
+def _rescaled(variables, spec, scales):
+    """Neuron j of each hidden layer times s_j on its producers (kernel column, bias), 1/s_j on its consumers."""
+    flat = spec_lib.flatten_paths(variables)
+    out = {}
+    for path, ls in spec.leaves:
+        x = np.asarray(flat[path])
+        view = x.reshape(spec_lib.view_shape(ls, x.shape, path))
+        last = len(ls.axes) - 1
+        for ax, name in enumerate(ls.axes):
+            if name in scales:
+                s = scales[name] if ax == last else 1.0 / scales[name]
+                view = view * s.reshape([-1 if i == ax else 1 for i in range(view.ndim)])
+        out[path] = jnp.asarray(view.reshape(x.shape), x.dtype)
+    return spec_lib.unflatten_paths(out)
+
+
+def test_refuses_what_a_linear_map_cannot_move():
+    x = jnp.ones((4, 32, 32, 1))
+    model, spec = build("vgg11", input_shape=(32, 32, 1), width=0.0625, norm=True, bias=False)
+    v = random_variables(model, (32, 32, 1), 0)
+    with pytest.raises(otf.FusionError, match=r"CCA Merge: leaf .*BatchNorm|CCA Merge: leaf params/.* normalisation"):
+        otf.fuse([v, v], spec, otf.CCAMerge(), activations=[capture_activations(model, v, x)] * 2)
+    model, spec = build("mlpnet", input_shape=(3, 3, 1), widths=(4,), bias=False)
+    wide, wide_spec = build("mlpnet", input_shape=(3, 3, 1), widths=(6,), bias=False)
+    a, b = random_variables(model, (3, 3, 1)), random_variables(wide, (3, 3, 1))
+    with pytest.raises(otf.FusionError, match=r"layer 'fc1' has 6 neurons in parent 0 and 4 in the target"):
+        otf.fuse([b, a], spec, otf.CCAMerge(), activations=[{}, {}])
+    with pytest.raises(otf.FusionError, match=r"regularization must be a number in \[0, 1\], got 1.5"):
+        otf.CCAMerge(1.5)
+    with pytest.raises(otf.FusionError, match=r"acts_kind must be one of"):
+        otf.CCAMerge(0.5, "relu")
+
+
+def test_refuses_attention_heads():
+    model, spec = build("vit", input_shape=(8, 8, 1), num_classes=3, depth=1, embed_dim=8, num_heads=2, mlp_dim=8,
+                        patch_size=4)
+    v = random_variables(model, (8, 8, 1))
+    acts = capture_activations(model, v, jnp.ones((2, 8, 8, 1)))
+    with pytest.raises(otf.FusionError, match="CCA Merge: the spec has attention heads"):
+        otf.fuse([v, v], spec, otf.CCAMerge(), activations=[acts, acts])
+
+
+def test_config_section_is_validated_and_read():
+    from configs import default
+
+    config = default.get_config()
+    config.cca.regularization = 1.5
+    with pytest.raises(ValueError, match=r"config\.cca\.regularization"):
+        configs_util.validate(config)
+    config.cca.regularization = 0.25
+    config.cca.acts_kind = "pre"
+    assert configs_util.settings_from(configs_util.validate(config)).cca == otf.CCAMerge(0.25, "pre")
+
+
+@pytest.mark.slow
+def test_method_row_on_four_digits_parents():
+    """The cca row of fuse.py's table: far above vanilla averaging on the shipped digits parents."""
+    parents, spec = shipped_parents("digits_mlpnet", 4)
+    settings = experiment.Settings(experiment=experiment.ExperimentConfig(method="cca", many_method="", plots=False))
+    rows, fused = experiment.run_fusion_table(parents, spec, data.load("digits"), settings)
+    acc = {r["method"]: r["accuracy"] for r in rows}
+    label = "CCA Merge (post-ReLU activations, regularization 0.5)"
+    assert acc[label] > acc["vanilla averaging"] + 0.2, acc
+    assert fused[label].method == "cca"
+
+
+def test_the_recommended_method_for_more_than_two_mlps_is_cca_merge():
+    """Three MLPs of equal widths: CCA Merge on post-ReLU activations of config.cca.num_samples inputs, no REPAIR
+    row (chosen on held-out images); the activations come from that many training inputs, not num_samples."""
+    model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(6, 5), bias=False)
+    parents = [experiment.Parent(f"parent {i}", model, random_variables(model, (4, 4, 1), i)) for i in range(3)]
+    x = np.asarray(jax.random.normal(jax.random.key(5), (40, 4, 4, 1)))
+    y = np.arange(40) % 3
+    ds = data.Dataset("fashion_mnist", "idx", x[:30], y[:30], x[30:], y[30:], 3)
+    exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="", plots=False)
+    settings = experiment.Settings(exp, cca=otf.CCAMerge(num_samples=25))
+    captured = []
+    real = experiment.models.capture_activations
+    experiment.models.capture_activations = lambda m, v, xs, kind: captured.append((len(xs), kind)) or real(m, v, xs, kind)
+    try:
+        rows, fused = experiment.run_fusion_table(parents, spec, ds, settings)
+    finally:
+        experiment.models.capture_activations = real
+    labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
+    assert labels == ["recommended: CCA Merge (post-ReLU activations, regularization 0.5)"], labels
+    assert captured == [(25, "post")] * 3, captured
+    assert fused[labels[0]].method == "recommended"
