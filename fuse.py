@@ -3,8 +3,11 @@ r"""Fuses K trained parents and prints one table with every baseline and method.
 Rows: each parent, the prediction ensemble (mean softmax), vanilla averaging
 (plain weight mean), and each method of --config.experiment.method:
   ot-weights, ot-acts   OTFusion by weights / activations (":exact" or ":sinkhorn" overrides fusion.solver)
+  recommended           the best method measured on held-out images, by architecture (README)
+  cca                   CCA Merge: invertible linear maps of the neurons (config.cca)
   wm, wm-refine, wm-soft  weight matching (Git Re-Basin), from OTFusion's plans, with Sinkhorn plans
   learned               OTFusion with per-layer Sinkhorn epsilons fitted through Sinkhorn
+  wm-many, ot-many, ot-acts-many  the iterative barycentre of many parents
 with test accuracy, loss, loss barrier, fusion time and compile time (the first
 call's extra time); "+ REPAIR" rows with --config.experiment.repair=True and
 "+ fine-tune" rows with --config.experiment.finetune_epochs=N. One table per
@@ -14,7 +17,8 @@ checkpoints, and <out>/results.json last, each atomically.
 
 Config sections: config.fusion is OTFusion's options (otf.FusionConfig),
 config.matching weight matching's (otf.WeightMatching, its own seed; the exact
-solver is config.fusion.exact_backend), config.experiment what this script
+solver is config.fusion.exact_backend), config.cca CCA Merge's (otf.CCAMerge),
+config.experiment what this script
 makes (methods, tables, REPAIR, fine-tuning, plots, averaging weights, target).
 
 Compiled programs are kept in a persistent compilation cache

@@ -218,6 +218,8 @@ class Outcome:
       repair: the method includes REPAIR: its "+ REPAIR" row is made even without ``experiment.repair``
         (where the model allows REPAIR; otherwise the row says why not).
       repair_output: its REPAIR corrects the logits too, whatever ``experiment.repair_output``.
+      repair_targets: REPAIR's target statistics on given samples (``repair.moved_target_stats``) instead of
+        the aligned parents' (``align``); for plans that are not permutations (CCA Merge).
     """
 
     label: str
@@ -230,6 +232,7 @@ class Outcome:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     repair: bool = False
     repair_output: bool = False
+    repair_targets: Callable[[np.ndarray], Mapping[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,30 +517,32 @@ def _unrepairable(group: Group) -> bool:
 
 
 def _recommended_method(group: Group, solver: str | None) -> Outcome:
-    """The best method measured on held-out training images (docs/RESULTS.md, "The recommended method"), by
-    architecture and number of parents:
+    """The best method measured on held-out training images (docs/RESULTS.md, "The recommended method" and "CCA
+    Merge"), by architecture and number of parents:
 
     * transformers: OT by activations with their rotation symmetries (no REPAIR: it does not help them);
-    * more than two MLPs, and conv nets that REPAIR cannot correct (residual sums without BatchNorm), of equal
-      widths: CCA Merge (``config.cca``: post-ReLU activations of 1,000 samples), no REPAIR. Four Fashion
-      MLPNets: 87.62% against 82.82% for the activation barycentre + REPAIR (REPAIR costs CCA Merge 0.3); the
-      BatchNorm-free ResNet18 pair: 56.34% against 41.88% for OT by activations, exact;
-    * more than two MLPs of different widths: the barycentre by activations, exact plans from post-ReLU
-      correlation costs, + REPAIR of hidden units and logits;
+    * MLPs of equal widths, any number: CCA Merge (``config.cca``: post-ReLU activations of 1,000 samples) + REPAIR
+      of hidden units and logits towards the parents' statistics moved by its maps. Fashion MLPNets: four 87.78%
+      (loss barrier 0.022) against 82.82% for the activation barycentre + REPAIR; two 87.88% (barrier 0.013)
+      against 87.90% (barrier 0.096) for OT by weights with Sinkhorn + REPAIR: a tie on accuracy (one image in
+      5,000), the loss decides;
+    * conv nets that REPAIR cannot correct (residual sums without BatchNorm), of equal widths: CCA Merge (the
+      BatchNorm-free ResNet18 pair: 56.34% against 41.88% for OT by activations, exact);
     * other conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + REPAIR of
       hidden units and logits (CCA Merge: 81.60% at best on the VGG11 pair, against 89.90%);
-    * two MLPs: OT by weights, Sinkhorn (epsilon 0.05 of the mean cost), + REPAIR of hidden units and logits
-      (87.90%, loss barrier 0.096; CCA Merge 87.20%, barrier 0.025).
+    * MLPs of different widths, which CCA Merge cannot fuse: two: OT by weights, Sinkhorn (epsilon 0.05 of the
+      mean cost); more: the barycentre by activations, exact plans from post-ReLU correlation costs; each +
+      REPAIR of hidden units and logits.
     """
     del solver
     base = group.settings.fusion
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
     conv = _is_conv_net(group)
-    many_mlps = not conv and len(group.parents) > 2
-    if (many_mlps or (conv and _unrepairable(group))) and _equal_widths(group):
-        return _cca_method(group, None, "recommended: ")
-    if many_mlps:
+    if _equal_widths(group) and (not conv or _unrepairable(group)):
+        out = _cca_method(group, None, "recommended: ")
+        return out if conv else dataclasses.replace(out, repair=True, repair_output=True)
+    if not conv and len(group.parents) > 2:
         n = int(group.settings.experiment.barycenter_iterations)
         cfg = dataclasses.replace(
             base, mode="activations", solver="exact", ground_metric="correlation", stream_policy="shared"
@@ -559,7 +564,13 @@ def _cca_method(group: Group, solver: str | None, prefix: str = "") -> Outcome:
     label = f"{prefix}CCA Merge ({aligner.acts_kind}-ReLU activations, regularization {aligner.regularization:g})"
     group.say(label)
     out = group.run_aligner(aligner, label, "exact", acts_kind=aligner.acts_kind, num_samples=aligner.num_samples)
-    return dataclasses.replace(out, aux=None)  # no OT costs to plot
+    plans, weights = out.aux.plans, group.weights
+    parents = [(p.module, p.variables) for p in group.parents]
+
+    def targets(x):  # the aligned parents are not their parents' functions: restore what the maps ask for
+        return repair.moved_target_stats(parents, plans, jnp.asarray(x), weights=weights)
+
+    return dataclasses.replace(out, aux=None, repair_targets=targets)  # aux None: no OT costs to plot
 
 
 def _learned_method(group: Group, solver: str | None) -> Outcome:
@@ -630,11 +641,11 @@ METHODS: dict[str, Method] = {
         _learned_method,
     ),
     "recommended": Method(
-        "the recommended method (chosen on held-out data): MLP pairs: OT by weights, Sinkhorn (epsilon 0.05 of the"
-        " mean cost); conv nets: OT by activations, Sinkhorn (0.2), both + REPAIR of hidden units and logits; more"
-        " than two MLPs and conv nets REPAIR cannot correct (residual sums without BatchNorm): CCA Merge"
-        " (config.cca; MLPs of different widths: the activation barycentre + REPAIR); transformers: OT by"
-        " activations, orthogonal (no REPAIR)",
+        "the recommended method (chosen on held-out data): MLPs: CCA Merge (config.cca) + REPAIR of hidden units"
+        " and logits; conv nets: OT by activations, Sinkhorn (0.2 of the mean cost) + REPAIR, or CCA Merge where"
+        " REPAIR cannot run (residual sums without BatchNorm); transformers: OT by activations, orthogonal (no"
+        " REPAIR); MLPs of different widths: OT (pairs by weights, Sinkhorn 0.05; more by the activation"
+        " barycentre) + REPAIR",
         _recommended_method,
     ),
     "wm-many": Method(
@@ -718,9 +729,11 @@ def repair_fused(
     x: np.ndarray,
     weights: Any = None,
     include_output: bool = False,
+    targets: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """REPAIR a fused model (``weights``: the fusion's); a bias-free model without BatchNorm (or with it, when
-    ``include_output``: the logits are corrected too) gets zero biases first.
+    """REPAIR a fused model (``weights``: the fusion's; ``targets``: statistics to restore instead of the aligned
+    parents', ``repair.repair``); a bias-free model without BatchNorm (or with it, when ``include_output``: the
+    logits are corrected too) gets zero biases first.
 
     Returns:
       (the module to evaluate the result with, the repaired variables).
@@ -733,7 +746,9 @@ def repair_fused(
         fused = repair.add_zero_biases(fused, spec_b)
         aligned = [repair.add_zero_biases(a, spec_b) for a in aligned]
         spec = spec_b
-    return module, repair.repair(module, fused, aligned, spec, jnp.asarray(x), weights=weights, include_output=include_output)
+    return module, repair.repair(
+        module, fused, aligned, spec, jnp.asarray(x), weights=weights, include_output=include_output, targets=targets
+    )
 
 
 def _has_bias(spec: spec_lib.AlignmentSpec, kernel_path: str) -> bool:
@@ -906,8 +921,11 @@ def run_fusion_table(
             say(f"REPAIR of {out.label}")
             try:
                 def run_repair(out=out, variables=variables):
+                    targets = out.repair_targets(samples) if out.repair_targets is not None else None
+                    aligned = out.align() if targets is None else []
                     return repair_fused(
-                        t_module, spec, variables, out.align(), samples, weights, exp.repair_output or out.repair_output
+                        t_module, spec, variables, aligned, samples, weights, exp.repair_output or out.repair_output,
+                        targets=targets,
                     )
 
                 _, first = _timed(run_repair)  # compiles (or loads) REPAIR's programs

@@ -70,6 +70,7 @@ __all__ = [
     "repair",
     "preactivation_stats",
     "target_stats",
+    "moved_target_stats",
     "add_zero_biases",
     "check_repairable",
 ]
@@ -130,6 +131,45 @@ def target_stats(
             sum(wk * s[name][0] for wk, s in zip(w, per)),
             sum(wk * s[name][1] for wk, s in zip(w, per)),
         )
+        for name in per[0]
+    }
+
+
+def moved_target_stats(
+    parents: Sequence[tuple[nn.Module, Variables]],
+    plans: Sequence[Mapping[str, jax.Array] | None],
+    x: jax.Array,
+    *,
+    weights: Sequence[float] | None = None,
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """REPAIR's targets from the parents as they are, their pre-activations moved by the plans: ``sum_k w_k * stats(Z_k T_k)``.
+
+    For permutations this is :func:`target_stats` of the aligned parents (a permuted parent computes its own
+    pre-activations, permuted). For plans that are not (CCA Merge's linear maps, soft plans) an aligned parent is
+    not the same function as the parent: its pre-activations past the first layer drift, and the statistics of
+    ``Z_k T_k`` (each neuron's mean and std of what the plan asks of it) are the ones to restore. On held-out
+    images this turns REPAIR of CCA Merge from a loss (87.20% -> 86.18% on the Fashion MLPNet pair) into a gain
+    (docs/RESULTS.md, "CCA Merge").
+
+    Args:
+      parents: K ``(module, variables)`` pairs, each parent's own architecture.
+      plans: per parent, plan name -> (n_parent, n_target) plan matrix (``engine.FusionAux.plans``; None: the
+        target, whose pre-activations are taken as they are).
+      x: (S, H, W, C) samples.
+      weights: (K,) interpolation weights (as :func:`target_stats`).
+
+    Returns:
+      plan name -> ((n,) target mean, (n,) target std), the target's widths.
+    """
+    w = [float(v) for v in np.asarray(engine.averaging_weights(len(parents), weights))]
+    per = []
+    for (module, variables), moves in zip(parents, plans):
+        acts = models.capture_activations(module, dict(variables), x, "pre")
+        if moves is not None:
+            acts = {n: tuple(a @ moves[n].astype(a.dtype) for a in t) if n in moves else t for n, t in acts.items()}
+        per.append({name: _stats(a) for name, a in acts.items()})
+    return {
+        name: (sum(wk * s[name][0] for wk, s in zip(w, per)), sum(wk * s[name][1] for wk, s in zip(w, per)))
         for name in per[0]
     }
 
@@ -274,6 +314,7 @@ def repair(
     weights: Sequence[float] | None = None,
     eps: float = 1e-6,
     include_output: bool = False,
+    targets: Mapping[str, tuple[jax.Array, jax.Array]] | None = None,
 ) -> dict[str, Any]:
     """REPAIR of a fused model: its pre-activation statistics on ``x`` become the parents' interpolation.
 
@@ -288,6 +329,8 @@ def repair(
       weights: (K,) interpolation weights, the fusion's (``aux.weights``); default 1/K.
       eps: floor on the fused model's std (a dead neuron's scale stays finite).
       include_output: also correct the output (logit) layer.
+      targets: the statistics to restore, plan name -> (mean, std), instead of the aligned parents'
+        (e.g. :func:`moved_target_stats`); ``parents_aligned`` is then not read.
 
     Returns:
       The repaired variables, same structure as ``fused``.
@@ -307,7 +350,8 @@ def repair(
     else:
         plans = tuple(_corrected_plans(spec, include_output))
     check_repairable(spec, fused, plans=plans)
-    if not parents_aligned:
-        raise ValueError("REPAIR needs the aligned parents (at least one)")
-    targets = target_stats(module, parents_aligned, x, weights=weights)
+    if targets is None:
+        if not parents_aligned:
+            raise ValueError("REPAIR needs the aligned parents (at least one) or the targets")
+        targets = target_stats(module, parents_aligned, x, weights=weights)
     return _repair_layers(fused, targets, x, module=module, spec=spec, plans=plans, eps=float(eps))

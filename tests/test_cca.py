@@ -154,9 +154,9 @@ def test_method_row_on_four_digits_parents():
     assert fused[label].method == "cca"
 
 
-def test_the_recommended_method_for_more_than_two_mlps_is_cca_merge():
-    """Three MLPs of equal widths: CCA Merge on post-ReLU activations of config.cca.num_samples inputs, no REPAIR
-    row (chosen on held-out images); the activations come from that many training inputs, not num_samples."""
+def test_the_recommended_method_for_mlps_is_cca_merge():
+    """Three MLPs of equal widths: CCA Merge on post-ReLU activations of config.cca.num_samples inputs (not
+    experiment.num_samples), + REPAIR; two of different widths: OT by weights, Sinkhorn, + REPAIR."""
     model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(6, 5), bias=False)
     parents = [experiment.Parent(f"parent {i}", model, random_variables(model, (4, 4, 1), i)) for i in range(3)]
     x = np.asarray(jax.random.normal(jax.random.key(5), (40, 4, 4, 1)))
@@ -172,6 +172,56 @@ def test_the_recommended_method_for_more_than_two_mlps_is_cca_merge():
     finally:
         experiment.models.capture_activations = real
     labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
-    assert labels == ["recommended: CCA Merge (post-ReLU activations, regularization 0.5)"], labels
-    assert captured == [(25, "post")] * 3, captured
+    want = "recommended: CCA Merge (post-ReLU activations, regularization 0.5)"
+    assert labels == [want, f"{want} + REPAIR"], labels
+    assert captured[:3] == [(25, "post")] * 3, captured  # then REPAIR's: the parents' pre-activations
     assert fused[labels[0]].method == "recommended"
+    wide, _ = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(9, 5), bias=False)
+    pair = [parents[0], experiment.Parent("wide", wide, random_variables(wide, (4, 4, 1), 7))]
+    rows, _ = experiment.run_fusion_table(pair, spec, ds, settings)
+    labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
+    assert labels[0].startswith("recommended: OT fusion (weights, sinkhorn 0.05") and len(labels) == 2, labels
+
+
+def test_moved_target_stats_equal_the_aligned_parents_for_permutations():
+    """REPAIR's targets from the parents' own pre-activations moved by the plans are the aligned parents' when the
+    plans permute (where a moved parent is the same function); the target's are its own."""
+    from otfusion_jax import repair  # noqa: PLC0415
+
+    model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(7, 5), bias=True)
+    a, b = random_variables(model, (4, 4, 1), 0), random_variables(model, (4, 4, 1), 1)
+    perms = random_permutations(spec, spec.check_variables(a), 2)
+    matrices = plans.perms_to_plans(perms)
+    x = jax.random.normal(jax.random.key(3), (64, 4, 4, 1))
+    want = repair.target_stats(model, [plans.apply_plans(a, spec, perms), b], x, weights=(0.3, 0.7))
+    got = repair.moved_target_stats([(model, a), (model, b)], [matrices, None], x, weights=(0.3, 0.7))
+    assert set(got) == set(want) == set(spec.plans)
+    for name in want:
+        for g, w in zip(got[name], want[name]):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_repair_of_cca_merge_restores_the_moved_statistics():
+    """The cca row's REPAIR: the repaired model's pre-activations have the moved targets' mean and std."""
+    from otfusion_jax import repair  # noqa: PLC0415
+
+    parents, spec = shipped_parents("digits_mlpnet", 2)
+    ds = data.load("digits")
+    exp = experiment.ExperimentConfig(method="cca", repair=True, repair_output=True, plots=False, num_samples=100)
+    settings = experiment.Settings(exp, cca=otf.CCAMerge(num_samples=500))
+    rows, fused = experiment.run_fusion_table(parents, spec, ds, settings)
+    label = "CCA Merge (post-ReLU activations, regularization 0.5)"
+    acc = {r["method"]: r["accuracy"] for r in rows}
+    assert acc[f"{label} + REPAIR"] > acc["vanilla averaging"] + 0.2, acc
+    acts = [capture_activations(p.module, p.variables, jnp.asarray(experiment.sample_inputs(ds.x_train, 500, 0)), "post")
+            for p in parents]
+    _, aux = otf.fuse([p.variables for p in parents], spec, otf.CCAMerge(), activations=acts)
+    x = jnp.asarray(experiment.sample_inputs(ds.x_train, 100, 0))
+    targets = repair.moved_target_stats([(p.module, p.variables) for p in parents], aux.plans, x)
+    module, repaired = experiment.repair_fused(parents[1].module, spec, fused[label].variables, [], x,
+                                               include_output=True, targets=targets)
+    stats = repair.preactivation_stats(module, repaired, x)
+    for name in spec.plans:
+        np.testing.assert_allclose(np.asarray(stats[name][0]), np.asarray(targets[name][0]), atol=2e-3)
+        np.testing.assert_allclose(np.asarray(stats[name][1]), np.asarray(targets[name][1]), rtol=2e-3, atol=2e-3)

@@ -164,18 +164,18 @@ def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: OT fusion (activations, sinkhorn 0.2"),
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (activations, sinkhorn 0.2"),
     ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2"),
-    ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: OT fusion (weights, sinkhorn"),
+    ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: CCA Merge (post-ReLU"),
+    ("mlpnet", dict(widths=(16, 8), bias=False), 3, "recommended: CCA Merge (post-ReLU"),
 ])
 def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, monkeypatch):
-    """Conv nets: OT by activations with Sinkhorn; MLP pairs: OT by weights with Sinkhorn (each chosen on
-    held-out images); each with a REPAIR row that corrects the logits too, although experiment.repair and
-    repair_output are off. (More than two MLPs: tests/test_cca.py.)"""
+    """Conv nets: OT by activations with Sinkhorn; MLPs: CCA Merge (each chosen on held-out images); each with a
+    REPAIR row that corrects the logits too, although experiment.repair and repair_output are off."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 
     asked = []
     real = experiment.repair_fused
-    monkeypatch.setattr(experiment, "repair_fused", lambda *a: asked.append(a[-1]) or real(*a))
+    monkeypatch.setattr(experiment, "repair_fused", lambda *a, **kw: asked.append(a[-1]) or real(*a, **kw))
 
     shape = (32, 32, 1)
     model, spec = build(name, input_shape=shape, num_classes=3, **opts)
