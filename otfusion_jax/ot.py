@@ -47,6 +47,7 @@ __all__ = [
     "solved_info",
     "cross_gram",
     "procrustes",
+    "polar_factor",
     "orthogonal_plan",
 ]
 
@@ -214,12 +215,35 @@ def cross_gram(xs: Sequence[jax.Array], ys: Sequence[jax.Array]) -> tuple[jax.Ar
     return g, sum(jnp.sum(x * x, 0) for x in xs), sum(jnp.sum(y * y, 0) for y in ys)
 
 
+@jax.custom_jvp
+def polar_factor(m: jax.Array) -> jax.Array:
+    """The orthogonal factor ``R`` of the polar decomposition ``M = R H`` of a square nonsingular M (``U V^T``).
+
+    QDWH iterations (``jax.scipy.linalg.polar``: QR and matrix products, no SVD), with a custom JVP: their
+    ``while_loop`` has no reverse-mode derivative. The tangent is the closed form: with ``H = V diag(s) V^T``,
+    ``dR = R V X V^T``, ``X_ij = C_ij / (s_i + s_j)`` and ``C = V^T (R^T dM - dM^T R) V`` (skew-symmetric).
+    """
+    r, _ = jax.scipy.linalg.polar(m, side="right", method="qdwh")
+    return r
+
+
+@polar_factor.defjvp
+def _polar_factor_jvp(primals, tangents):
+    (m,), (dm,) = primals, tangents
+    r, h = jax.scipy.linalg.polar(m, side="right", method="qdwh")
+    s, v = jnp.linalg.eigh((h + h.T) / 2)
+    c = v.T @ (r.T @ dm - dm.T @ r) @ v
+    denom = s[:, None] + s[None, :]
+    x = c / jnp.where(denom > 0, denom, 1.0)
+    return r, r @ (v @ x @ v.T)
+
+
 def procrustes(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The orthogonal ``R`` maximising ``trace(R^T G)`` (= minimising ``|X R - Y|`` for ``G = X^T Y``), and that maximum.
 
     ``R = U V^T`` for the SVD ``G = U S V^T``: the orthogonal factor of the polar
-    decomposition, computed by QDWH iterations (QR and matrix products). Not by
-    ``jnp.linalg.svd``: XLA:CPU's SVD deadlocked (every thread asleep) inside
+    decomposition, computed by QDWH iterations (QR and matrix products; :func:`polar_factor`, differentiable).
+    Not by ``jnp.linalg.svd``: XLA:CPU's SVD deadlocked (every thread asleep) inside
     the fused program of a 4-block ViT, though not alone. ``1e-6 max|G|`` is
     always added on the diagonal, so that a rank-deficient G (fewer features
     than neurons) still has a nonsingular polar factor (where the data see
@@ -228,7 +252,7 @@ def procrustes(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     n = gram.shape[0]
     ridge = 1e-6 * jnp.max(jnp.abs(gram)) + jnp.finfo(gram.dtype).tiny
-    r, _ = jax.scipy.linalg.polar(gram + ridge * jnp.eye(n, dtype=gram.dtype), side="right", method="qdwh")
+    r = polar_factor(gram + jax.lax.stop_gradient(ridge) * jnp.eye(n, dtype=gram.dtype))
     return r, jnp.sum(r * gram)
 
 

@@ -82,3 +82,20 @@ def test_quick_prints_markdown_table(quick_run):
     proc, _, md = quick_run
     assert "| model | mode | solver |" in proc.stdout
     assert md.read_text().strip() in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_many_runs_and_writes_every_method_per_k(tmp_path):
+    """bench/bench_many.py on tiny shapes: one row per (K, method) with a positive time."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    out = tmp_path / "many.json"
+    args = ["--ks", "3", "--samples", "40", "--repeats", "1", "--iterations", "2", "--widths", "12", "8", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_many.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["k"], r["method"]) for r in rows} == {
+        (3, "cca"), (3, "ot-acts barycentre (correlation)"), (3, "weight matching barycentre")}
+    assert all(r["fusion_ms"] > 0 for r in rows)

@@ -7,8 +7,11 @@
 #   the shipped VGG11 pair at regularization 0.1, 0.5, 0.9 and four VGG11s; the BatchNorm-free ResNet18 pair
 #   beside OT by activations (exact) and the recommended OT rule. Every row evaluated on the 5,000 training images
 #   no parent trained on (data.eval_split=heldout).
-# test: the shipped parents on the test set: Fashion MLPNet pair and four, digits pair and four, VGG11 pair and
-#   four, BatchNorm-free ResNet18 pair. Each cca row + REPAIR of hidden units and logits where the model allows it.
+# test: the shipped parents on the test set: Fashion MLPNet pair (beside the former recommended method, OT by
+#   weights with Sinkhorn 0.05 of the mean cost) and four, eight (runs/fashion_mlpnet8, when trained: python train.py
+#   --config=configs/fashion_mlpnet.py --config.num_parents=8 --config.parents_dir=runs/fashion_mlpnet8, 5 minutes),
+#   digits pair and four, VGG11 pair and four, BatchNorm-free ResNet18 pair (the recommended method: CCA Merge).
+#   MLP rows + REPAIR of hidden units and logits (CCA Merge's towards the parents' statistics moved by its maps).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 split=${1:?heldout or test}
@@ -36,11 +39,15 @@ if [ "$split" = heldout ]; then
     --config.experiment.method=ot-acts:exact,ot-acts:sinkhorn,cca --config.fusion.relative_epsilon=mean \
     --config.fusion.epsilon=0.2 --config.num_parents=2 --out=$out/heldout_resnet18_pair
 else
-  $py fuse.py "${mlp[@]}" "${common[@]}" "${repair[@]}" --config.experiment.method=cca,recommended --config.num_parents=2 \
-    --out=$out/test_mlp_pair
+  sink=(--config.experiment.method=cca,ot-weights:sinkhorn --config.fusion.relative_epsilon=mean --config.fusion.epsilon=0.05)
+  $py fuse.py "${mlp[@]}" "${common[@]}" "${repair[@]}" "${sink[@]}" --config.num_parents=2 --out=$out/test_mlp_pair
   $py fuse.py "${mlp[@]}" "${common[@]}" "${repair[@]}" --config.experiment.method=cca --config.num_parents=4 \
     --out=$out/test_mlp_k4
-  $py fuse.py "${common[@]}" "${repair[@]}" --config.experiment.method=cca,recommended --out=$out/test_digits_pair
+  if [ -d runs/fashion_mlpnet8/parent_7 ]; then
+    $py fuse.py "${mlp[@]}" "${common[@]}" "${repair[@]}" --config.experiment.method=cca --config.num_parents=8 \
+      --config.parents_dir=runs/fashion_mlpnet8 --out=$out/test_mlp_k8
+  fi
+  $py fuse.py "${common[@]}" "${repair[@]}" "${sink[@]}" --out=$out/test_digits_pair
   $py fuse.py "${common[@]}" "${repair[@]}" --config.experiment.method=cca --config.num_parents=4 --out=$out/test_digits_k4
   $py fuse.py --config=configs/fashion_vgg11.py "${common[@]}" --config.experiment.method=cca --config.num_parents=2 \
     --out=$out/test_vgg11_pair
