@@ -43,7 +43,7 @@ from otfusion_jax import ot
 from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.engine import Alignment, FusionError
-from otfusion_jax.fusion import _activation_tensors
+from otfusion_jax.fusion import activation_tensors
 from otfusion_jax.models.common import ACT_COLLECTIONS
 
 __all__ = ["CCAMerge", "cca_map", "check_spec"]
@@ -59,9 +59,13 @@ def _samples(tensors: Sequence[jax.Array]) -> jax.Array:
 
 
 def _sym_powers(s: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(S^1/2, S^-1/2)`` of a symmetric positive-definite S, from one eigendecomposition."""
+    """``(S^1/2, S^-1/2)`` of a symmetric positive-semidefinite S, from one eigendecomposition.
+
+    Eigenvalues are floored at ``eps * max``: directions the samples never reach (a dead neuron without shrinkage)
+    get a large but finite inverse instead of an infinite one.
+    """
     w, v = jnp.linalg.eigh(s)
-    w = jnp.maximum(w, jnp.finfo(s.dtype).tiny)
+    w = jnp.maximum(w, jnp.finfo(s.dtype).eps * jnp.max(jnp.abs(w)) + jnp.finfo(s.dtype).tiny)
     return (v * jnp.sqrt(w)) @ v.T, (v / jnp.sqrt(w)) @ v.T
 
 
@@ -186,7 +190,7 @@ class CCAMerge:
             if name == spec.output_plan:
                 plans[name] = plans_lib.Permutation(jnp.arange(n), 1.0)
                 continue
-            xs, ys = _activation_tensors(parent_acts, target_acts, name, n, n)
+            xs, ys = activation_tensors(parent_acts, target_acts, name, n, n)
             t, t_inv, corr = cca_map(_samples(xs), _samples(ys), self.regularization)
             dtype = jnp.result_type(*jax.tree_util.tree_leaves(dict(target)))
             plans[name] = plans_lib.Linear(t.astype(dtype), t_inv.astype(dtype))

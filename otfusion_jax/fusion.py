@@ -328,7 +328,7 @@ class FusionConfig:
         cols_a = _neuron_columns(fa, spec, name, plans, roles)
         cols_b = _neuron_columns(fb, spec, name, None, roles)
         if self.mode == "activations":
-            return _activation_tensors(parent_acts, target_acts, name, cols_a[0].shape[-1], cols_b[0].shape[-1])
+            return activation_tensors(parent_acts, target_acts, name, cols_a[0].shape[-1], cols_b[0].shape[-1])
         return cols_a, cols_b
 
     def _cost(self, fa, fb, spec, name, plans, roles, parent_acts, target_acts) -> tuple[jax.Array, int, int]:
@@ -483,7 +483,7 @@ def _neuron_rows(
     return jnp.concatenate([jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1) for x in cols], axis=1)
 
 
-def _activation_tensors(parent_acts, target_acts, name: str, n: int, m: int):
+def activation_tensors(parent_acts, target_acts, name: str, n: int, m: int):
     """The plan's activation tensors of both sides, checked: the same samples, the neurons on the last axis."""
     xs = []
     for who, acts in (("parent", parent_acts), ("target", target_acts)):
