@@ -509,13 +509,6 @@ def _equal_widths(group: Group) -> bool:
     return all(s == sizes[0] for s in sizes)
 
 
-def _unrepairable(group: Group) -> bool:
-    """No BatchNorm and a residual sum: REPAIR has no single layer to fold a stream's correction into."""
-    spec = group.spec
-    no_bn = "batch_stats" not in group.variables[group.target]
-    return no_bn and any(len(spec.producers(p, ("weight",))) > 1 for p in spec.plans)
-
-
 def _recommended_method(group: Group, solver: str | None) -> Outcome:
     """The best method measured on held-out training images (docs/RESULTS.md, "The recommended method" and "CCA
     Merge"), by architecture and number of parents:
@@ -526,10 +519,9 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
       (loss barrier 0.022) against 82.82% for the activation barycentre + REPAIR; two 87.88% (barrier 0.013)
       against 87.90% (barrier 0.096) for OT by weights with Sinkhorn + REPAIR: a tie on accuracy (one image in
       5,000), the loss decides;
-    * conv nets that REPAIR cannot correct (residual sums without BatchNorm), of equal widths: CCA Merge (the
-      BatchNorm-free ResNet18 pair: 56.34% against 41.88% for OT by activations, exact);
-    * other conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + REPAIR of
-      hidden units and logits (CCA Merge: 81.60% at best on the VGG11 pair, against 89.90%);
+    * conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + REPAIR of hidden units
+      (residual streams too) and logits (CCA Merge: 81.60% at best on the VGG11 pair, against 89.90%; 60.00%
+      on the BatchNorm-free ResNet18 pair, against 84.94%);
     * MLPs of different widths, which CCA Merge cannot fuse: two: OT by weights, Sinkhorn (epsilon 0.05 of the
       mean cost); more: the barycentre by activations, exact plans from post-ReLU correlation costs; each +
       REPAIR of hidden units and logits.
@@ -539,9 +531,8 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
     conv = _is_conv_net(group)
-    if _equal_widths(group) and (not conv or _unrepairable(group)):
-        out = _cca_method(group, None, "recommended: ")
-        return out if conv else dataclasses.replace(out, repair=True, repair_output=True)
+    if not conv and _equal_widths(group):
+        return dataclasses.replace(_cca_method(group, None, "recommended: "), repair=True, repair_output=True)
     if not conv and len(group.parents) > 2:
         n = int(group.settings.experiment.barycenter_iterations)
         cfg = dataclasses.replace(
@@ -642,10 +633,9 @@ METHODS: dict[str, Method] = {
     ),
     "recommended": Method(
         "the recommended method (chosen on held-out data): MLPs: CCA Merge (config.cca) + REPAIR of hidden units"
-        " and logits; conv nets: OT by activations, Sinkhorn (0.2 of the mean cost) + REPAIR, or CCA Merge where"
-        " REPAIR cannot run (residual sums without BatchNorm); transformers: OT by activations, orthogonal (no"
-        " REPAIR); MLPs of different widths: OT (pairs by weights, Sinkhorn 0.05; more by the activation"
-        " barycentre) + REPAIR",
+        " and logits; conv nets: OT by activations, Sinkhorn (0.2 of the mean cost) + REPAIR; transformers: OT by"
+        " activations, orthogonal (no REPAIR); MLPs of different widths: OT (pairs by weights, Sinkhorn 0.05; more"
+        " by the activation barycentre) + REPAIR",
         _recommended_method,
     ),
     "wm-many": Method(

@@ -24,13 +24,16 @@ Two cases, chosen from the variables:
   corrected layer: REPAIR of a bias-free model needs that model rebuilt with
   ``bias=True`` (``models.build(name, bias=True, ...)`` gives the module and
   spec) and its variables given zero biases (``add_zero_biases``), which
-  computes the same function. It also needs each corrected plan to be
-  produced by exactly one layer: residual streams of a ResNet without
-  BatchNorm (a sum of several layers' outputs) are refused. Layers are
-  corrected in the spec's (topological) order, each from the fused model's
-  statistics *after* the corrections upstream of it; a correction never
-  changes the statistics of the layers before it, so all corrected layers end
-  up matching their targets.
+  computes the same function. Layers are corrected in the spec's
+  (topological) order, each from the fused model's statistics *after* the
+  corrections upstream of it; a correction never changes the statistics of
+  the layers before it, so all corrected layers end up matching their targets.
+  **Residual streams** (a ResNet without BatchNorm: a plan produced by several
+  layers, the model sowing the stream after each sum) are ours, not the
+  paper's: sum by sum, the layers added at that sum (found by
+  :func:`stream_sums`) are scaled by the per-channel ``a > 0`` for which the
+  sum (skip connection + branch) gets the target std, and shifted to its mean
+  (``_repair_sum``, in the order of :func:`repair_order`); each tap's target is that tap's statistics.
 * **BatchNorm models**: REPAIR amounts to resetting the running statistics
   on ``x`` (``models.recompute_batch_stats``): each BatchNorm then
   standardises its input over ``x`` and applies the fused (interpolated)
@@ -73,14 +76,20 @@ __all__ = [
     "moved_target_stats",
     "add_zero_biases",
     "check_repairable",
+    "stream_sums",
+    "repair_order",
 ]
 
 Variables = Mapping[str, Any]
 
 
 def _stats(acts: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Per-neuron mean and std over every axis but the last, all tensors pooled."""
-    x = jnp.concatenate([a.reshape(-1, a.shape[-1]) for a in acts], axis=0).astype(jnp.float32)
+    """Per-neuron mean and std over every axis but the last: ``(n,)`` each for one tensor; for several (the taps
+    of a residual stream, one after each sum) ``(T, n)`` each, one row per tensor."""
+    if len(acts) > 1:
+        per = [_stats([a]) for a in acts]
+        return jnp.stack([m for m, _ in per]), jnp.stack([sd for _, sd in per])
+    x = acts[0].reshape(-1, acts[0].shape[-1]).astype(jnp.float32)
     return jnp.mean(x, axis=0), jnp.std(x, axis=0)
 
 
@@ -93,8 +102,8 @@ def preactivation_stats(module: nn.Module, variables: Variables, x: jax.Array) -
       x: (S, H, W, C) samples.
 
     Returns:
-      plan name -> ((n,) mean, (n,) std), pooled over samples, space and the
-      several tensors of a residual stream (biased std).
+      plan name -> ((n,) mean, (n,) std), pooled over samples and space (biased
+      std); a residual stream's: ((T, n), (T, n)), one row per sum (its T taps).
     """
     return _preactivation_stats(dict(variables), x, module=module)
 
@@ -192,7 +201,7 @@ def check_repairable(
     variables: Variables,
     include_output: bool = False,
     plans: Sequence[str] | None = None,
-) -> dict[str, tuple[str, str]]:
+) -> dict[str, tuple[tuple[str, str], ...]]:
     """Checks that REPAIR can fold its correction into the layers (no-BatchNorm case, or the logits).
 
     Args:
@@ -202,31 +211,60 @@ def check_repairable(
       plans: the plans to check instead (None: every plan REPAIR corrects, ``include_output`` included).
 
     Returns:
-      plan name -> (kernel path, bias path) of the one layer producing it.
+      plan name -> the ``(kernel path, bias path)`` of every layer producing it (several for a residual stream).
 
     Raises:
-      ValueError: a plan produced by several layers (a residual stream) or by a
-        layer without a bias; the message says what to do.
+      ValueError: a producing layer without a bias; the message says what to do.
     """
     flat = spec_lib.flatten_paths(variables)
     layers = {}
     for plan in _corrected_plans(spec, include_output) if plans is None else plans:
-        kernels = spec.producers(plan, ("weight",))
-        biases = spec.producers(plan, ("bias",))
-        if len(kernels) != 1:
-            raise ValueError(
-                f"REPAIR (without BatchNorm, or of the logits): plan {plan!r} is produced by {len(kernels)} layers "
-                f"({', '.join(kernels)}), a residual sum whose statistics no single layer sets; "
-                "use a model with BatchNorm (REPAIR then resets its statistics)"
-            )
-        if len(biases) != 1 or biases[0] not in flat:
-            raise ValueError(
-                f"REPAIR (without BatchNorm, or of the logits) needs a bias on the layer producing plan {plan!r} "
-                f"({kernels[0]}): rebuild the model with bias=True (models.build(..., bias=True)) "
-                "and give its variables zero biases with repair.add_zero_biases(variables, spec)"
-            )
-        layers[plan] = (kernels[0], biases[0])
+        pairs = []
+        for kernel in spec.producers(plan, ("weight",)):
+            bias = kernel.rsplit("/", 1)[0] + "/bias"
+            if bias not in flat or spec.leaf_map.get(bias) is None:
+                raise ValueError(
+                    f"REPAIR (without BatchNorm, or of the logits) needs a bias on the layer producing plan {plan!r} "
+                    f"({kernel}): rebuild the model with bias=True (models.build(..., bias=True)) "
+                    "and give its variables zero biases with repair.add_zero_biases(variables, spec)"
+                )
+            pairs.append((kernel, bias))
+        if not pairs:
+            raise ValueError(f"REPAIR: no layer produces plan {plan!r}")
+        layers[plan] = tuple(pairs)
     return layers
+
+
+def stream_sums(
+    module: nn.Module, variables: Variables, spec: spec_lib.AlignmentSpec, plan: str, x: jax.Array
+) -> tuple[tuple[str, ...], ...]:
+    """The kernels added into a residual stream at each of its sums, found by probing the model.
+
+    The model sows the stream's pre-activation after every sum (its taps, in the order it computes them). A
+    producer of ``plan`` is added at the first tap that changes when its kernel is set to zero. Eager (not
+    traceable): the answer decides how :func:`repair` corrects the stream.
+
+    Returns:
+      Per tap, the kernel paths added there (a ResNet stage's first sum: the block's last conv and its projection
+      shortcut; then one block's last conv per sum).
+
+    Raises:
+      ValueError: a producer that changes no tap (its output never reaches the stream on ``x``).
+    """
+    base = models.capture_activations(module, dict(variables), x, "pre")[plan]
+    sums: list[list[str]] = [[] for _ in base]
+    for kernel in spec.producers(plan, ("weight",)):
+        flat = dict(spec_lib.flatten_paths(variables))
+        flat[kernel] = jnp.zeros_like(flat[kernel])
+        probe = models.capture_activations(module, spec_lib.unflatten_paths(flat), x, "pre")[plan]
+        changed = [
+            i for i, (a, b) in enumerate(zip(base, probe))
+            if float(jnp.max(jnp.abs(a - b))) > 1e-6 * max(float(jnp.max(jnp.abs(a))), 1e-30)
+        ]
+        if not changed:
+            raise ValueError(f"REPAIR: layer {kernel} changes no tap of stream {plan!r} on the samples")
+        sums[changed[0]].append(kernel)
+    return tuple(tuple(k) for k in sums)
 
 
 def _bias_shape(kernel: Any, n: int) -> tuple[int, ...]:
@@ -284,12 +322,20 @@ def add_zero_biases(variables: Variables, spec: spec_lib.AlignmentSpec) -> dict[
     return spec_lib.unflatten_paths(flat)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "spec", "plans", "eps"))
-def _repair_layers(fused, targets, x, *, module, spec, plans, eps):
-    layers = check_repairable(spec, fused, plans=plans)
+@functools.partial(jax.jit, static_argnames=("module", "spec", "plans", "eps", "sums"))
+def _repair_layers(fused, targets, x, *, module, spec, plans, eps, sums=()):
+    """Corrects ``plans`` in order; a plan in ``sums`` (a residual stream) is one entry per sum: ``plans`` then holds
+    ``(plan, i)`` for its sum i, in the forward order of :func:`repair_order`."""
+    layers = check_repairable(spec, fused, plans=tuple(dict.fromkeys(u[0] if isinstance(u, tuple) else u for u in plans)))
+    sums = dict(sums)
     current = dict(fused)
-    for plan in plans:
-        kernel_path, bias_path = layers[plan]
+    for unit in plans:
+        if isinstance(unit, tuple):
+            plan, i = unit
+            current = _repair_sum(current, targets[plan], x, module, plan, i, sums[plan][i], eps)
+            continue
+        plan = unit
+        ((kernel_path, bias_path),) = layers[plan]
         acts = models.capture_activations(module, current, x, "pre")[plan]
         if len(acts) != 1:
             raise ValueError(f"REPAIR: plan {plan!r} has {len(acts)} pre-activation tensors, expected one")
@@ -302,6 +348,75 @@ def _repair_layers(fused, targets, x, *, module, spec, plans, eps):
         flat[bias_path] = ((bias - mean_f) * scale + mean_t).astype(bias.dtype)
         current = spec_lib.unflatten_paths(flat)
     return current
+
+
+def repair_order(
+    module: nn.Module,
+    variables: Variables,
+    spec: spec_lib.AlignmentSpec,
+    plans: Sequence[str],
+    sums: Mapping[str, Sequence[Sequence[str]]],
+    x: jax.Array,
+) -> tuple[Any, ...]:
+    """The order in which to correct ``plans`` when some are residual streams (``sums``: :func:`stream_sums`).
+
+    A stream's sums interleave with the layers inside its blocks, so neither the spec's order nor plan by plan
+    works: each unit (a plan, or a stream's sum ``(plan, i)``) is probed by zeroing its layers, and units are
+    sorted by how many tensors that changes (everything downstream changes too: an upstream unit always changes
+    more). Eager, like :func:`stream_sums`.
+    """
+    base = models.capture_activations(module, dict(variables), x, "pre")
+    units: list[Any] = []
+    for plan in plans:
+        if plan in sums:
+            units += [((plan, i), kernels) for i, kernels in enumerate(sums[plan]) if kernels]
+        else:
+            units.append((plan, tuple(spec.producers(plan, ("weight",)))))
+    reach = []
+    for unit, kernels in units:
+        flat = dict(spec_lib.flatten_paths(variables))
+        for k in kernels:
+            flat[k] = jnp.zeros_like(flat[k])
+        probe = models.capture_activations(module, spec_lib.unflatten_paths(flat), x, "pre")
+        reach.append(sum(
+            float(jnp.max(jnp.abs(a - b))) > 1e-6 * max(float(jnp.max(jnp.abs(a))), 1e-30)
+            for name in base for a, b in zip(base[name], probe[name])
+        ))
+    order = sorted(range(len(units)), key=lambda j: -reach[j])  # stable: ties keep the spec's order
+    return tuple(units[j][0] for j in order)
+
+
+def _repair_sum(current, target, x, module, plan, i, kernels, eps):
+    """Sum i of a residual stream without BatchNorm: its tap is ``x_i + c_i``, where ``c_i`` is what the layers added
+    at that sum produce and ``x_i`` what the skip connection carries. Those layers' outputs become ``a c_i + b``
+    per channel, with a > 0 solving ``var(x_i + a c_i) = target var`` (``a^2 var(c) + 2 a cov(x, c) + var(x) = v``)
+    and b giving the target mean. Where no positive a reaches the target (the skip connection alone carries more
+    variance than the target allows), a stays 1 and only the mean moves.
+    """
+    mean_t, std_t = target
+    flat = dict(spec_lib.flatten_paths(current))
+    tap = models.capture_activations(module, current, x, "pre")[plan][i]
+    zeroed = dict(flat)
+    for k in kernels:
+        bias_path = k.rsplit("/", 1)[0] + "/bias"
+        zeroed[k], zeroed[bias_path] = jnp.zeros_like(flat[k]), jnp.zeros_like(flat[bias_path])
+    skip = models.capture_activations(module, spec_lib.unflatten_paths(zeroed), x, "pre")[plan][i]
+    n = tap.shape[-1]
+    xs = skip.reshape(-1, n).astype(jnp.float32)
+    cs = (tap - skip).reshape(-1, n).astype(jnp.float32)
+    mx, mc = jnp.mean(xs, 0), jnp.mean(cs, 0)
+    vx, vc = jnp.var(xs, 0), jnp.var(cs, 0)
+    cov = jnp.mean((xs - mx) * (cs - mc), 0)
+    disc = cov**2 - vc * (vx - std_t[i] ** 2)
+    root = (-cov + jnp.sqrt(jnp.maximum(disc, 0.0))) / jnp.maximum(vc, eps**2)
+    a = jnp.where((disc >= 0) & (root > 0) & (vc > eps**2), root, 1.0)
+    b = mean_t[i] - a * mc - mx
+    for j, k in enumerate(kernels):
+        bias_path = k.rsplit("/", 1)[0] + "/bias"
+        kernel, bias = flat[k], flat[bias_path]
+        flat[k] = (kernel * a.astype(kernel.dtype)).astype(kernel.dtype)
+        flat[bias_path] = (bias * a + (b if j == 0 else 0.0)).astype(bias.dtype)
+    return spec_lib.unflatten_paths(flat)
 
 
 def repair(
@@ -337,8 +452,7 @@ def repair(
 
     Raises:
       ValueError: a corrected layer (without BatchNorm: every one; with it and
-        ``include_output``: the class layer) without bias, or produced by
-        several layers (see ``check_repairable``).
+        ``include_output``: the class layer) without bias (see ``check_repairable``).
     """
     fused = dict(fused)
     if "batch_stats" in fused:
@@ -349,9 +463,14 @@ def repair(
             return fused
     else:
         plans = tuple(_corrected_plans(spec, include_output))
-    check_repairable(spec, fused, plans=plans)
+    layers = check_repairable(spec, fused, plans=plans)
     if targets is None:
         if not parents_aligned:
             raise ValueError("REPAIR needs the aligned parents (at least one) or the targets")
         targets = target_stats(module, parents_aligned, x, weights=weights)
-    return _repair_layers(fused, targets, x, module=module, spec=spec, plans=plans, eps=float(eps))
+    sums = {p: stream_sums(module, fused, spec, p, x) for p in plans if len(layers[p]) > 1}
+    if sums:  # residual streams: their sums interleave with the layers inside the blocks
+        plans = repair_order(module, fused, spec, plans, sums, x)
+    return _repair_layers(
+        fused, targets, x, module=module, spec=spec, plans=plans, eps=float(eps), sums=tuple(sums.items())
+    )

@@ -12,7 +12,9 @@ import pytest
 import otfusion_jax as otf
 from otfusion_jax import matching, repair
 from otfusion_jax import spec as spec_lib
-from otfusion_jax.models import build, init, recompute_batch_stats
+from otfusion_jax.models import build, capture_activations, init, recompute_batch_stats
+
+from fusion_helpers import random_variables
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -97,11 +99,15 @@ def test_bias_free_model_needs_biases_then_works():
     _assert_stats_match(model_b, out, [a_b, b_b], x, hidden, None, mean_atol=1e-4, std_rtol=1e-4)
 
 
-def test_residual_streams_without_batchnorm_are_refused():
+def test_residual_streams_without_batchnorm_list_every_producer_and_need_biases():
     model, spec = build("resnet18", input_shape=(16, 16, 3), width=0.125, bias=True, norm=False)
     shapes = jax.eval_shape(lambda: init(model, jax.random.key(0), (16, 16, 3)))
-    with pytest.raises(ValueError, match="residual"):
-        repair.check_repairable(spec, shapes)
+    layers = repair.check_repairable(spec, shapes)
+    assert [k for k, _ in layers["res2"]] == spec.producers("res2", ("weight",)) and len(layers["res2"]) == 3
+    assert layers["layer2_0_conv1"] == (("params/layer2_0/conv1/kernel", "params/layer2_0/conv1/bias"),)
+    bare, bare_spec = build("resnet18", input_shape=(16, 16, 3), width=0.125, bias=False, norm=False)
+    with pytest.raises(ValueError, match="needs a bias on the layer producing plan 'res1'"):
+        repair.check_repairable(bare_spec, jax.eval_shape(lambda: init(bare, jax.random.key(0), (16, 16, 3))))
 
 
 def _bn_parent(model, shape, seed, x):
@@ -134,30 +140,63 @@ def test_batchnorm_model_identity_and_statistics():
 
 
 @pytest.mark.slow
-def test_the_recommended_method_says_why_a_model_gets_no_repair_row():
-    """A BatchNorm-free ResNet cannot be REPAIRed. Of equal widths, the recommended method fuses it by CCA Merge
-    (no REPAIR row); of different widths, by OT with its own REPAIR row, which says why it is empty, and the run
-    goes on; with experiment.repair asked for, the same model is an error."""
+def test_the_recommended_method_repairs_a_batchnorm_free_resnet_and_says_why_when_repair_fails(monkeypatch):
+    """A BatchNorm-free ResNet (residual streams) gets the recommended method's REPAIR row; where REPAIR raises,
+    the method's own REPAIR row says why and the run goes on, while with experiment.repair asked for it is an
+    error."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 
-    parents = []
-    for k, width in enumerate((0.0625, 0.0625, 0.125)):
-        model, spec = build("resnet18", input_shape=(16, 16, 3), num_classes=3, width=width, bias=False, norm=False)
-        parents.append(experiment.Parent(f"parent {k}", model, init(model, jax.random.key(k), (16, 16, 3))))
+    model, spec = build("resnet18", input_shape=(16, 16, 3), num_classes=3, width=0.0625, bias=False, norm=False)
+    parents = [experiment.Parent(f"parent {k}", model, init(model, jax.random.key(k), (16, 16, 3))) for k in (0, 1)]
     x = np.asarray(jax.random.normal(jax.random.key(5), (12, 16, 16, 3)))
     y = np.arange(12) % 3
     ds = data_lib.Dataset("cifar10", "tfds", x[:8], y[:8], x[8:], y[8:], 3)
-    exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="", target=0)
-    rows, _ = experiment.run_fusion_table(parents[:2], spec, ds, experiment.Settings(exp))
-    labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
-    assert labels == ["recommended: CCA Merge (post-ReLU activations, regularization 0.5)"], labels
-    rows, _ = experiment.run_fusion_table(parents[1:], spec, ds, experiment.Settings(exp))
+    exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="")
+    rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
     row = next(r for r in rows if r["method"].endswith("+ REPAIR"))
-    assert row["method"].startswith("recommended: OT fusion (activations, sinkhorn")
-    assert row["accuracy"] is None and "residual sum" in row["note"]
-    with pytest.raises(ValueError, match="residual sum"):
-        experiment.run_fusion_table(parents[1:], spec, ds, experiment.Settings(dataclasses.replace(exp, repair=True)))
+    assert row["method"].startswith("recommended: OT fusion (activations, sinkhorn") and row["accuracy"] is not None
+
+    def refuse(*args, **kwargs):
+        raise ValueError("REPAIR: cannot (a test's refusal)")
+
+    monkeypatch.setattr(experiment, "repair_fused", refuse)
+    rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
+    row = next(r for r in rows if r["method"].endswith("+ REPAIR"))
+    assert row["accuracy"] is None and "a test's refusal" in row["note"]
+    with pytest.raises(ValueError, match="a test's refusal"):
+        experiment.run_fusion_table(parents, spec, ds, experiment.Settings(dataclasses.replace(exp, repair=True)))
+
+
+@pytest.mark.slow
+def test_repair_of_residual_streams_gives_every_sum_its_target_statistics():
+    """A BatchNorm-free ResNet18: every block's inner units and the logits reach the interpolated statistics of the
+    aligned parents, and so does every stream sum (found by probing) except the channels where the skip
+    connection alone carries more variance than the target: those keep more, never less."""
+    model, spec = build("resnet18", input_shape=(16, 16, 1), num_classes=4, width=0.0625, bias=False, norm=False)
+    a, b = random_variables(model, (16, 16, 1), 0), random_variables(model, (16, 16, 1), 1)
+    x = jax.random.normal(jax.random.key(2), (24, 16, 16, 1))
+    acts = [capture_activations(model, v, x) for v in (a, b)]
+    aligned, aux = otf.align_parents([a, b], spec, otf.FusionConfig(mode="activations"), activations=acts)
+    fused = otf.engine.weighted_sum(aligned, aux.weights)
+    spec_b = spec_lib.with_biases(spec)
+    model_b = model.clone(use_bias=True)
+    fused_b, aligned_b = repair.add_zero_biases(fused, spec_b), [repair.add_zero_biases(v, spec_b) for v in aligned]
+    assert repair.stream_sums(model_b, fused_b, spec_b, "res2", x) == (
+        ("params/layer2_0/conv2/kernel", "params/layer2_0/shortcut_conv/kernel"), ("params/layer2_1/conv2/kernel",))
+    repaired = repair.repair(model_b, fused_b, aligned_b, spec_b, x, include_output=True)
+    want = repair.target_stats(model_b, aligned_b, x)
+    got = repair.preactivation_stats(model_b, repaired, x)
+    before = repair.preactivation_stats(model_b, fused_b, x)
+    assert float(jnp.max(jnp.abs(before["res4"][1] / want["res4"][1] - 1))) > 0.1  # there was something to repair
+    for plan in spec.plans:
+        np.testing.assert_allclose(np.asarray(got[plan][0]), np.asarray(want[plan][0]), atol=2e-3, err_msg=plan)
+        g, w = np.asarray(got[plan][1]), np.asarray(want[plan][1])
+        if not plan.startswith("res"):
+            np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-3, err_msg=plan)
+            continue
+        ok = np.isclose(g, w, rtol=2e-3, atol=2e-3)
+        assert ok.mean() > 0.9 and np.all(g[~ok] > w[~ok]), (plan, ok.mean())
 
 
 @pytest.mark.parametrize("name,opts,k,expected", [

@@ -5,12 +5,13 @@
 #   --config=configs/fashion_mlpnet.py --config.num_parents=4 --config.data.max_train=55000
 #   --config.parents_dir=runs/fashion_mlpnet_55k, 3 minutes) on 200 and 1,000 samples, the pair and four;
 #   the shipped VGG11 pair at regularization 0.1, 0.5, 0.9 and four VGG11s; the BatchNorm-free ResNet18 pair
-#   beside OT by activations (exact) and the recommended OT rule. Every row evaluated on the 5,000 training images
+#   beside OT by activations (exact, and Sinkhorn 0.2 of the mean cost: the recommended conv-net rule), each +
+#   REPAIR (its residual streams too). Every row evaluated on the 5,000 training images
 #   no parent trained on (data.eval_split=heldout).
 # test: the shipped parents on the test set: Fashion MLPNet pair (beside the former recommended method, OT by
 #   weights with Sinkhorn 0.05 of the mean cost) and four, eight (runs/fashion_mlpnet8, when trained: python train.py
 #   --config=configs/fashion_mlpnet.py --config.num_parents=8 --config.parents_dir=runs/fashion_mlpnet8, 5 minutes),
-#   digits pair and four, VGG11 pair and four, BatchNorm-free ResNet18 pair (the recommended method: CCA Merge).
+#   digits pair and four, VGG11 pair and four, BatchNorm-free ResNet18 pair (beside the recommended method).
 #   MLP rows + REPAIR of hidden units and logits (CCA Merge's towards the parents' statistics moved by its maps).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,7 +36,7 @@ if [ "$split" = heldout ]; then
   done
   $py fuse.py --config=configs/fashion_vgg11.py "${ho[@]}" "${common[@]}" --config.experiment.method=cca \
     --config.num_parents=4 --out=$out/heldout_vgg11_k4
-  $py fuse.py --config=configs/fashion_resnet18.py "${ho[@]}" "${common[@]}" \
+  $py fuse.py --config=configs/fashion_resnet18.py "${ho[@]}" "${common[@]}" "${repair[@]}" \
     --config.experiment.method=ot-acts:exact,ot-acts:sinkhorn,cca --config.fusion.relative_epsilon=mean \
     --config.fusion.epsilon=0.2 --config.num_parents=2 --out=$out/heldout_resnet18_pair
 else
@@ -53,6 +54,6 @@ else
     --out=$out/test_vgg11_pair
   $py fuse.py --config=configs/fashion_vgg11.py "${common[@]}" --config.experiment.method=cca --config.num_parents=4 \
     --out=$out/test_vgg11_k4
-  $py fuse.py --config=configs/fashion_resnet18.py "${common[@]}" --config.experiment.method=recommended \
+  $py fuse.py --config=configs/fashion_resnet18.py "${common[@]}" "${repair[@]}" --config.experiment.method=recommended,cca \
     --config.num_parents=2 --out=$out/test_resnet18_pair
 fi

@@ -18,7 +18,7 @@
 # --config.num_parents=5 --config.parent_widths='(1,1,1,1,2)'): parent 4 (32..256 channels) fused into parent 0's
 # widths by every OT variant (transport plans with proper marginals), each + REPAIR. resnet18 likewise with its
 # double-width parent 2 (--config.num_parents=3 --config.parent_widths='(1,1,2)' --config.train.warmup_epochs=1:
-# without the warm-up, at the pair's lr 0.05, it died in its first epoch), without REPAIR (no BatchNorm).
+# without the warm-up, at the pair's lr 0.05, it died in its first epoch), each + REPAIR (its residual streams included).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:?vgg11 or resnet18}
@@ -26,9 +26,9 @@ py=${PYTHON:-.venv/bin/python}
 cfg=configs/fashion_${model}.py
 out=docs/results/fashion_${model}
 sink=(--config.fusion.relative_epsilon=mean --config.fusion.epsilon=0.05)
-# REPAIR needs a layer that sets each plan's statistics: a BatchNorm-free ResNet's residual sums have none
-# (fuse.py refuses, naming the plan), so its REPAIR rows wait for the BatchNorm parents.
-repair=$([[ $model == resnet18 ]] && echo False || echo True)
+# REPAIR of a BatchNorm-free ResNet corrects its residual streams sum by sum (repair.py, since 2026-12-07, night;
+# before, fuse.py refused them and these rows were missing).
+repair=True
 $py fuse.py --config=$cfg --out=$out/main "${sink[@]}" --config.experiment.repair=$repair \
   --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn,wm
 if [[ $model == vgg11 ]]; then
@@ -70,7 +70,7 @@ if [[ $model == vgg11 && -d checkpoints/fashion_vgg11/parent_5 ]]; then
 fi
 if [[ $model == resnet18 && -d checkpoints/fashion_resnet18/parent_2 ]]; then
   $py fuse.py --config=$cfg --out=$out/widths "${sink[@]}" --config.num_parents=3 --config.parent_widths='(1,1,2)' \
-    --config.experiment.groups='("2,0",)' --config.fusion.proper_marginals=True \
+    --config.experiment.groups='("2,0",)' --config.fusion.proper_marginals=True --config.experiment.repair=True \
     --config.experiment.plots=False --config.experiment.many_method="" \
     --config.experiment.method=ot-weights,ot-weights:sinkhorn,ot-acts,ot-acts:sinkhorn,recommended
 fi
