@@ -31,7 +31,7 @@ if [ "$split" = heldout ]; then
       --config.num_parents=4 --out=$out/heldout_mlp_k4_s$ns
   done
   for r in 0.1 0.5 0.9; do
-    $py fuse.py --config=configs/fashion_vgg11.py "${ho[@]}" "${common[@]}" --config.experiment.method=cca \
+    $py fuse.py --config=configs/fashion_vgg11.py "${ho[@]}" "${common[@]}" "${repair[@]}" --config.experiment.method=cca \
       --config.cca.regularization=$r --config.num_parents=2 --out=$out/heldout_vgg11_pair_r$r
   done
   $py fuse.py --config=configs/fashion_vgg11.py "${ho[@]}" "${common[@]}" --config.experiment.method=cca \
