@@ -102,7 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.matching.align_output = False  # also match the class layer's plan
 
     config.cca = ml_collections.ConfigDict()  # CCA Merge (method cca): otfusion_jax.CCAMerge
-    config.cca.regularization = 0.5  # covariance shrinkage r in [0, 1]: (1 - r) S + r tr(S)/n I (held-out choice; 1: Procrustes)
+    config.cca.regularization = 0.5  # covariance shrinkage r in [0, 1]: (1 - r) S + r tr(S)/n I (held-out choice; 1: Procrustes, scaled)
     config.cca.acts_kind = "post"  # the activations it is solved from: after (post) or before (pre) the ReLU
     config.cca.num_samples = 1000  # training inputs they are captured on (None: experiment.num_samples); CCA needs more than 200
 

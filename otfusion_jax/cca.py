@@ -22,7 +22,9 @@ Differences from the paper's code, on purpose:
 
 * the covariances are shrunk towards a multiple of the identity, ``(1 - r) S + r tr(S)/n I``
   (``regularization`` r in [0, 1]): a fraction of the spectrum, whatever the activations' scale (the paper adds
-  ``r I`` to S). r = 1 drops the whitening: the orthogonal Procrustes map of the raw activations;
+  ``r I`` to S). r = 1 drops the whitening: the orthogonal Procrustes map of the raw activations, times the
+  ratio of their overall scales (a scalar). Gradients need r < 1: at r = 1 the covariances are multiples of
+  the identity, whose eigendecomposition has no derivative;
 * every plan but the class layer's is solved from the parents' own activations (before any alignment), and each
   stream tensor of a plan adds its values as more samples.
 
@@ -90,15 +92,17 @@ def cca_map(x_parent: jax.Array, x_target: jax.Array, regularization: Any = 0.5)
     xp = x_parent - jnp.mean(x_parent, axis=0)
     xt = x_target - jnp.mean(x_target, axis=0)
     s_pp, s_tt = _shrunk_cov(xp, regularization), _shrunk_cov(xt, regularization)
-    s_pt = (1.0 - regularization) * (xp.T @ xt / xp.shape[0])
+    # The cross-covariance enters unshrunk: the polar factor ignores its scale (1 - r), and at r = 1 it would vanish.
+    s_pt = xp.T @ xt / xp.shape[0]
     sqrt_p, isqrt_p = _sym_powers(s_pp)
     sqrt_t, isqrt_t = _sym_powers(s_tt)
     rot, nuclear = ot.procrustes(isqrt_p @ s_pt @ isqrt_t)
-    return isqrt_p @ rot @ sqrt_t, isqrt_t @ rot.T @ sqrt_p, nuclear / x_parent.shape[1]
+    return isqrt_p @ rot @ sqrt_t, isqrt_t @ rot.T @ sqrt_p, (1.0 - regularization) * nuclear / x_parent.shape[1]
 
 
 def check_spec(spec: spec_lib.AlignmentSpec) -> None:
-    """Raises FusionError for what CCA Merge cannot move by a dense map: norms, attention heads, folded streams."""
+    """Raises FusionError for what CCA Merge cannot move by a dense map: norms, attention heads, permutation-only
+    plans, leaves carrying one plan on several axes."""
     if spec.heads:
         raise FusionError(
             f"CCA Merge: the spec has attention heads ({', '.join(g.plans[0] for g in spec.heads)}); a dense map of "
@@ -125,7 +129,8 @@ class CCAMerge:
 
     Attributes:
       regularization: covariance shrinkage r in [0, 1]: ``(1 - r) S + r tr(S)/n I``. 0.5 was chosen on held-out
-        training images (docs/RESULTS.md, "CCA Merge"); 1 is orthogonal Procrustes on the raw activations.
+        training images (docs/RESULTS.md, "CCA Merge"); 1 is orthogonal Procrustes on the raw activations (times
+        a scalar).
 
       acts_kind: the activations the caller captures for it (``models.capture_activations(..., kind)``): "post"
         (after the ReLU, chosen on held-out images) or "pre".

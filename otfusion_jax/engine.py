@@ -82,7 +82,8 @@ class FusionAux(NamedTuple):
 
     Attributes:
       plans: per parent, plan name -> (n_parent, n_target) plan matrix (a
-        corrected transport plan, a permutation matrix, a soft matching plan).
+        corrected transport plan, a permutation matrix, a soft matching plan;
+        CCA Merge's ``plans.Linear`` map: its output side only, ``matrix``).
       info: per parent, plan name -> ``ot.PlanInfo``.
       weights: (K,) averaging weights used.
       stats: per parent, the aligner-level report (``Alignment.stats``).

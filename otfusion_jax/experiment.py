@@ -509,6 +509,15 @@ def _equal_widths(group: Group) -> bool:
     return all(s == sizes[0] for s in sizes)
 
 
+def _cca_fits(group: Group) -> bool:
+    """CCA Merge can fuse the group: equal widths, no norms, heads or permutation-only plans (``cca.check_spec``)."""
+    try:
+        cca_lib.check_spec(group.spec)
+    except engine.FusionError:
+        return False
+    return _equal_widths(group)
+
+
 def _recommended_method(group: Group, solver: str | None) -> Outcome:
     """The best method measured on held-out training images (docs/RESULTS.md, "The recommended method" and "CCA
     Merge"), by architecture and number of parents:
@@ -522,16 +531,16 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
     * conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + REPAIR of hidden units
       (residual streams too) and logits (CCA Merge: 81.60% at best on the VGG11 pair, against 89.90%; 60.00%
       on the BatchNorm-free ResNet18 pair, against 84.94%);
-    * MLPs of different widths, which CCA Merge cannot fuse: two: OT by weights, Sinkhorn (epsilon 0.05 of the
-      mean cost); more: the barycentre by activations, exact plans from post-ReLU correlation costs; each +
-      REPAIR of hidden units and logits.
+    * MLPs that CCA Merge cannot fuse (different widths; norm layers): two: OT by weights, Sinkhorn (epsilon 0.05
+      of the mean cost); more: the barycentre by activations, exact plans from post-ReLU correlation costs; each
+      + REPAIR of hidden units and logits.
     """
     del solver
     base = group.settings.fusion
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
     conv = _is_conv_net(group)
-    if not conv and _equal_widths(group):
+    if not conv and _cca_fits(group):
         return dataclasses.replace(_cca_method(group, None, "recommended: "), repair=True, repair_output=True)
     if not conv and len(group.parents) > 2:
         n = int(group.settings.experiment.barycenter_iterations)

@@ -140,6 +140,9 @@ def apply_plans(
       incoming: also move input axes (OTFusion's past correction); False moves
         only each leaf's output axis, as the original does without past correction.
 
+    A Linear plan must come as a :class:`Linear` (its input side is its inverse): the dense matrices of
+    ``engine.FusionAux.plans`` are only its output side.
+
     Returns:
       Variables with the target's shapes.
     """
@@ -166,7 +169,7 @@ def as_matrix(plan: Plan, n: int | None = None, dtype: Any = jnp.float32) -> jax
     """The dense (n, m) matrix of a plan (``n`` defaults to m for a permutation; a Linear plan's output side)."""
     plan = as_plan(plan)
     if isinstance(plan, Linear):
-        return plan.matrix
+        return plan.matrix.astype(dtype)
     if not isinstance(plan, Permutation):
         return plan
     m = plan.index.shape[0]
@@ -189,7 +192,8 @@ def plans_to_perms(plans: Mapping[str, Any]) -> dict[str, jax.Array]:
     out = {}
     for name, t in plans.items():
         t = as_plan(t)
-        t = t.matrix if isinstance(t, Linear) else t
+        if isinstance(t, Linear):
+            raise ValueError(f"plan {name!r} is a Linear map (CCA Merge), not a permutation: it has no neuron order")
         idx = t.index if isinstance(t, Permutation) else jnp.argmax(t, axis=0)
         out[name] = jnp.asarray(idx).astype(jnp.int32)
     return out

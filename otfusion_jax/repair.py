@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from otfusion_jax import engine, models
+from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
 
 __all__ = [
@@ -103,7 +104,7 @@ def preactivation_stats(module: nn.Module, variables: Variables, x: jax.Array) -
 
     Returns:
       plan name -> ((n,) mean, (n,) std), pooled over samples and space (biased
-      std); a residual stream's: ((T, n), (T, n)), one row per sum (its T taps).
+      std); a plan sown as T tensors (a residual stream's taps, one per sum): ((T, n), (T, n)).
     """
     return _preactivation_stats(dict(variables), x, module=module)
 
@@ -162,8 +163,8 @@ def moved_target_stats(
 
     Args:
       parents: K ``(module, variables)`` pairs, each parent's own architecture.
-      plans: per parent, plan name -> (n_parent, n_target) plan matrix (``engine.FusionAux.plans``; None: the
-        target, whose pre-activations are taken as they are).
+      plans: per parent, plan name -> plan (an (n_parent, n_target) matrix as in ``engine.FusionAux.plans``, or a
+        ``plans.Permutation`` / ``plans.Linear``: its output side); None: the target, taken as it is.
       x: (S, H, W, C) samples.
       weights: (K,) interpolation weights (as :func:`target_stats`).
 
@@ -175,7 +176,8 @@ def moved_target_stats(
     for (module, variables), moves in zip(parents, plans):
         acts = models.capture_activations(module, dict(variables), x, "pre")
         if moves is not None:
-            acts = {n: tuple(a @ moves[n].astype(a.dtype) for a in t) if n in moves else t for n, t in acts.items()}
+            mats = {n: plans_lib.as_matrix(p) for n, p in moves.items()}
+            acts = {n: tuple(a @ mats[n].astype(a.dtype) for a in t) if n in mats else t for n, t in acts.items()}
         per.append({name: _stats(a) for name, a in acts.items()})
     return {
         name: (sum(wk * s[name][0] for wk, s in zip(w, per)), sum(wk * s[name][1] for wk, s in zip(w, per)))
@@ -214,7 +216,7 @@ def check_repairable(
       plan name -> the ``(kernel path, bias path)`` of every layer producing it (several for a residual stream).
 
     Raises:
-      ValueError: a producing layer without a bias; the message says what to do.
+      ValueError: a producing layer without a bias (the message says what to do), or a plan no layer produces.
     """
     flat = spec_lib.flatten_paths(variables)
     layers = {}
@@ -390,25 +392,29 @@ def _repair_sum(current, target, x, module, plan, i, kernels, eps):
     """Sum i of a residual stream without BatchNorm: its tap is ``x_i + c_i``, where ``c_i`` is what the layers added
     at that sum produce and ``x_i`` what the skip connection carries. Those layers' outputs become ``a c_i + b``
     per channel, with a > 0 solving ``var(x_i + a c_i) = target var`` (``a^2 var(c) + 2 a cov(x, c) + var(x) = v``)
-    and b giving the target mean. Where no positive a reaches the target (the skip connection alone carries more
-    variance than the target allows), a stays 1 and only the mean moves.
+    and b giving the target mean (of two positive roots, the one closer to 1). Where no positive a reaches the
+    target (e.g. the skip connection alone carries more variance than the target and does not anticorrelate
+    with the branch), a stays 1 and only the mean moves.
     """
-    mean_t, std_t = target
     flat = dict(spec_lib.flatten_paths(current))
     tap = models.capture_activations(module, current, x, "pre")[plan][i]
+    n = tap.shape[-1]
+    mean_t, std_t = (jnp.reshape(t, (-1, n)) for t in target)  # (taps, n): a stream sown once has (n,) targets
     zeroed = dict(flat)
     for k in kernels:
         bias_path = k.rsplit("/", 1)[0] + "/bias"
         zeroed[k], zeroed[bias_path] = jnp.zeros_like(flat[k]), jnp.zeros_like(flat[bias_path])
     skip = models.capture_activations(module, spec_lib.unflatten_paths(zeroed), x, "pre")[plan][i]
-    n = tap.shape[-1]
     xs = skip.reshape(-1, n).astype(jnp.float32)
     cs = (tap - skip).reshape(-1, n).astype(jnp.float32)
     mx, mc = jnp.mean(xs, 0), jnp.mean(cs, 0)
     vx, vc = jnp.var(xs, 0), jnp.var(cs, 0)
     cov = jnp.mean((xs - mx) * (cs - mc), 0)
     disc = cov**2 - vc * (vx - std_t[i] ** 2)
-    root = (-cov + jnp.sqrt(jnp.maximum(disc, 0.0))) / jnp.maximum(vc, eps**2)
+    sq = jnp.sqrt(jnp.maximum(disc, 0.0))
+    hi, lo = ((-cov + sq) / jnp.maximum(vc, eps**2), (-cov - sq) / jnp.maximum(vc, eps**2))
+    # Of the positive roots, the one closer to 1: the smaller change to the fused weights.
+    root = jnp.where((lo > 0) & (jnp.abs(lo - 1.0) < jnp.abs(hi - 1.0)), lo, hi)
     a = jnp.where((disc >= 0) & (root > 0) & (vc > eps**2), root, 1.0)
     b = mean_t[i] - a * mc - mx
     for j, k in enumerate(kernels):
@@ -452,7 +458,8 @@ def repair(
 
     Raises:
       ValueError: a corrected layer (without BatchNorm: every one; with it and
-        ``include_output``: the class layer) without bias (see ``check_repairable``).
+        ``include_output``: the class layer) without bias (see ``check_repairable``), or a residual stream's
+        layer that changes none of its taps on ``x`` (``stream_sums``).
     """
     fused = dict(fused)
     if "batch_stats" in fused:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,7 +212,14 @@ def test_repair_of_cca_merge_restores_the_moved_statistics():
     ds = data.load("digits")
     exp = experiment.ExperimentConfig(method="cca", repair=True, repair_output=True, plots=False, num_samples=100)
     settings = experiment.Settings(exp, cca=otf.CCAMerge(num_samples=500))
-    rows, fused = experiment.run_fusion_table(parents, spec, ds, settings)
+    calls = []
+    real = repair.moved_target_stats
+    try:
+        repair.moved_target_stats = lambda *a, **k: calls.append(1) or real(*a, **k)
+        rows, fused = experiment.run_fusion_table(parents, spec, ds, settings)
+    finally:
+        repair.moved_target_stats = real
+    assert calls == [1, 1]  # the REPAIR row's targets (compile, then timed): the moved statistics
     label = "CCA Merge (post-ReLU activations, regularization 0.5)"
     acc = {r["method"]: r["accuracy"] for r in rows}
     assert acc[f"{label} + REPAIR"] > acc["vanilla averaging"] + 0.2, acc
@@ -229,29 +238,72 @@ def test_repair_of_cca_merge_restores_the_moved_statistics():
 
 def test_vmap_over_pairs_and_gradients():
     """CCA Merge under vmap equals the loop over pairs, and the fused weights are differentiable in the
-    regularization and in the activations (eigendecompositions and the QDWH polar factor are)."""
+    activations (through fuse) and in the regularization (eigendecompositions and the QDWH polar factor are)."""
     model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(8, 6), bias=True)
     x = jax.random.normal(jax.random.key(0), (64, 4, 4, 1))
     pairs = [(random_variables(model, (4, 4, 1), 2 * i), random_variables(model, (4, 4, 1), 2 * i + 1)) for i in range(3)]
     acts = [[capture_activations(model, v, x, "post") for v in pair] for pair in pairs]
     stack = lambda trees: jax.tree_util.tree_map(lambda *t: jnp.stack(t), *trees)  # noqa: E731
 
-    def fused(a, b, acts_a, acts_b, r=0.5):
+    def fused(a, b, acts_a, acts_b):
         return otf.fuse([a, b], spec, cca.CCAMerge(), activations=[acts_a, acts_b])[0]
 
     batched = jax.vmap(fused)(*(stack([p[i] for p in pairs]) for i in range(2)), *(stack([q[i] for q in acts]) for i in range(2)))
     looped = stack([fused(*pair, *a) for pair, a in zip(pairs, acts)])
     assert max_abs_diff(batched, looped) < 1e-4
 
+    a, b = pairs[0]
+    g = jax.grad(lambda acts_a: jnp.sum(jnp.tanh(fused(a, b, acts_a, acts[0][1])["params"]["fc2"]["kernel"])))(acts[0][0])
+    flat = jax.tree_util.tree_leaves(g)
+    assert all(np.all(np.isfinite(np.asarray(t))) for t in flat) and max(float(jnp.abs(t).max()) for t in flat) > 0
+
     xa, xb = (jnp.concatenate(acts[0][i]["fc1"]) for i in range(2))
-
-    def loss(r, xa):
-        t, _, _ = cca.cca_map(xa, xb, r)
-        return jnp.sum(jnp.tanh(t))
-
-    g_r, g_x = jax.grad(loss, argnums=(0, 1))(0.5, xa)
+    g_r = jax.grad(lambda r: jnp.sum(jnp.tanh(cca.cca_map(xa, xb, r)[0])))(0.5)
     assert np.isfinite(float(g_r)) and float(g_r) != 0.0
-    assert np.all(np.isfinite(np.asarray(g_x))) and float(jnp.abs(g_x).max()) > 0
+
+
+def test_full_regularization_is_procrustes_of_the_raw_activations():
+    """r = 1: no whitening; T is the orthogonal Procrustes map of the centred activations times their scale ratio."""
+    from otfusion_jax import ot  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    xp = rng.standard_normal((300, 5)) * rng.uniform(0.5, 2.0, 5)
+    xt = xp @ np.linalg.qr(rng.standard_normal((5, 5)))[0] + 0.1 * rng.standard_normal((300, 5))
+    t, t_inv, _ = cca.cca_map(jnp.asarray(xp, jnp.float32), jnp.asarray(xt, jnp.float32), 1.0)
+    cp, ct = xp - xp.mean(0), xt - xt.mean(0)
+    rot = np.asarray(ot.procrustes(jnp.asarray(cp.T @ ct, jnp.float32))[0])
+    scale = np.sqrt(np.trace(ct.T @ ct) / np.trace(cp.T @ cp))
+    np.testing.assert_allclose(np.asarray(t), scale * rot, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(t @ t_inv), np.eye(5), atol=1e-4)
+
+
+def test_barycentre_of_permuted_copies_returns_the_model():
+    """The iterative barycentre with Linear plans (iterations > 1): a model and two permuted copies fuse back to
+    the model, and the rounds stop once the maps stop changing."""
+    model, spec = build("mlpnet", input_shape=(6, 6, 1), num_classes=3, widths=(12, 8), bias=True)
+    v = random_variables(model, (6, 6, 1), 4)
+    copies = [permute_numpy(v, spec, random_permutations(spec, spec.check_variables(v), s)) for s in (5, 6)]
+    x = jax.random.normal(jax.random.key(7), (256, 6, 6, 1))
+    acts = [capture_activations(model, w, x, "pre") for w in (*copies, v)]
+    fused, aux = otf.fuse([*copies, v], spec, otf.CCAMerge(0.5, "pre"), activations=acts, iterations=4)
+    assert max_abs_diff(fused, v) < 2e-3
+    assert 2 <= int(aux.iterations) <= 4 and float(aux.plan_change) < 1e-2
+
+
+def test_the_recommended_method_sends_only_what_cca_merge_can_fuse():
+    from otfusion_jax.experiment import _cca_fits  # noqa: PLC0415
+
+    def group(name, shape=(8, 8, 1), **opts):
+        model, spec = build(name, input_shape=shape, num_classes=3, **opts)
+        v = random_variables(model, shape)
+        return types.SimpleNamespace(spec=spec, variables=[v, v])
+
+    assert _cca_fits(group("mlpnet", widths=(6,), bias=False))
+    assert not _cca_fits(group("vit", depth=1, embed_dim=8, num_heads=2, mlp_dim=8, patch_size=4))
+    assert not _cca_fits(group("vgg11", (32, 32, 1), width=0.0625, norm=True, bias=False))
+    wide = group("mlpnet", widths=(7,), bias=False)
+    narrow = group("mlpnet", widths=(6,), bias=False)
+    assert not _cca_fits(types.SimpleNamespace(spec=narrow.spec, variables=[wide.variables[0], narrow.variables[0]]))
 
 
 def test_polar_factor_derivative_matches_finite_differences():
