@@ -530,7 +530,7 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
       5,000), the loss decides;
     * conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + REPAIR of hidden units
       (residual streams too) and logits (CCA Merge: 81.60% at best on the VGG11 pair, against 89.90%; 60.00%
-      on the BatchNorm-free ResNet18 pair, against 84.94%);
+      on the BatchNorm-free ResNet18 pair, against 84.78%);
     * MLPs that CCA Merge cannot fuse (different widths; norm layers): two: OT by weights, Sinkhorn (epsilon 0.05
       of the mean cost); more: the barycentre by activations, exact plans from post-ReLU correlation costs; each
       + REPAIR of hidden units and logits.
