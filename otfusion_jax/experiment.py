@@ -524,7 +524,7 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
 
     * transformers: OT by activations with their rotation symmetries (no REPAIR: it does not help them);
     * MLPs of equal widths, any number: CCA Merge (``config.cca``: post-ReLU activations of 1,000 samples) + REPAIR
-      of hidden units and logits towards the parents' statistics moved by its maps. Fashion MLPNets: four 87.78%
+      of hidden units and logits towards the parents' statistics moved by its maps. Fashion MLPNets: four 87.76%
       (loss barrier 0.022) against 82.82% for the activation barycentre + REPAIR; two 87.88% (barrier 0.013)
       against 87.90% (barrier 0.096) for OT by weights with Sinkhorn + REPAIR: a tie on accuracy (one image in
       5,000), the loss decides;
