@@ -563,7 +563,13 @@ def _cca_method(group: Group, solver: str | None, prefix: str = "") -> Outcome:
     aligner = group.settings.cca
     label = f"{prefix}CCA Merge ({aligner.acts_kind}-ReLU activations, regularization {aligner.regularization:g})"
     group.say(label)
-    out = group.run_aligner(aligner, label, "exact", acts_kind=aligner.acts_kind, num_samples=aligner.num_samples)
+    def extra(aux):  # per layer, the mean canonical correlation (of the shrunk problem) over the aligned parents
+        infos = [info for info in aux.info if info is not None]
+        return {"cca_correlation": {n: float(np.mean([-float(i[n].cost) for i in infos])) for n in infos[0]}}
+
+    out = group.run_aligner(
+        aligner, label, "exact", acts_kind=aligner.acts_kind, num_samples=aligner.num_samples, extra=extra
+    )
     plans, weights = out.aux.plans, group.weights
     parents = [(p.module, p.variables) for p in group.parents]
 

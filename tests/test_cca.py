@@ -176,6 +176,8 @@ def test_the_recommended_method_for_mlps_is_cca_merge():
     labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
     want = "recommended: CCA Merge (post-ReLU activations, regularization 0.5)"
     assert labels == [want, f"{want} + REPAIR"], labels
+    corr = next(r for r in rows if r["method"] == want)["cca_correlation"]
+    assert set(corr) == {"fc1", "fc2"} and all(0.0 < c <= 0.5 for c in corr.values()), corr  # (1 - r) * mean corr
     assert captured[:3] == [(25, "post")] * 3, captured  # then REPAIR's: the parents' pre-activations
     assert fused[labels[0]].method == "recommended"
     wide, _ = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(9, 5), bias=False)
