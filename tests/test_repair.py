@@ -274,3 +274,21 @@ def test_batchnorm_models_reset_their_statistics_then_correct_the_logits():
     for path, stat in flat_plain.items():  # the same reset statistics as without the logits' correction
         if path.startswith("batch_stats/"):
             np.testing.assert_allclose(flat[path], stat, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.slow
+def test_repair_of_a_resnet_fused_with_its_permuted_copy_changes_nothing():
+    """A BatchNorm-free ResNet18 fused with a permuted copy of itself is the model; REPAIR (streams and logits
+    included) then has nothing to correct: every sum keeps a = 1 and b = 0, every layer scale 1 and shift 0."""
+    from fusion_helpers import permuted_copy  # noqa: PLC0415
+
+    model, spec = build("resnet18", input_shape=(16, 16, 1), num_classes=4, width=0.0625, bias=True, norm=False)
+    v = random_variables(model, (16, 16, 1), 3)
+    copy = permuted_copy(v, spec, 4)
+    x = jax.random.normal(jax.random.key(5), (24, 16, 16, 1))
+    acts = [capture_activations(model, w, x) for w in (copy, v)]
+    aligned, aux = otf.align_parents([copy, v], spec, otf.FusionConfig(mode="activations"), activations=acts)
+    fused = otf.engine.weighted_sum(aligned, aux.weights)
+    assert _max_diff(fused, v) < 1e-5
+    repaired = repair.repair(model, fused, aligned, spec, x, include_output=True)
+    assert _max_diff(repaired, v) < 1e-4
