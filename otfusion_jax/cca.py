@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from otfusion_jax import ot
 from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
-from otfusion_jax.engine import Alignment, FusionError
+from otfusion_jax.engine import Alignment, FusionError, check_equal_widths
 from otfusion_jax.fusion import activation_tensors
 from otfusion_jax.models.common import ACT_COLLECTIONS
 
@@ -131,7 +131,6 @@ class CCAMerge:
       regularization: covariance shrinkage r in [0, 1]: ``(1 - r) S + r tr(S)/n I``. 0.5 was chosen on held-out
         training images (docs/RESULTS.md, "CCA Merge"); 1 is orthogonal Procrustes on the raw activations (times
         a scalar).
-
       acts_kind: the activations the caller captures for it (``models.capture_activations(..., kind)``): "post"
         (after the ReLU, chosen on held-out images) or "pre".
       num_samples: how many training inputs the caller captures them on (fuse.py; None: its
@@ -162,13 +161,7 @@ class CCAMerge:
 
     def check(self, sizes: Sequence[Mapping[str, int]], target: int) -> None:
         """Every plan needs equal widths in all parents (a linear map of the neurons must be invertible)."""
-        for k, s in enumerate(sizes):
-            for name, n in s.items():
-                if n != sizes[target][name]:
-                    raise FusionError(
-                        f"CCA Merge: layer {name!r} has {n} neurons in parent {k} and {sizes[target][name]} in the "
-                        "target; CCA Merge needs equal widths (use OT fusion for parents of different widths)"
-                    )
+        check_equal_widths(sizes, target, "CCA Merge")
 
     def align(
         self,
@@ -188,6 +181,7 @@ class CCAMerge:
         del key, params
         check_spec(spec)
         sizes = spec.check_variables(target)
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(dict(target)))
         plans: dict[str, plans_lib.Plan] = {}
         infos: dict[str, ot.PlanInfo] = {}
         for name in spec.plans:
@@ -197,7 +191,6 @@ class CCAMerge:
                 continue
             xs, ys = activation_tensors(parent_acts, target_acts, name, n, n)
             t, t_inv, corr = cca_map(_samples(xs), _samples(ys), self.regularization)
-            dtype = jnp.result_type(*jax.tree_util.tree_leaves(dict(target)))
             plans[name] = plans_lib.Linear(t.astype(dtype), t_inv.astype(dtype))
             infos[name] = ot.PlanInfo(-corr, jnp.array(True), jnp.array(0, jnp.int32), jnp.array(0.0, corr.dtype))
         return Alignment(plans, infos)

@@ -51,6 +51,7 @@ __all__ = [
     "weighted_sum",
     "vanilla_average",
     "check_parents",
+    "check_equal_widths",
     "check_finite",
     "warn_unconverged",
 ]
@@ -182,6 +183,18 @@ def check_parents(
                     f"parent {k}: leaf {path} has dtype {flat[path].dtype}, the target {flat_t[path].dtype}"
                 )
     return sizes
+
+
+def check_equal_widths(sizes: Sequence[Mapping[str, int]], target: int, method: str) -> None:
+    """For aligners whose plans need equal widths (permutations, invertible maps): raises FusionError naming the
+    first plan and parent whose width differs from the target's."""
+    for k, sz in enumerate(sizes):
+        for name, n in sz.items():
+            if n != sizes[target][name]:
+                raise FusionError(
+                    f"{method} needs equal widths, but plan {name!r} has {n} neurons in parent {k} "
+                    f"and {sizes[target][name]} in the target; use OT fusion (FusionConfig) for different widths"
+                )
 
 
 @jax.jit

@@ -504,18 +504,15 @@ def _is_conv_net(group: Group) -> bool:
     return any(np.ndim(leaf) == 4 for leaf in jax.tree_util.tree_leaves(group.parents[group.target].variables))
 
 
-def _equal_widths(group: Group) -> bool:
-    sizes = [group.spec.check_variables(v) for v in group.variables]
-    return all(s == sizes[0] for s in sizes)
-
-
 def _cca_fits(group: Group) -> bool:
-    """CCA Merge can fuse the group: equal widths, no norms, heads or permutation-only plans (``cca.check_spec``)."""
+    """CCA Merge can fuse the group: no norms, heads or permutation-only plans (``cca.check_spec``), equal widths
+    (``CCAMerge.check``)."""
     try:
         cca_lib.check_spec(group.spec)
+        group.settings.cca.check([group.spec.check_variables(v) for v in group.variables], group.target)
     except engine.FusionError:
         return False
-    return _equal_widths(group)
+    return True
 
 
 def _recommended_method(group: Group, solver: str | None) -> Outcome:
@@ -563,6 +560,7 @@ def _cca_method(group: Group, solver: str | None, prefix: str = "") -> Outcome:
     aligner = group.settings.cca
     label = f"{prefix}CCA Merge ({aligner.acts_kind}-ReLU activations, regularization {aligner.regularization:g})"
     group.say(label)
+
     def extra(aux):  # per layer, the mean canonical correlation (of the shrunk problem) over the aligned parents
         infos = [info for info in aux.info if info is not None]
         return {"cca_correlation": {n: float(np.mean([-float(i[n].cost) for i in infos])) for n in infos[0]}}

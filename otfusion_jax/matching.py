@@ -74,7 +74,7 @@ from otfusion_jax import heads as heads_lib
 from otfusion_jax import ot
 from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
-from otfusion_jax.engine import Alignment, FusionError
+from otfusion_jax.engine import Alignment, FusionError, check_equal_widths
 
 __all__ = [
     "MatchingInfo",
@@ -448,13 +448,7 @@ class WeightMatching:
 
     def check(self, sizes: Sequence[Mapping[str, int]], target: int) -> None:
         """Permutations need equal widths: raises FusionError naming the plan otherwise."""
-        for k, sz in enumerate(sizes):
-            for name, n in sz.items():
-                if n != sizes[target][name]:
-                    raise FusionError(
-                        f"weight matching needs equal widths, but plan {name!r} has {n} neurons in parent {k} "
-                        f"and {sizes[target][name]} in the target; use OT fusion (FusionConfig) for different widths"
-                    )
+        check_equal_widths(sizes, target, "weight matching")
 
     def match(
         self,

@@ -33,7 +33,7 @@ Two cases, chosen from the variables:
   paper's: sum by sum, the layers added at that sum (found by
   :func:`stream_sums`) are scaled by the per-channel ``a > 0`` for which the
   sum (skip connection + branch) gets the target std, and shifted to its mean
-  (``_repair_sum``, in the order of :func:`repair_order`); each tap's target is that tap's statistics.
+  (``_repair_sum``, in the order of ``_repair_order``); each tap's target is that tap's statistics.
 * **BatchNorm models**: REPAIR amounts to resetting the running statistics
   on ``x`` (``models.recompute_batch_stats``): each BatchNorm then
   standardises its input over ``x`` and applies the fused (interpolated)
@@ -78,7 +78,6 @@ __all__ = [
     "add_zero_biases",
     "check_repairable",
     "stream_sums",
-    "repair_order",
 ]
 
 Variables = Mapping[str, Any]
@@ -237,6 +236,43 @@ def check_repairable(
     return layers
 
 
+def _zeroed(variables: Variables, paths: Sequence[str]) -> dict[str, Any]:
+    """``variables`` with the leaves at ``paths`` set to zero."""
+    flat = dict(spec_lib.flatten_paths(variables))
+    for path in paths:
+        flat[path] = jnp.zeros_like(flat[path])
+    return spec_lib.unflatten_paths(flat)
+
+
+def _reach(
+    module: nn.Module, variables: Variables, x: jax.Array, kernels: Sequence[str]
+) -> tuple[dict[str, int], dict[str, frozenset[tuple[str, int]]]]:
+    """Probes the model: each kernel set to zero in turn, the sown pre-activation tensors ``(plan, i)`` that change.
+
+    Eager (not traceable): one forward pass per kernel. Returns ``(taps per plan, kernel -> the tensors it reaches)``.
+    """
+    base = models.capture_activations(module, dict(variables), x, "pre")
+    reach = {}
+    for kernel in kernels:
+        probe = models.capture_activations(module, _zeroed(variables, (kernel,)), x, "pre")
+        reach[kernel] = frozenset(
+            (name, i) for name in base for i, (a, b) in enumerate(zip(base[name], probe[name]))
+            if float(jnp.max(jnp.abs(a - b))) > 1e-6 * max(float(jnp.max(jnp.abs(a))), 1e-30)
+        )
+    return {name: len(t) for name, t in base.items()}, reach
+
+
+def _sums_from(plan: str, taps: int, kernels: Sequence[str], reach: Mapping[str, frozenset]) -> tuple[tuple[str, ...], ...]:
+    """:func:`stream_sums` from a probe (:func:`_reach`): each kernel at the first of the stream's taps it reaches."""
+    sums: list[list[str]] = [[] for _ in range(taps)]
+    for kernel in kernels:
+        changed = sorted(i for name, i in reach[kernel] if name == plan)
+        if not changed:
+            raise ValueError(f"REPAIR: layer {kernel} changes no tap of stream {plan!r} on the samples")
+        sums[changed[0]].append(kernel)
+    return tuple(tuple(k) for k in sums)
+
+
 def stream_sums(
     module: nn.Module, variables: Variables, spec: spec_lib.AlignmentSpec, plan: str, x: jax.Array
 ) -> tuple[tuple[str, ...], ...]:
@@ -253,20 +289,9 @@ def stream_sums(
     Raises:
       ValueError: a producer that changes no tap (its output never reaches the stream on ``x``).
     """
-    base = models.capture_activations(module, dict(variables), x, "pre")[plan]
-    sums: list[list[str]] = [[] for _ in base]
-    for kernel in spec.producers(plan, ("weight",)):
-        flat = dict(spec_lib.flatten_paths(variables))
-        flat[kernel] = jnp.zeros_like(flat[kernel])
-        probe = models.capture_activations(module, spec_lib.unflatten_paths(flat), x, "pre")[plan]
-        changed = [
-            i for i, (a, b) in enumerate(zip(base, probe))
-            if float(jnp.max(jnp.abs(a - b))) > 1e-6 * max(float(jnp.max(jnp.abs(a))), 1e-30)
-        ]
-        if not changed:
-            raise ValueError(f"REPAIR: layer {kernel} changes no tap of stream {plan!r} on the samples")
-        sums[changed[0]].append(kernel)
-    return tuple(tuple(k) for k in sums)
+    kernels = spec.producers(plan, ("weight",))
+    taps, reach = _reach(module, variables, x, kernels)
+    return _sums_from(plan, taps[plan], kernels, reach)
 
 
 def _bias_shape(kernel: Any, n: int) -> tuple[int, ...]:
@@ -327,14 +352,16 @@ def add_zero_biases(variables: Variables, spec: spec_lib.AlignmentSpec) -> dict[
 @functools.partial(jax.jit, static_argnames=("module", "spec", "plans", "eps", "sums"))
 def _repair_layers(fused, targets, x, *, module, spec, plans, eps, sums=()):
     """Corrects ``plans`` in order; a plan in ``sums`` (a residual stream) is one entry per sum: ``plans`` then holds
-    ``(plan, i)`` for its sum i, in the forward order of :func:`repair_order`."""
+    ``(plan, i)`` for its sum i, in the forward order of ``_repair_order``."""
     layers = check_repairable(spec, fused, plans=tuple(dict.fromkeys(u[0] if isinstance(u, tuple) else u for u in plans)))
     sums = dict(sums)
     current = dict(fused)
     for unit in plans:
         if isinstance(unit, tuple):
             plan, i = unit
-            current = _repair_sum(current, targets[plan], x, module, plan, i, sums[plan][i], eps)
+            bias_of = dict(layers[plan])
+            added = tuple((k, bias_of[k]) for k in sums[plan][i])
+            current = _repair_sum(current, targets[plan], x, module, plan, i, added, eps)
             continue
         plan = unit
         ((kernel_path, bias_path),) = layers[plan]
@@ -352,45 +379,30 @@ def _repair_layers(fused, targets, x, *, module, spec, plans, eps, sums=()):
     return current
 
 
-def repair_order(
-    module: nn.Module,
-    variables: Variables,
-    spec: spec_lib.AlignmentSpec,
-    plans: Sequence[str],
-    sums: Mapping[str, Sequence[Sequence[str]]],
-    x: jax.Array,
+def _repair_order(
+    plans: Sequence[str], sums: Mapping[str, Sequence[Sequence[str]]], layers: Mapping[str, Any], reach: Mapping[str, frozenset]
 ) -> tuple[Any, ...]:
     """The order in which to correct ``plans`` when some are residual streams (``sums``: :func:`stream_sums`).
 
     A stream's sums interleave with the layers inside its blocks, so neither the spec's order nor plan by plan
-    works: each unit (a plan, or a stream's sum ``(plan, i)``) is probed by zeroing its layers, and units are
-    sorted by how many tensors that changes (everything downstream changes too: an upstream unit always changes
-    more). Eager, like :func:`stream_sums`.
+    works. Each unit (a plan, or a stream's sum ``(plan, i)``) reaches the tensors its layers reach when zeroed
+    (the probe :func:`_reach`); units are sorted by how many (everything downstream changes too: an upstream unit
+    always reaches more), ties in the spec's order.
     """
-    base = models.capture_activations(module, dict(variables), x, "pre")
-    units: list[Any] = []
+    units: list[tuple[Any, Sequence[str]]] = []
     for plan in plans:
         if plan in sums:
             units += [((plan, i), kernels) for i, kernels in enumerate(sums[plan]) if kernels]
         else:
-            units.append((plan, tuple(spec.producers(plan, ("weight",)))))
-    reach = []
-    for unit, kernels in units:
-        flat = dict(spec_lib.flatten_paths(variables))
-        for k in kernels:
-            flat[k] = jnp.zeros_like(flat[k])
-        probe = models.capture_activations(module, spec_lib.unflatten_paths(flat), x, "pre")
-        reach.append(sum(
-            float(jnp.max(jnp.abs(a - b))) > 1e-6 * max(float(jnp.max(jnp.abs(a))), 1e-30)
-            for name in base for a, b in zip(base[name], probe[name])
-        ))
-    order = sorted(range(len(units)), key=lambda j: -reach[j])  # stable: ties keep the spec's order
+            units.append((plan, [k for k, _ in layers[plan]]))
+    size = [len(frozenset().union(*(reach[k] for k in kernels))) for _, kernels in units]
+    order = sorted(range(len(units)), key=lambda j: -size[j])  # stable: ties keep the spec's order
     return tuple(units[j][0] for j in order)
 
 
-def _repair_sum(current, target, x, module, plan, i, kernels, eps):
+def _repair_sum(current, target, x, module, plan, i, added, eps):
     """Sum i of a residual stream without BatchNorm: its tap is ``x_i + c_i``, where ``c_i`` is what the layers added
-    at that sum produce and ``x_i`` what the skip connection carries. Those layers' outputs become ``a c_i + b``
+    at that sum (``added``: their (kernel, bias) paths) produce and ``x_i`` what the skip connection carries. Those layers' outputs become ``a c_i + b``
     per channel, with a > 0 solving ``var(x_i + a c_i) = target var`` (``a^2 var(c) + 2 a cov(x, c) + var(x) = v``)
     and b giving the target mean (of two positive roots, the one closer to 1). Where no positive a reaches the
     target (e.g. the skip connection alone carries more variance than the target and does not anticorrelate
@@ -400,11 +412,7 @@ def _repair_sum(current, target, x, module, plan, i, kernels, eps):
     tap = models.capture_activations(module, current, x, "pre")[plan][i]
     n = tap.shape[-1]
     mean_t, std_t = (jnp.reshape(t, (-1, n)) for t in target)  # (taps, n): a stream sown once has (n,) targets
-    zeroed = dict(flat)
-    for k in kernels:
-        bias_path = k.rsplit("/", 1)[0] + "/bias"
-        zeroed[k], zeroed[bias_path] = jnp.zeros_like(flat[k]), jnp.zeros_like(flat[bias_path])
-    skip = models.capture_activations(module, spec_lib.unflatten_paths(zeroed), x, "pre")[plan][i]
+    skip = models.capture_activations(module, _zeroed(current, [p for pair in added for p in pair]), x, "pre")[plan][i]
     xs = skip.reshape(-1, n).astype(jnp.float32)
     cs = (tap - skip).reshape(-1, n).astype(jnp.float32)
     mx, mc = jnp.mean(xs, 0), jnp.mean(cs, 0)
@@ -417,8 +425,7 @@ def _repair_sum(current, target, x, module, plan, i, kernels, eps):
     root = jnp.where((lo > 0) & (jnp.abs(lo - 1.0) < jnp.abs(hi - 1.0)), lo, hi)
     a = jnp.where((disc >= 0) & (root > 0) & (vc > eps**2), root, 1.0)
     b = mean_t[i] - a * mc - mx
-    for j, k in enumerate(kernels):
-        bias_path = k.rsplit("/", 1)[0] + "/bias"
+    for j, (k, bias_path) in enumerate(added):
         kernel, bias = flat[k], flat[bias_path]
         flat[k] = (kernel * a.astype(kernel.dtype)).astype(kernel.dtype)
         flat[bias_path] = (bias * a + (b if j == 0 else 0.0)).astype(bias.dtype)
@@ -475,9 +482,12 @@ def repair(
         if not parents_aligned:
             raise ValueError("REPAIR needs the aligned parents (at least one) or the targets")
         targets = target_stats(module, parents_aligned, x, weights=weights)
-    sums = {p: stream_sums(module, fused, spec, p, x) for p in plans if len(layers[p]) > 1}
-    if sums:  # residual streams: their sums interleave with the layers inside the blocks
-        plans = repair_order(module, fused, spec, plans, sums, x)
+    sums = {}
+    if any(len(layers[p]) > 1 for p in plans):  # residual streams: their sums interleave with the blocks' layers
+        kernels = [k for p in plans for k, _ in layers[p]]
+        taps, reach = _reach(module, fused, x, kernels)  # one probe serves the sums and their order
+        sums = {p: _sums_from(p, taps[p], [k for k, _ in layers[p]], reach) for p in plans if len(layers[p]) > 1}
+        plans = _repair_order(plans, sums, layers, reach)
     return _repair_layers(
         fused, targets, x, module=module, spec=spec, plans=plans, eps=float(eps), sums=tuple(sums.items())
     )

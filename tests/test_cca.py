@@ -115,7 +115,7 @@ def test_refuses_what_a_linear_map_cannot_move():
     model, spec = build("mlpnet", input_shape=(3, 3, 1), widths=(4,), bias=False)
     wide, wide_spec = build("mlpnet", input_shape=(3, 3, 1), widths=(6,), bias=False)
     a, b = random_variables(model, (3, 3, 1)), random_variables(wide, (3, 3, 1))
-    with pytest.raises(otf.FusionError, match=r"layer 'fc1' has 6 neurons in parent 0 and 4 in the target"):
+    with pytest.raises(otf.FusionError, match=r"CCA Merge needs equal widths, but plan 'fc1' has 6 neurons in parent 0 and 4 in the target"):
         otf.fuse([b, a], spec, otf.CCAMerge(), activations=[{}, {}])
     with pytest.raises(otf.FusionError, match=r"regularization must be a number in \[0, 1\], got 1.5"):
         otf.CCAMerge(1.5)
@@ -298,14 +298,15 @@ def test_the_recommended_method_sends_only_what_cca_merge_can_fuse():
     def group(name, shape=(8, 8, 1), **opts):
         model, spec = build(name, input_shape=shape, num_classes=3, **opts)
         v = random_variables(model, shape)
-        return types.SimpleNamespace(spec=spec, variables=[v, v])
+        return types.SimpleNamespace(spec=spec, variables=[v, v], settings=experiment.Settings(), target=1)
 
     assert _cca_fits(group("mlpnet", widths=(6,), bias=False))
     assert not _cca_fits(group("vit", depth=1, embed_dim=8, num_heads=2, mlp_dim=8, patch_size=4))
     assert not _cca_fits(group("vgg11", (32, 32, 1), width=0.0625, norm=True, bias=False))
     wide = group("mlpnet", widths=(7,), bias=False)
     narrow = group("mlpnet", widths=(6,), bias=False)
-    assert not _cca_fits(types.SimpleNamespace(spec=narrow.spec, variables=[wide.variables[0], narrow.variables[0]]))
+    assert not _cca_fits(types.SimpleNamespace(
+        spec=narrow.spec, variables=[wide.variables[0], narrow.variables[0]], settings=experiment.Settings(), target=1))
 
 
 def test_polar_factor_derivative_matches_finite_differences():
