@@ -106,10 +106,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.cca.acts_kind = "post"  # the activations it is solved from: after (post) or before (pre) the ReLU
     config.cca.num_samples = 1000  # training inputs they are captured on (None: experiment.num_samples); CCA needs more than 200
 
+    config.refit = ml_collections.ConfigDict()  # least-squares refit ("+ refit" rows; otfusion_jax.refit.RefitConfig)
+    config.refit.ridge = 0.01  # pull towards the averaged weights, a fraction of the mean eigenvalue of A^T A (held-out choice)
+    config.refit.num_samples = 1000  # training inputs the layer regressions are fitted on (drawn with experiment.sample_seed)
+    config.refit.batch_size = 250  # samples per pass (memory only)
+
     config.experiment = ml_collections.ConfigDict()  # what fuse.py makes: otfusion_jax.experiment.ExperimentConfig
     config.experiment.method = "ot-weights,ot-acts,recommended"  # the original's two, then ours (README); comma list: ot-weights | ot-acts (may end :exact / :sinkhorn / :orthogonal) | recommended | cca | wm | wm-refine | wm-soft | learned | wm-many | ot-many | ot-acts-many
     config.experiment.repair = False  # also REPAIR each fused model (its "+ REPAIR" rows)
     config.experiment.repair_output = False  # REPAIR the logits too (not in Jordan et al.; see docs/RESULTS.md)
+    config.experiment.refit = False  # also refit each fused model by least squares (its "+ refit" rows; config.refit)
     config.experiment.learn_steps = 60  # "learned": Adam steps through Sinkhorn
     config.experiment.learn_weights = False  # "learned": also fit per-layer mixing weights (tends to pick one parent)
     config.experiment.num_samples = 200  # activation mode / BatchNorm recompute / REPAIR: training samples, >= 1 (paper: 200)

@@ -30,7 +30,7 @@ from typing import Any
 import flax.linen as nn
 
 from otfusion_jax import data as data_lib
-from otfusion_jax import cca, experiment, fusion, matching, models, ot
+from otfusion_jax import cca, experiment, fusion, matching, models, ot, refit
 from otfusion_jax import spec as spec_lib
 from otfusion_jax import training
 
@@ -86,6 +86,8 @@ MATCHING_FIELDS = (
 )
 # config.cca: CCA Merge's fields, read from the dataclass.
 CCA_FIELDS = tuple(f.name for f in dataclasses.fields(cca.CCAMerge))
+# config.refit: the least-squares refit's fields, read from the dataclass.
+REFIT_FIELDS = tuple(f.name for f in dataclasses.fields(refit.RefitConfig))
 # config.experiment: the ExperimentConfig fields, read from the dataclass.
 EXPERIMENT_FIELDS = tuple(f.name for f in dataclasses.fields(experiment.ExperimentConfig))
 
@@ -93,7 +95,7 @@ EXPERIMENT_FIELDS = tuple(f.name for f in dataclasses.fields(experiment.Experime
 SCHEMA: dict[str | None, tuple[str, ...]] = {
     None: (
         "seed", "num_parents", "workdir", "parents_dir", "parent_widths",
-        "model", "data", "train", "fusion", "matching", "cca", "experiment",
+        "model", "data", "train", "fusion", "matching", "cca", "refit", "experiment",
     ),
     "model": ("name", "bias", "norm", "width", "widths", "depth", "embed_dim", "num_heads", "mlp_dim", "patch_size", "layer_norm_eps"),
     "data": ("name", "source", "data_dir", "pad_to", "max_train", "max_test", "seed", "eval_split"),
@@ -101,6 +103,7 @@ SCHEMA: dict[str | None, tuple[str, ...]] = {
     "fusion": FUSION_FIELDS,
     "matching": MATCHING_FIELDS,
     "cca": CCA_FIELDS,
+    "refit": REFIT_FIELDS,
     "experiment": EXPERIMENT_FIELDS,
 }
 
@@ -395,8 +398,12 @@ FIELDS: dict[str, Field] = {
     "cca.regularization": _float("CCA Merge: covariance shrinkage in [0, 1]", 0, high=1.0),
     "cca.acts_kind": _choice("CCA Merge: activations before or after the ReLU", lambda: tuple(models.ACT_COLLECTIONS)),
     "cca.num_samples": _int("CCA Merge: training inputs its activations are captured on (None: experiment's)", 1, optional=True),
+    "refit.ridge": _float("least-squares refit: ridge, a fraction of the mean eigenvalue of A^T A", 0),
+    "refit.num_samples": _int("least-squares refit: training inputs the regressions are fitted on", 1),
+    "refit.batch_size": _int("least-squares refit: samples per pass (memory only)", 1),
     "experiment.repair": _bool("also REPAIR each fused model"),
     "experiment.repair_output": _bool("REPAIR the logits too"),
+    "experiment.refit": _bool("also refit each fused model by least squares (config.refit)"),
     "experiment.learn_steps": _int('"learned": Adam steps', 1),
     "experiment.learn_weights": _bool('"learned": also fit mixing weights'),
     "experiment.num_samples": _int("training samples for activations / BatchNorm / REPAIR", 1),
@@ -607,6 +614,10 @@ def validate(config: Any, *, num_parents: int | None = None, model_from_config: 
         cca_from(cfg)
     except ValueError as e:
         raise ValueError(str(e).replace("CCAMerge.", "config.cca.")) from None
+    try:
+        refit_from(cfg)
+    except ValueError as e:
+        raise ValueError(str(e).replace("refit.", "config.refit.", 1)) from None
     settings = settings_from(cfg)
     try:
         settings.finetune  # noqa: B018 - builds the fine-tuning TrainConfig, which checks it
@@ -645,6 +656,12 @@ def cca_from(config: Any) -> cca.CCAMerge:
     return cca.CCAMerge(**{k: section[k] for k in CCA_FIELDS})
 
 
+def refit_from(config: Any) -> refit.RefitConfig:
+    """The least-squares refit's options: ``config.refit``."""
+    section = to_dict(config)["refit"]
+    return refit.RefitConfig(**{k: section[k] for k in REFIT_FIELDS})
+
+
 def experiment_config_from(config: Any) -> experiment.ExperimentConfig:
     """The :class:`~otfusion_jax.experiment.ExperimentConfig` of ``config.experiment``."""
     section = to_dict(config)["experiment"]
@@ -668,6 +685,7 @@ def settings_from(config: Any) -> experiment.Settings:
         matching=wm,
         matching_seed=seed,
         cca=cca_from(config),
+        refit=refit_from(config),
         train=train_config_from(config),
     )
 

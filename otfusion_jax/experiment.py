@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from otfusion_jax import cca as cca_lib
+from otfusion_jax import refit as refit_lib
 from otfusion_jax import data as data_lib
 from otfusion_jax import engine, learned, models, repair, training
 from otfusion_jax import fusion as fusion_lib
@@ -81,6 +82,8 @@ class ExperimentConfig:
       repair_output: REPAIR corrects the class layer's logits too (``repair.repair(include_output=True)``): each
         logit's mean and std on the samples become the parents' interpolated ones. Off by default, as in Jordan
         et al. (hidden units only).
+      refit: also refit each fused model by least squares (its "+ refit" rows; ``refit.refit``, options in
+        ``Settings.refit``): every layer regressed onto the parents' pre-activations moved by the plans.
       learn_steps: "learned": Adam steps through Sinkhorn.
       learn_weights: "learned": also fit per-layer mixing weights.
       num_samples: training samples for activations, BatchNorm recomputation and REPAIR (>= 1).
@@ -112,6 +115,7 @@ class ExperimentConfig:
     method: str = "ot-weights,ot-acts,recommended"
     repair: bool = False
     repair_output: bool = False
+    refit: bool = False
     learn_steps: int = 60
     learn_weights: bool = False
     num_samples: int = 200
@@ -165,6 +169,7 @@ class Settings:
         is taken as given: ``configs_util.settings_from`` passes ``config.fusion.exact_backend``).
       matching_seed: weight matching's key (restart r uses ``fold_in(key, r)``).
       cca: CCA Merge's options (the ``cca`` method).
+      refit: the least-squares refit's options ("+ refit" rows).
       train: the parents' training recipe; fine-tuning is this with ``experiment.finetune_epochs`` epochs,
         ``experiment.finetune_lr``, ``experiment.finetune_distill`` / ``finetune_temperature`` and the warm-up
         scaled to the same share of the run (None: TrainConfig's defaults).
@@ -175,6 +180,7 @@ class Settings:
     matching: matching_lib.WeightMatching = dataclasses.field(default_factory=matching_lib.WeightMatching)
     matching_seed: int = 0
     cca: cca_lib.CCAMerge = dataclasses.field(default_factory=cca_lib.CCAMerge)
+    refit: refit_lib.RefitConfig = dataclasses.field(default_factory=refit_lib.RefitConfig)
     train: training.TrainConfig | None = None
 
     @property
@@ -220,6 +226,10 @@ class Outcome:
       repair_output: its REPAIR corrects the logits too, whatever ``experiment.repair_output``.
       repair_targets: REPAIR's target statistics on given samples (``repair.moved_target_stats``) instead of
         the aligned parents' (``align``); for plans that are not permutations (CCA Merge).
+      plans: per parent, its plans onto the target (``engine.FusionAux.plans``; None for the target): what the
+        least-squares refit regresses onto. None: the method has no plans (no "+ refit" row).
+      refit: the method includes the least-squares refit: its "+ refit" row is made even without
+        ``experiment.refit`` (where the model allows it; otherwise the row says why not).
     """
 
     label: str
@@ -233,6 +243,8 @@ class Outcome:
     repair: bool = False
     repair_output: bool = False
     repair_targets: Callable[[np.ndarray], Mapping[str, Any]] | None = None
+    plans: Sequence[Mapping[str, Any] | None] | None = None
+    refit: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +362,7 @@ class Group:
             )[0]
 
         more = dict(extra(aux) if callable(extra) else (extra or {}))
-        return Outcome(label, solver, fused, aux, secs, max(first - secs, 0.0), align, more)
+        return Outcome(label, solver, fused, aux, secs, max(first - secs, 0.0), align, more, plans=aux.plans)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,7 +621,7 @@ def _learned_method(group: Group, solver: str | None) -> Outcome:
         "learned_weights": {p: np.asarray(jax.nn.softmax(v)).tolist() for p, v in params["logits"].items()},
     }
     # One call: compilation is part of the fit's time (compile_seconds 0, as before).
-    return Outcome(f"learned fusion ({what})", "sinkhorn", fused, aux, secs, 0.0, align, extra)
+    return Outcome(f"learned fusion ({what})", "sinkhorn", fused, aux, secs, 0.0, align, extra, plans=aux.plans)
 
 
 # name -> Method. "vanilla" and "ensemble" are rows of every table (accepted in method strings for clarity).
@@ -947,7 +959,43 @@ def run_fusion_table(
                     "compile_seconds": max(first - rsecs, 0.0),
                 }
             )
+        if exp.refit or out.refit:
+            say(f"least-squares refit of {out.label}")
+            try:
+                refitted, rsecs, first = _refit_timed(group, out, variables)
+            except engine.FusionError as e:
+                if exp.refit and not out.refit:
+                    raise
+                rows.append({"method": f"{out.label} + refit", "accuracy": None, "loss": None, "note": str(e)})
+                continue
+            rows.append(
+                {
+                    "method": f"{out.label} + refit",
+                    **training.evaluate(t_module, refitted, x_test, y_test),
+                    "seconds": out.seconds + rsecs,
+                    "compile_seconds": max(first - rsecs, 0.0),
+                }
+            )
     return rows, fused_out
+
+
+def _refit_timed(group: Group, out: Outcome, variables: Mapping[str, Any]) -> tuple[dict[str, Any], float, float]:
+    """``(refitted variables, seconds warm, seconds of the first call)``: ``refit.refit`` of one method's fused model
+    onto its parents' pre-activations moved by its plans, on ``config.refit.num_samples`` training inputs."""
+    if out.plans is None:
+        raise engine.FusionError(f"refit: {out.label} has no plans to refit onto")
+    refit_lib.check_spec(group.spec)
+    cfg, exp = group.settings.refit, group.settings.experiment
+    x = jnp.asarray(sample_inputs(group.dataset.x_train, cfg.num_samples, exp.sample_seed))
+    parents = [(p.module, p.variables) for p in group.parents]
+
+    def run_refit():
+        targets = refit_lib.moved_mean_activations(parents, out.plans, x, weights=group.weights)
+        return refit_lib.refit(group.target_module, variables, group.spec, x, targets, cfg)
+
+    _, first = _timed(run_refit)  # compiles (or loads) the per-layer programs
+    refitted, secs = _timed(run_refit)
+    return refitted, secs, first
 
 
 @dataclasses.dataclass(frozen=True)
