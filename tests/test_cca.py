@@ -158,7 +158,7 @@ def test_method_row_on_four_digits_parents():
 
 def test_the_recommended_method_for_mlps_is_cca_merge():
     """Three MLPs of equal widths: CCA Merge on post-ReLU activations of config.cca.num_samples inputs (not
-    experiment.num_samples), + REPAIR; two of different widths: OT by weights, Sinkhorn, + REPAIR."""
+    experiment.num_samples), + the least-squares refit; two of different widths: OT by weights, Sinkhorn, + the refit."""
     model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(6, 5), bias=False)
     parents = [experiment.Parent(f"parent {i}", model, random_variables(model, (4, 4, 1), i)) for i in range(3)]
     x = np.asarray(jax.random.normal(jax.random.key(5), (40, 4, 4, 1)))
@@ -175,16 +175,16 @@ def test_the_recommended_method_for_mlps_is_cca_merge():
         experiment.models.capture_activations = real
     labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
     want = "recommended: CCA Merge (post-ReLU activations, regularization 0.5)"
-    assert labels == [want, f"{want} + REPAIR"], labels
+    assert labels == [want, f"{want} + refit"], labels
     corr = next(r for r in rows if r["method"] == want)["cca_correlation"]
     assert set(corr) == {"fc1", "fc2"} and all(0.0 < c <= 0.5 for c in corr.values()), corr  # (1 - r) * mean corr
-    assert captured[:3] == [(25, "post")] * 3, captured  # then REPAIR's: the parents' pre-activations
+    assert captured[:3] == [(25, "post")] * 3, captured  # then the refit's: the parents' pre-activations
     assert fused[labels[0]].method == "recommended"
     wide, _ = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(9, 5), bias=False)
     pair = [parents[0], experiment.Parent("wide", wide, random_variables(wide, (4, 4, 1), 7))]
     rows, _ = experiment.run_fusion_table(pair, spec, ds, settings)
     labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
-    assert labels[0].startswith("recommended: OT fusion (weights, sinkhorn 0.05") and len(labels) == 2, labels
+    assert labels[0].startswith("recommended: OT fusion (weights, sinkhorn 0.05") and labels[1:] == [f"{labels[0]} + refit"], labels
 
 
 def test_moved_target_stats_equal_the_aligned_parents_for_permutations():

@@ -72,10 +72,10 @@ def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
     assert acts > 0.85, rows
     rec = "recommended: CCA Merge (post-ReLU activations, regularization 0.5)"
     assert set(fused) == {"OT fusion (weights, exact)", "OT fusion (activations, exact)", rec}
-    # the recommended method comes with its REPAIR row although config.experiment.repair is off
-    assert not config.experiment.repair
-    repaired = _row(rows, rec + " + REPAIR")["accuracy"]
-    assert repaired > weights and repaired > vanilla + 0.3, rows
+    # the recommended method comes with its least-squares refit although config.experiment.refit is off
+    assert not config.experiment.refit
+    refitted = _row(rows, rec + " + refit")["accuracy"]
+    assert refitted > weights and refitted > vanilla + 0.3, rows
 
 
 def _fuse_script_commands(folder):

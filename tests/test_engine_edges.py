@@ -58,7 +58,7 @@ def test_barycentre_with_a_zero_weight_stays_finite(solver):
 @pytest.mark.slow
 def test_many_parents_of_different_widths_get_the_ot_barycentre():
     """The default many-parent row (the recommended method: for MLPs of different widths, which CCA Merge cannot
-    fuse, the activation barycentre) takes any widths; weight matching's barycentre needs equal widths: asked
+    fuse, the activation barycentre + the least-squares refit) takes any widths; weight matching's barycentre needs equal widths: asked
     for, the driver falls back to OTFusion's."""
     parents = []
     for k, widths in enumerate(((12, 8), (16, 10), (12, 8))):
@@ -74,6 +74,6 @@ def test_many_parents_of_different_widths_get_the_ot_barycentre():
         exp = experiment.ExperimentConfig(method="ot-weights", plots=False, num_samples=32, many_method=many)
         rows, fused = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(experiment=exp))
         labels = [r["method"] for r in rows]
-        assert want in labels and (f"{want} + REPAIR" in labels) == (many == "recommended"), labels
+        assert want in labels and (f"{want} + refit" in labels) == (many == "recommended"), labels
         assert not any(lab.startswith("weight matching") for lab in labels)
         assert all(r["accuracy"] is not None for r in rows if r["method"].startswith(want)), rows

@@ -28,10 +28,10 @@ def test_tables_of_more_than_two_parents_add_the_barycentre(digits4):
     parents, spec, ds = digits4
     rows, fused = experiment.run_fusion_table(parents, spec, ds, _settings(method="ot-weights"))
     acc = {r["method"]: r for r in rows}
-    # the default many-parent row: the recommended method's branch for MLPs (CCA Merge, + REPAIR)
+    # the default many-parent row: the recommended method's branch for MLPs (CCA Merge, + the least-squares refit)
     label = "recommended: CCA Merge (post-ReLU activations, regularization 0.5)"
-    assert label in acc and f"{label} + REPAIR" in acc, list(acc)
-    assert acc[f"{label} + REPAIR"]["accuracy"] > 0.9
+    assert label in acc and f"{label} + refit" in acc, list(acc)
+    assert acc[f"{label} + refit"]["accuracy"] > 0.9
     assert acc[label]["accuracy"] > acc["OT fusion (weights, exact)"]["accuracy"] + 0.05
     assert fused[label].method == "recommended"
     rows_wm, fused_wm = experiment.run_fusion_table(parents, spec, ds, _settings(method="ot-weights", many_method="wm-many"))

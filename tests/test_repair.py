@@ -199,16 +199,19 @@ def test_repair_of_residual_streams_gives_every_sum_its_target_statistics():
         assert ok.mean() > 0.9 and np.all(g[~ok] > w[~ok]), (plan, ok.mean())
 
 
-@pytest.mark.parametrize("name,opts,k,expected", [
-    ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: OT fusion (activations, sinkhorn 0.2"),
-    ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (activations, sinkhorn 0.2"),
-    ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2"),
-    ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: CCA Merge (post-ReLU"),
-    ("mlpnet", dict(widths=(16, 8), bias=False), 3, "recommended: CCA Merge (post-ReLU"),
+@pytest.mark.parametrize("name,opts,k,expected,correction", [
+    ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: CCA Merge (post-ReLU", "refit"),
+    ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: CCA Merge (post-ReLU", "refit"),
+    ("vgg11", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2", "REPAIR"),
+    ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2",
+     "REPAIR"),
+    ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: CCA Merge (post-ReLU", "refit"),
+    ("mlpnet", dict(widths=(16, 8), bias=False), 3, "recommended: CCA Merge (post-ReLU", "refit"),
 ])
-def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, monkeypatch):
-    """Conv nets: OT by activations with Sinkhorn; MLPs: CCA Merge (each chosen on held-out images); each with a
-    REPAIR row that corrects the logits too, although experiment.repair and repair_output are off."""
+def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, correction, monkeypatch):
+    """Models the least-squares refit can regress (no BatchNorm, no residual sums): CCA Merge + the refit; other
+    conv nets: OT by activations with Sinkhorn + REPAIR that corrects the logits too (each chosen on held-out
+    images), although experiment.repair, repair_output and refit are off."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 
@@ -225,9 +228,12 @@ def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts
     exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="")
     rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
     labels = [r["method"] for r in rows if r["method"].startswith("recommended")]
-    assert len(labels) == 2 and labels[0].startswith(expected) and labels[1].endswith("+ REPAIR"), labels
-    assert asked and all(asked), asked  # include_output: the logits are REPAIRed too
-    assert rows[-1]["method"] == labels[1] and rows[-1]["accuracy"] is not None, rows[-1]  # and REPAIR ran
+    assert len(labels) == 2 and labels[0].startswith(expected) and labels[1] == f"{labels[0]} + {correction}", labels
+    if correction == "REPAIR":
+        assert asked and all(asked), asked  # include_output: the logits are REPAIRed too
+    else:
+        assert not asked
+    assert rows[-1]["method"] == labels[1] and rows[-1]["accuracy"] is not None, rows[-1]  # and the correction ran
 
 
 def test_repair_fused_with_the_logits_gives_every_layer_its_target_statistics():
