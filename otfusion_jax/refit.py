@@ -24,9 +24,15 @@ matching), not only partial permutations; the regression is pulled towards the a
 solved plain; models keep their widths. On the held-out images of the Fashion MLPNet pair it took every alignment
 to within half a point of the parents (docs/RESULTS.md, "Least-squares refit").
 
-Scope: models in which every plan is produced by one Dense or Conv layer (bias optional) whose output is the
-plan's sown pre-activation: MLPs and VGGs without BatchNorm. :func:`check_spec` refuses norms, attention heads
-and residual sums by name.
+Residual streams (BatchNorm-free ResNets): a stream's plan is sown after every sum, ``tap_i = skip_i + sum_j A_j
+W_j``. Each sum is one regression over the layers it adds (a block's last conv and its projection shortcut,
+jointly), onto ``Y_i - skip_i``: the skip connection as the fused model carries it, the sum's layers made to add
+what is missing. Which layers each sum adds is found by probing (``repair.stream_sums``); sums and layers are
+refitted in the order the model calls them.
+
+Scope: Dense and Conv layers (bias optional) whose outputs, alone or summed into a stream, are the plans' sown
+pre-activations: MLPs, VGGs and ResNets without BatchNorm. :func:`check_spec` refuses norms, attention heads and
+embeddings by name.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from otfusion_jax import plans as plans_lib
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.engine import FusionError
 
-__all__ = ["RefitConfig", "Layer", "check_spec", "moved_mean_activations", "refit", "design_rows"]
+__all__ = ["RefitConfig", "Layer", "Unit", "check_spec", "units", "moved_mean_activations", "refit", "design_rows"]
 
 Variables = Mapping[str, Any]
 MIN_RIDGE = 1e-6  # ridge 0 is read as this: plain least squares where the samples reach, the average elsewhere
@@ -83,24 +89,29 @@ class RefitConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """One refitted layer: the plan it produces, its module path and its leaves."""
+    """One Dense or Conv layer: its Flax module path and its leaves."""
 
-    plan: str
     path: tuple[str, ...]  # the Flax module path, e.g. ("conv3",)
     kernel: str  # the kernel's leaf path, e.g. "params/conv3/kernel"
     bias: str | None
 
 
-def check_spec(spec: spec_lib.AlignmentSpec) -> list[Layer]:
-    """The layers to refit, in the spec's plan order; FusionError for what the refit cannot regress.
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One regression: the layers whose outputs (summed) are tensor ``tap`` of ``plan``'s sown pre-activations."""
 
-    Every plan needs exactly one producing kernel (and at most one bias, of the same layer); norms, attention
-    heads, embeddings and residual sums are refused, naming the leaf or plan.
-    """
+    plan: str
+    tap: int
+    layers: tuple[Layer, ...]
+
+
+def check_spec(spec: spec_lib.AlignmentSpec) -> dict[str, tuple[Layer, ...]]:
+    """Plan name -> the layers producing it (several: a residual stream); FusionError for what the refit cannot
+    regress: attention heads, norms, embeddings, a bias without its kernel, leaves outside ``params/``."""
     if spec.heads:
         raise FusionError(f"refit: the spec has attention heads ({', '.join(g.plans[0] for g in spec.heads)})")
-    if spec.streams or spec.taps or spec.permutation_only:
-        raise FusionError("refit: the spec has residual streams; a sum of several layers is not one regression")
+    if spec.taps or spec.permutation_only:
+        raise FusionError("refit: the spec's streams pass through LayerNorm (a transformer); use REPAIR or none")
     what = {
         "norm": "a normalisation layer's scale or bias",
         "stat": "a BatchNorm running statistic",
@@ -112,24 +123,66 @@ def check_spec(spec: spec_lib.AlignmentSpec) -> list[Layer]:
                 f"refit: leaf {path} is {what[ls.role]}; the refit regresses Dense and Conv layers without "
                 "normalisation (use REPAIR for models with BatchNorm)"
             )
-    layers = []
+    out = {}
     for plan in spec.plans:
         kernels = spec.producers(plan, ("weight",))
-        biases = spec.producers(plan, ("bias",))
-        if len(kernels) != 1 or len(biases) > 1:
-            raise FusionError(
-                f"refit: plan {plan!r} is produced by {len(kernels)} kernels {kernels}"
-                + (" (a residual stream: the sum of several layers is not one regression)" if len(kernels) > 1 else "")
-                + "; the refit needs one layer per plan"
-            )
-        module_path = kernels[0].rsplit("/", 1)[0]
-        if biases and biases[0].rsplit("/", 1)[0] != module_path:
-            raise FusionError(f"refit: plan {plan!r}'s bias {biases[0]} is not in the layer of {kernels[0]}")
-        parts = tuple(module_path.split("/"))
-        if parts[0] != "params" or len(parts) < 2:
-            raise FusionError(f"refit: kernel {kernels[0]} is not under 'params/'")
-        layers.append(Layer(plan, parts[1:], kernels[0], biases[0] if biases else None))
-    return layers
+        biases = {b.rsplit("/", 1)[0]: b for b in spec.producers(plan, ("bias",))}
+        if not kernels:
+            raise FusionError(f"refit: plan {plan!r} has no producing kernel")
+        layers = []
+        for kernel in kernels:
+            module_path = kernel.rsplit("/", 1)[0]
+            parts = tuple(module_path.split("/"))
+            if parts[0] != "params" or len(parts) < 2:
+                raise FusionError(f"refit: kernel {kernel} is not under 'params/'")
+            layers.append(Layer(parts[1:], kernel, biases.pop(module_path, None)))
+        if biases:
+            raise FusionError(f"refit: plan {plan!r} has biases without their kernels: {sorted(biases.values())}")
+        out[plan] = tuple(layers)
+    return out
+
+
+def _call_order(module: nn.Module, variables: Variables, x: jax.Array) -> dict[tuple[str, ...], int]:
+    """Module path -> the position of its first call in one forward pass (traced, nothing computed)."""
+    order: dict[tuple[str, ...], int] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            order.setdefault(tuple(context.module.path), len(order))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda v, xx: module.apply(v, xx, train=False), dict(variables), x[:1])
+    return order
+
+
+def units(
+    module: nn.Module, variables: Variables, spec: spec_lib.AlignmentSpec, x: jax.Array
+) -> list[Unit]:
+    """The regressions of :func:`refit`, in the order the model calls their layers.
+
+    A plan produced by one layer is one unit; a residual stream (several producers) is one unit per sum, with
+    the layers added there (``repair.stream_sums``: probed on a few of the samples ``x``).
+    """
+    from otfusion_jax import repair  # noqa: PLC0415 - repair imports the engine; keep this module light to import
+
+    layers = check_spec(spec)
+    order = _call_order(module, variables, x)
+    missing = sorted("/".join(layer.path) for ls in layers.values() for layer in ls if layer.path not in order)
+    if missing:
+        raise FusionError(f"refit: the model never calls the layers {missing}")
+    out = []
+    for plan, ls in layers.items():
+        if len(ls) == 1:
+            out.append(Unit(plan, 0, ls))
+            continue
+        by_kernel = {layer.kernel: layer for layer in ls}
+        try:
+            sums = repair.stream_sums(module, variables, spec, plan, x[:16])
+        except ValueError as e:
+            raise FusionError(str(e).replace("REPAIR:", "refit:")) from None
+        out += [Unit(plan, i, tuple(by_kernel[k] for k in kernels)) for i, kernels in enumerate(sums) if kernels]
+    return sorted(out, key=lambda u: max(order[layer.path] for layer in u.layers))
 
 
 def moved_mean_activations(
@@ -149,17 +202,18 @@ def moved_mean_activations(
       weights: (K,) averaging weights (None: 1/K; normalised as ``engine.fuse`` does).
 
     Returns:
-      plan name -> (S, ..., n_target) array (a plan's first sown tensor: its layer's pre-activation).
+      plan name -> per sown tensor (one per layer; a residual stream: one per sum) an (S, ..., n_target) array.
     """
     w = [float(v) for v in np.asarray(engine.averaging_weights(len(parents), weights))]
-    out: dict[str, jax.Array] = {}
+    out: dict[str, tuple[jax.Array, ...]] = {}
     for wk, (module, variables), moves in zip(w, parents, plans):
         acts = models.capture_activations(module, dict(variables), x, "pre")
         for name, tensors in acts.items():
-            z = tensors[0]
             if moves is not None and name in moves:
-                z = z @ plans_lib.as_matrix(moves[name]).astype(z.dtype)
-            out[name] = out[name] + wk * z if name in out else wk * z
+                mat = plans_lib.as_matrix(moves[name])
+                tensors = tuple(z @ mat.astype(z.dtype) for z in tensors)
+            moved = tuple(wk * z for z in tensors)
+            out[name] = tuple(a + b for a, b in zip(out[name], moved)) if name in out else moved
     return out
 
 
@@ -216,41 +270,42 @@ def _rows_kernel(rows: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.moveaxis(rows.reshape(c_first), 0, -2)
 
 
-def _layer_modules(module: nn.Module, variables: Variables, x: jax.Array, paths: Sequence[tuple[str, ...]]):
-    """The bound layer modules at ``paths`` (their kernel size, strides, ...), from one traced call."""
-    found: dict[tuple[str, ...], nn.Module] = {}
-    wanted = set(paths)
+@functools.partial(jax.jit, static_argnames=("module", "unit"))
+def _grams(variables, x, y, *, module: nn.Module, unit: Unit):
+    """``(A^T A, A^T (Y - skip))`` of one unit in the model ``variables`` on samples ``x`` (targets ``y``).
 
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and tuple(context.module.path) in wanted:
-            found.setdefault(tuple(context.module.path), context.module)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda v, xx: module.apply(v, xx, train=False), dict(variables), x[:1])
-    missing = [p for p in paths if p not in found]
-    if missing:
-        raise FusionError(f"refit: the model never calls the layers {['/'.join(p) for p in missing]}")
-    return found
-
-
-@functools.partial(jax.jit, static_argnames=("module", "where", "has_bias"))
-def _grams(variables, x, y, *, module: nn.Module, where: tuple[str, ...], has_bias: bool):
-    """``(A^T A, A^T Y)`` of the layer at ``where`` in the model ``variables`` on samples ``x`` (targets ``y``)."""
+    ``A`` holds the unit's layers' rows side by side (each with a column of ones for its bias); ``skip`` is what
+    the unit's sown tensor holds beyond those layers' outputs (a residual sum's skip connection; zero for a plain
+    layer).
+    """
+    wanted = {layer.path for layer in unit.layers}
     got = {}
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and tuple(context.module.path) == where and "a" not in got:
-            got["a"] = design_rows(context.module, args[0])
+        path = tuple(context.module.path)
+        if context.method_name == "__call__" and path in wanted and path not in got:
+            got[path] = design_rows(context.module, args[0])
         return next_fun(*args, **kwargs)
 
+    coll = models.ACT_COLLECTIONS["pre"]
     with nn.intercept_methods(interceptor):
-        module.apply(variables, x, train=False)
-    a = got["a"].astype(jnp.float32)
-    if has_bias:
-        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
-    yy = y.reshape(a.shape[0], -1).astype(jnp.float32)
-    return a.T @ a, a.T @ yy
+        _, state = module.apply(variables, x, train=False, mutable=[coll])
+    sown = models.sown_activations(state[coll])[unit.plan][unit.tap]
+    flat = spec_lib.flatten_paths(variables)
+    blocks, branch = [], 0.0
+    for layer in unit.layers:
+        a = got[layer.path].astype(jnp.float32)
+        out = a @ _kernel_rows(flat[layer.kernel]).astype(jnp.float32)
+        if layer.bias is not None:
+            out = out + flat[layer.bias].reshape(1, -1).astype(jnp.float32)
+            a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+        blocks.append(a)
+        branch = branch + out
+    a = jnp.concatenate(blocks, axis=1)
+    rows = a.shape[0]
+    skip = sown.reshape(rows, -1).astype(jnp.float32) - branch
+    target = y.reshape(rows, -1).astype(jnp.float32) - skip
+    return a.T @ a, a.T @ target
 
 
 def refit(
@@ -258,7 +313,7 @@ def refit(
     fused: Variables,
     spec: spec_lib.AlignmentSpec,
     x: jax.Array,
-    targets: Mapping[str, jax.Array],
+    targets: Mapping[str, Sequence[jax.Array]],
     config: RefitConfig = RefitConfig(),
 ) -> dict[str, Any]:
     """The fused model with every layer refitted by ridge regression, in forward order (module docstring).
@@ -268,42 +323,48 @@ def refit(
       fused: its variables (the aligned parents' average).
       spec: its alignment spec (:func:`check_spec`).
       x: (S, ...) samples, the same the targets were computed on.
-      targets: plan name -> (S, ..., n) pre-activations the plans ask for (:func:`moved_mean_activations`).
+      targets: plan name -> per sown tensor the (S, ..., n) pre-activations the plans ask for
+        (:func:`moved_mean_activations`).
       config: ridge and batch size (``config.num_samples`` is the caller's: it draws ``x``).
 
     Returns:
       The refitted variables (the other collections as they were).
     """
-    layers = check_spec(spec)
-    for layer in layers:
-        if layer.plan not in targets:
-            raise FusionError(f"refit: no target activations for plan {layer.plan!r}")
-        if targets[layer.plan].shape[0] != x.shape[0]:
+    todo = units(module, fused, spec, x)
+    for unit in todo:
+        if unit.plan not in targets or len(targets[unit.plan]) <= unit.tap:
+            raise FusionError(f"refit: no target activations for plan {unit.plan!r} (tensor {unit.tap})")
+        if targets[unit.plan][unit.tap].shape[0] != x.shape[0]:
             raise FusionError(
-                f"refit: the targets of plan {layer.plan!r} are on {targets[layer.plan].shape[0]} samples, x has {x.shape[0]}"
+                f"refit: the targets of plan {unit.plan!r} are on {targets[unit.plan][unit.tap].shape[0]} samples, "
+                f"x has {x.shape[0]}"
             )
     flat = dict(spec_lib.flatten_paths(dict(fused)))
-    _layer_modules(module, spec_lib.unflatten_paths(flat), x, [layer.path for layer in layers])
     step = config.batch_size
-    for layer in layers:
-        kernel = flat[layer.kernel]
-        w0 = _kernel_rows(kernel).astype(jnp.float32)
-        if layer.bias is not None:
-            w0 = jnp.concatenate([w0, flat[layer.bias].reshape(1, -1).astype(jnp.float32)], axis=0)
+    for unit in todo:
+        w0 = []
+        for layer in unit.layers:
+            w0.append(_kernel_rows(flat[layer.kernel]).astype(jnp.float32))
+            if layer.bias is not None:
+                w0.append(flat[layer.bias].reshape(1, -1).astype(jnp.float32))
+        w0 = jnp.concatenate(w0, axis=0)
         variables = spec_lib.unflatten_paths(flat)
+        y = targets[unit.plan][unit.tap]
         g = c = 0.0
         for start in range(0, x.shape[0], step):
-            gi, ci = _grams(
-                variables, x[start : start + step], targets[layer.plan][start : start + step],
-                module=module, where=layer.path, has_bias=layer.bias is not None,
-            )
+            gi, ci = _grams(variables, x[start : start + step], y[start : start + step], module=module, unit=unit)
             g, c = g + gi, c + ci
         d = g.shape[0]
         # Directions no sample reaches (a conv tap that only ever sees padding) keep the averaged weights.
         lam = max(config.ridge, MIN_RIDGE) * jnp.trace(g) / d + jnp.finfo(jnp.float32).tiny
-        w = jax.scipy.linalg.solve(g + lam * jnp.eye(d, dtype=g.dtype), c + lam * w0, assume_a="pos")
-        if layer.bias is not None:
-            flat[layer.bias] = w[-1].reshape(flat[layer.bias].shape).astype(flat[layer.bias].dtype)
-            w = w[:-1]
-        flat[layer.kernel] = _rows_kernel(w, kernel.shape).astype(kernel.dtype)
+        w = jnp.linalg.solve(g + lam * jnp.eye(d, dtype=g.dtype), c + lam * w0)  # LU: robust where float32 rounding breaks Cholesky
+        row = 0
+        for layer in unit.layers:
+            kernel = flat[layer.kernel]
+            k = _kernel_rows(kernel).shape[0]
+            flat[layer.kernel] = _rows_kernel(w[row : row + k], kernel.shape).astype(kernel.dtype)
+            row += k
+            if layer.bias is not None:
+                flat[layer.bias] = w[row].reshape(flat[layer.bias].shape).astype(flat[layer.bias].dtype)
+                row += 1
     return spec_lib.unflatten_paths(flat)

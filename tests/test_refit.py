@@ -87,15 +87,15 @@ def test_moved_targets_are_the_aligned_parents_mean_for_permutations():
     aligned = capture_activations(model, plans.apply_plans(a, spec, perms), x)
     own = capture_activations(model, b, x)
     for name in spec.plans:
-        np.testing.assert_allclose(np.asarray(got[name]), 0.25 * aligned[name][0] + 0.75 * own[name][0], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got[name][0]), 0.25 * aligned[name][0] + 0.75 * own[name][0], atol=1e-5)
 
 
-def test_refuses_norms_streams_and_heads_by_name():
+def test_refuses_norms_and_heads_by_name():
     _, spec = build("vgg11", input_shape=(32, 32, 1), width=0.0625, norm=True, bias=False)
     with pytest.raises(otf.FusionError, match=r"refit: leaf batch_stats/bn1/mean is a BatchNorm running statistic; .*use REPAIR"):
         refit.check_spec(spec)
-    _, spec = build("resnet18", input_shape=(32, 32, 1), width=0.0625, norm=False, bias=False)
-    with pytest.raises(otf.FusionError, match=r"refit: plan 'res1' is produced by 3 kernels .* \(a residual stream"):
+    _, spec = build("resnet18", input_shape=(32, 32, 1), width=0.0625, norm=True, bias=False)
+    with pytest.raises(otf.FusionError, match=r"refit: leaf batch_stats/.* is a BatchNorm running statistic"):
         refit.check_spec(spec)
     _, spec = build("vit", input_shape=(8, 8, 1), num_classes=3, depth=1, embed_dim=8, num_heads=2, mlp_dim=8,
                     patch_size=4)
@@ -104,10 +104,32 @@ def test_refuses_norms_streams_and_heads_by_name():
     model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(6,), bias=False)
     v = random_variables(model, (4, 4, 1))
     x = jnp.ones((8, 4, 4, 1))
-    with pytest.raises(otf.FusionError, match="refit: no target activations for plan 'fc2'"):
-        refit.refit(model, v, spec, x, {"fc1": jnp.ones((8, 6))})
+    with pytest.raises(otf.FusionError, match=r"refit: no target activations for plan 'fc2' \(tensor 0\)"):
+        refit.refit(model, v, spec, x, {"fc1": (jnp.ones((8, 6)),)})
     with pytest.raises(otf.FusionError, match="refit: the targets of plan 'fc1' are on 3 samples, x has 8"):
-        refit.refit(model, v, spec, x, {"fc1": jnp.ones((3, 6)), "fc2": jnp.ones((3, 3))})
+        refit.refit(model, v, spec, x, {"fc1": (jnp.ones((3, 6)),), "fc2": (jnp.ones((3, 3)),)})
+
+
+def test_residual_streams_are_one_regression_per_sum_in_call_order():
+    """A BatchNorm-free ResNet: the stem and each block's last conv (with its projection shortcut at a stage's first
+    sum) are the units of the streams, each after the layers that feed it; the refit recovers a model from an
+    unrelated start through the skip connections."""
+    model, spec = build("resnet18", input_shape=(16, 16, 1), num_classes=3, width=0.0625, norm=False, bias=True)
+    m, start = random_variables(model, (16, 16, 1), 0), random_variables(model, (16, 16, 1), 1)
+    x = jax.random.normal(jax.random.key(2), (48, 16, 16, 1))
+    todo = refit.units(model, start, spec, x)
+    names = [(u.plan, u.tap, ["/".join(layer.path) for layer in u.layers]) for u in todo]
+    assert names[:4] == [
+        ("res1", 0, ["conv1"]), ("layer1_0_conv1", 0, ["layer1_0/conv1"]), ("res1", 1, ["layer1_0/conv2"]),
+        ("layer1_1_conv1", 0, ["layer1_1/conv1"]),
+    ], names
+    assert ("res2", 0, ["layer2_0/conv2", "layer2_0/shortcut_conv"]) in names
+    assert names[-1] == ("fc", 0, ["fc"]) and len(names) == len(spec.plans) - 4 + 1 + 8, names
+    targets = refit.moved_mean_activations([(model, m)], [None], x)
+    got = refit.refit(model, start, spec, x, targets, refit.RefitConfig(ridge=0.0, batch_size=20))
+    want = apply_jit(model, m, x)
+    assert np.max(np.abs(apply_jit(model, start, x) - want)) > 0.1
+    np.testing.assert_allclose(apply_jit(model, got, x), want, rtol=2e-3, atol=2e-3)
 
 
 def test_config_section_is_validated_and_read():
