@@ -539,33 +539,33 @@ def _refit_fits(group: Group) -> bool:
 
 def _recommended_method(group: Group, solver: str | None) -> Outcome:
     """The best method measured on held-out training images (docs/RESULTS.md, "The recommended method", "CCA
-    Merge" and "Least-squares refit"), by architecture and number of parents:
+    Merge" and "Least-squares refit"), by architecture and number of parents. Each alignment is followed by the
+    least-squares refit (``config.refit``) where it can regress the model (no BatchNorm, LayerNorm or heads) and
+    the parents have equal widths or are MLPs, else by REPAIR of hidden units (residual streams too) and logits:
 
     * transformers: OT by activations with their rotation symmetries (no REPAIR: it does not help them);
-    * MLPs and VGGs without BatchNorm, equal widths, any number: CCA Merge (``config.cca``: post-ReLU activations
-      of 1,000 samples) + the least-squares refit (``config.refit``). Held-out: Fashion MLPNets, two 88.24%
-      (parents' mean 88.34%) and four 88.50% (88.51%), against 87.88% and 87.76% with REPAIR instead of the
-      refit; VGG11s, two 89.70% (92.10%) and four 88.68% (92.00%), against 89.90% and 84.56% for OT by
-      activations with Sinkhorn + REPAIR;
-    * other conv nets (BatchNorm, residual streams, different widths), any number: OT by activations, Sinkhorn
-      (epsilon 0.2 of the mean cost), + REPAIR of hidden units (residual streams too) and logits (CCA Merge: 60.00%
-      on the BatchNorm-free ResNet18 pair, against 84.78%);
-    * MLPs that CCA Merge cannot fuse (different widths): two: OT by weights, Sinkhorn (epsilon 0.05 of the mean
-      cost); more: the barycentre by activations, exact plans from post-ReLU correlation costs; each + the refit.
-      Held-out, 800-400-200 into 400-200-100: 88.74% against 88.64% with REPAIR (loss barrier -0.003 against
-      0.090); with a third parent 87.18% against 83.50%. (VGG11 width 0.5 into 0.25 is the exception: REPAIR
-      92.10%, the refit 91.22%; conv nets of different widths keep REPAIR);
-    * MLPs the refit cannot regress (norm layers): the same plans + REPAIR of hidden units and logits.
+    * more than two parents of equal widths that the refit can regress (MLPs, VGGs, ResNets without BatchNorm):
+      CCA Merge (``config.cca``: post-ReLU activations of 1,000 samples) + the refit. Held-out: four Fashion
+      MLPNets 88.06% (parents' mean 88.51%; the activation barycentre + refit 87.96%, OT by weights with Sinkhorn
+      + refit 87.14%, CCA Merge + REPAIR 87.76%), four VGG11s 88.74% (92.00%; OT by activations with Sinkhorn +
+      refit 76.14%, + REPAIR 84.56%);
+    * two MLPs, and more of different widths: OT by weights, Sinkhorn (epsilon 0.05 of the mean cost) for two,
+      the barycentre by activations (exact plans from post-ReLU correlation costs) for more; + the refit.
+      Held-out: the Fashion MLPNet pair 88.32% (CCA Merge + refit 88.24%, OT + REPAIR 87.90%); 800-400-200 into
+      400-200-100 88.74% (+ REPAIR 88.64%); with a third parent 87.18% (+ REPAIR 83.50%);
+    * other conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + the refit for
+      a pair of equal widths without BatchNorm (held-out VGG11 pair: 89.88%, loss 0.284; + REPAIR 89.90%, loss
+      0.323; CCA Merge + refit 89.32%), + REPAIR otherwise (BatchNorm; different widths: VGG11 width 0.5 into
+      0.25, REPAIR 92.10%, the refit 91.22%).
     """
     del solver
     base = group.settings.fusion
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
-    conv, refits = _is_conv_net(group), _refit_fits(group)
-    if refits and _cca_fits(group):
+    conv, refits, equal = _is_conv_net(group), _refit_fits(group), _cca_fits(group)
+    if refits and equal and len(group.parents) > 2:
         return dataclasses.replace(_cca_method(group, None, "recommended: "), refit=True)
-    # MLPs: the refit where it can regress the model; conv nets (BatchNorm, residual sums, different widths): REPAIR.
-    correction = {"refit": True} if refits and not conv else {"repair": True, "repair_output": True}
+    correction = {"refit": True} if refits and (equal or not conv) else {"repair": True, "repair_output": True}
     if not conv and len(group.parents) > 2:
         n = int(group.settings.experiment.barycenter_iterations)
         cfg = dataclasses.replace(
@@ -672,10 +672,11 @@ METHODS: dict[str, Method] = {
         _learned_method,
     ),
     "recommended": Method(
-        "the recommended method (chosen on held-out data): MLPs and VGGs without BatchNorm: CCA Merge (config.cca)"
-        " + the least-squares refit (config.refit); other conv nets: OT by activations, Sinkhorn (0.2 of the mean"
-        " cost) + REPAIR; transformers: OT by activations, orthogonal (no REPAIR); MLPs of different widths: OT"
-        " (pairs by weights, Sinkhorn 0.05; more by the activation barycentre) + REPAIR",
+        "the recommended method (chosen on held-out data): more than two parents of equal widths without BatchNorm:"
+        " CCA Merge (config.cca) + the least-squares refit (config.refit); MLPs otherwise: OT by weights, Sinkhorn"
+        " 0.05 (pairs) or the activation barycentre (more), + the refit; conv nets otherwise: OT by activations,"
+        " Sinkhorn 0.2, + the refit (pairs of equal widths without BatchNorm) or REPAIR; transformers: OT by"
+        " activations, orthogonal (no REPAIR)",
         _recommended_method,
     ),
     "wm-many": Method(

@@ -156,7 +156,7 @@ def test_method_row_on_four_digits_parents():
     assert fused[label].method == "cca"
 
 
-def test_the_recommended_method_for_mlps_is_cca_merge():
+def test_the_recommended_method_for_three_mlps_is_cca_merge():
     """Three MLPs of equal widths: CCA Merge on post-ReLU activations of config.cca.num_samples inputs (not
     experiment.num_samples), + the least-squares refit; two of different widths: OT by weights, Sinkhorn, + the refit."""
     model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(6, 5), bias=False)

@@ -70,7 +70,7 @@ def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
     assert weights > vanilla + 0.02, rows
     assert acts > vanilla + 0.2, rows
     assert acts > 0.85, rows
-    rec = "recommended: CCA Merge (post-ReLU activations, regularization 0.5)"
+    rec = "recommended: OT fusion (weights, sinkhorn 0.05 x mean cost)"
     assert set(fused) == {"OT fusion (weights, exact)", "OT fusion (activations, exact)", rec}
     # the recommended method comes with its least-squares refit although config.experiment.refit is off
     assert not config.experiment.refit

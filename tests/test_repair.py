@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import otfusion_jax as otf
-from otfusion_jax import matching, repair
+from otfusion_jax import matching, refit, repair
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.models import build, capture_activations, init, recompute_batch_stats
 
@@ -140,29 +140,36 @@ def test_batchnorm_model_identity_and_statistics():
 
 
 @pytest.mark.slow
-def test_the_recommended_method_repairs_a_batchnorm_free_resnet_and_says_why_when_repair_fails(monkeypatch):
-    """A BatchNorm-free ResNet (residual streams) gets the recommended method's REPAIR row; where REPAIR raises,
-    the method's own REPAIR row says why and the run goes on, while with experiment.repair asked for it is an
-    error."""
+def test_the_recommended_method_corrects_resnets_and_says_why_when_repair_fails(monkeypatch):
+    """A BatchNorm-free ResNet (residual streams) gets the recommended method's least-squares refit, one with
+    BatchNorm its REPAIR; where REPAIR raises, the method's own REPAIR row says why and the run goes on, while with
+    experiment.repair asked for it is an error."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 
-    model, spec = build("resnet18", input_shape=(16, 16, 3), num_classes=3, width=0.0625, bias=False, norm=False)
-    parents = [experiment.Parent(f"parent {k}", model, init(model, jax.random.key(k), (16, 16, 3))) for k in (0, 1)]
     x = np.asarray(jax.random.normal(jax.random.key(5), (12, 16, 16, 3)))
     y = np.arange(12) % 3
     ds = data_lib.Dataset("cifar10", "tfds", x[:8], y[:8], x[8:], y[8:], 3)
     exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="")
-    rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
-    row = next(r for r in rows if r["method"].endswith("+ REPAIR"))
+    settings_ = experiment.Settings(exp, refit=refit.RefitConfig(num_samples=8))
+    rows = {}
+    for norm in (False, True):
+        model, spec = build("resnet18", input_shape=(16, 16, 3), num_classes=3, width=0.0625, bias=False, norm=norm)
+        parents = [experiment.Parent(f"parent {k}", model, init(model, jax.random.key(k), (16, 16, 3))) for k in (0, 1)]
+        rows[norm] = (parents, spec, experiment.run_fusion_table(parents, spec, ds, settings_)[0])
+    labels = [r["method"] for r in rows[False][2] if r["method"].startswith("recommended")]
+    assert labels[0].startswith("recommended: OT fusion (activations, sinkhorn") and labels[1:] == [f"{labels[0]} + refit"]
+    assert rows[False][2][-1]["accuracy"] is not None
+    row = next(r for r in rows[True][2] if r["method"].endswith("+ REPAIR"))
     assert row["method"].startswith("recommended: OT fusion (activations, sinkhorn") and row["accuracy"] is not None
 
     def refuse(*args, **kwargs):
         raise ValueError("REPAIR: cannot (a test's refusal)")
 
     monkeypatch.setattr(experiment, "repair_fused", refuse)
-    rows, _ = experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp))
-    row = next(r for r in rows if r["method"].endswith("+ REPAIR"))
+    parents, spec, _ = rows[True]
+    table, _ = experiment.run_fusion_table(parents, spec, ds, settings_)
+    row = next(r for r in table if r["method"].endswith("+ REPAIR"))
     assert row["accuracy"] is None and "a test's refusal" in row["note"]
     with pytest.raises(ValueError, match="a test's refusal"):
         experiment.run_fusion_table(parents, spec, ds, experiment.Settings(dataclasses.replace(exp, repair=True)))
@@ -201,17 +208,17 @@ def test_repair_of_residual_streams_gives_every_sum_its_target_statistics():
 
 @pytest.mark.parametrize("name,opts,k,expected,correction", [
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: CCA Merge (post-ReLU", "refit"),
-    ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: CCA Merge (post-ReLU", "refit"),
+    ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (activations, sinkhorn 0.2", "refit"),
     ("vgg11", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2", "REPAIR"),
     ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2",
      "REPAIR"),
-    ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: CCA Merge (post-ReLU", "refit"),
+    ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: OT fusion (weights, sinkhorn 0.05", "refit"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 3, "recommended: CCA Merge (post-ReLU", "refit"),
 ])
 def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, correction, monkeypatch):
-    """Models the least-squares refit can regress (no BatchNorm, no residual sums): CCA Merge + the refit; other
-    conv nets: OT by activations with Sinkhorn + REPAIR that corrects the logits too (each chosen on held-out
-    images), although experiment.repair, repair_output and refit are off."""
+    """More than two parents the least-squares refit can regress: CCA Merge + the refit; pairs: OT with Sinkhorn
+    (MLPs by weights, conv nets by activations) + the refit; with BatchNorm, + REPAIR that corrects the logits too
+    (each chosen on held-out images), although experiment.repair, repair_output and refit are off."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 

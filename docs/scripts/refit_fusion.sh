@@ -10,7 +10,7 @@
 #   Evaluated on the 5,000 training images no parent trained on.
 # test: the shipped parents on the test set: Fashion MLPNet pair and four, eight (runs/fashion_mlpnet8, when
 #   trained), 4 -> 0 (runs/fashion_mlpnet5, when trained: the five parents of configs/fashion_mlpnet_experiment.py),
-#   digits pair and four, VGG11 pair and four.
+#   digits pair and four, VGG11 pair and four, BatchNorm-free ResNet18 pair.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 split=${1:?heldout or test}
@@ -42,8 +42,8 @@ if [ "$split" = heldout ]; then
     "${ho[@]}" "${both[@]}" --config.num_parents=2 --config.experiment.method=cca,ot-acts:sinkhorn \
     --out=$out/heldout_resnet18_pair
 else
-  $py fuse.py "${mlp[@]}" "${both[@]}" "${sink_w[@]}" --config.num_parents=2 \
-    --config.experiment.method=recommended,ot-weights:sinkhorn --out=$out/test_mlp_pair
+  $py fuse.py "${mlp[@]}" "${both[@]}" --config.num_parents=2 --config.experiment.method=recommended,cca \
+    --out=$out/test_mlp_pair
   $py fuse.py "${mlp[@]}" "${both[@]}" --config.num_parents=4 --config.experiment.method=recommended --out=$out/test_mlp_k4
   if [ -d runs/fashion_mlpnet8/parent_7 ]; then
     $py fuse.py "${mlp[@]}" "${both[@]}" --config.num_parents=8 --config.parents_dir=runs/fashion_mlpnet8 \
@@ -56,8 +56,10 @@ else
   fi
   $py fuse.py "${both[@]}" --config.experiment.method=recommended --out=$out/test_digits_pair
   $py fuse.py "${both[@]}" --config.num_parents=4 --config.experiment.method=recommended --out=$out/test_digits_k4
-  $py fuse.py "${vgg[@]}" "${both[@]}" --config.num_parents=2 --config.experiment.method=recommended,ot-acts:sinkhorn \
+  $py fuse.py "${vgg[@]}" "${both[@]}" --config.num_parents=2 --config.experiment.method=recommended,cca \
     --out=$out/test_vgg11_pair
   $py fuse.py "${vgg[@]}" "${both[@]}" --config.num_parents=4 --config.experiment.method=recommended,ot-acts:sinkhorn \
     --out=$out/test_vgg11_k4
+  $py fuse.py --config=configs/fashion_resnet18.py "${both[@]}" --config.num_parents=2 \
+    --config.experiment.method=recommended,cca --out=$out/test_resnet18_pair
 fi
