@@ -537,14 +537,23 @@ def _refit_fits(group: Group) -> bool:
     return True
 
 
+def _equal_widths(group: Group) -> bool:
+    """Every plan has the target's width in every parent."""
+    try:
+        engine.check_equal_widths([group.spec.check_variables(v) for v in group.variables], group.target, "")
+    except engine.FusionError:
+        return False
+    return True
+
+
 def _recommended_method(group: Group, solver: str | None) -> Outcome:
     """The best method measured on held-out training images (docs/RESULTS.md, "The recommended method", "CCA
     Merge" and "Least-squares refit"), by architecture and number of parents. Each alignment is followed by the
-    least-squares refit (``config.refit``) where it can regress the model (no BatchNorm, LayerNorm or heads) and
-    the parents have equal widths or are MLPs, else by REPAIR of hidden units (residual streams too) and logits:
+    least-squares refit (``config.refit``) where it can regress the model (no LayerNorm or heads) and the parents
+    are MLPs or a conv-net pair of equal widths, else by REPAIR of hidden units (residual streams too) and logits:
 
     * transformers: OT by activations with their rotation symmetries (no REPAIR: it does not help them);
-    * more than two parents of equal widths that the refit can regress (MLPs, VGGs, ResNets without BatchNorm):
+    * more than two parents of equal widths without BatchNorm (MLPs, VGGs, ResNets):
       CCA Merge (``config.cca``: post-ReLU activations of 1,000 samples) + the refit. Held-out: four Fashion
       MLPNets 88.06% (parents' mean 88.51%; the activation barycentre + refit 87.96%, OT by weights with Sinkhorn
       + refit 87.14%, CCA Merge + REPAIR 87.76%), four VGG11s 88.74% (92.00%; OT by activations with Sinkhorn +
@@ -554,18 +563,20 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
       Held-out: the Fashion MLPNet pair 88.32% (CCA Merge + refit 88.24%, OT + REPAIR 87.90%); 800-400-200 into
       400-200-100 88.74% (+ REPAIR 88.64%); with a third parent 87.18% (+ REPAIR 83.50%);
     * other conv nets, any number: OT by activations, Sinkhorn (epsilon 0.2 of the mean cost), + the refit for
-      a pair of equal widths without BatchNorm (held-out VGG11 pair: 89.88%, loss 0.284; + REPAIR 89.90%, loss
-      0.323; CCA Merge + refit 89.32%), + REPAIR otherwise (BatchNorm; different widths: VGG11 width 0.5 into
-      0.25, REPAIR 92.10%, the refit 91.22%).
+      a pair of equal widths (held-out VGG11 pair: 89.88%, loss 0.284; + REPAIR 89.90%, loss 0.323; CCA Merge +
+      refit 89.32%; BatchNorm-free ResNet18 pair 86.98% against 84.78%; VGG11-BN pair 92.30% against 88.72%;
+      ResNet18-BN pair 92.52% against 90.56%), + REPAIR otherwise (different widths: VGG11 width 0.5 into 0.25,
+      REPAIR 92.10%, the refit 91.22%; more than two with BatchNorm: not measured, REPAIR as before).
     """
     del solver
     base = group.settings.fusion
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
-    conv, refits, equal = _is_conv_net(group), _refit_fits(group), _cca_fits(group)
-    if refits and equal and len(group.parents) > 2:
+    conv, refits, pair = _is_conv_net(group), _refit_fits(group), len(group.parents) == 2
+    if refits and not pair and _cca_fits(group):
         return dataclasses.replace(_cca_method(group, None, "recommended: "), refit=True)
-    correction = {"refit": True} if refits and (equal or not conv) else {"repair": True, "repair_output": True}
+    refit_it = refits and (not conv or (pair and _equal_widths(group)))
+    correction = {"refit": True} if refit_it else {"repair": True, "repair_output": True}
     if not conv and len(group.parents) > 2:
         n = int(group.settings.experiment.barycenter_iterations)
         cfg = dataclasses.replace(
@@ -675,7 +686,7 @@ METHODS: dict[str, Method] = {
         "the recommended method (chosen on held-out data): more than two parents of equal widths without BatchNorm:"
         " CCA Merge (config.cca) + the least-squares refit (config.refit); MLPs otherwise: OT by weights, Sinkhorn"
         " 0.05 (pairs) or the activation barycentre (more), + the refit; conv nets otherwise: OT by activations,"
-        " Sinkhorn 0.2, + the refit (pairs of equal widths without BatchNorm) or REPAIR; transformers: OT by"
+        " Sinkhorn 0.2, + the refit (pairs of equal widths, BatchNorm or not) or REPAIR; transformers: OT by"
         " activations, orthogonal (no REPAIR)",
         _recommended_method,
     ),

@@ -30,8 +30,12 @@ jointly), onto ``Y_i - skip_i``: the skip connection as the fused model carries 
 what is missing. Which layers each sum adds is found by probing (``repair.stream_sums``); sums and layers are
 refitted in the order the model calls them.
 
-Scope: Dense and Conv layers (bias optional) whose outputs, alone or summed into a stream, are the plans' sown
-pre-activations: MLPs, VGGs and ResNets without BatchNorm. :func:`check_spec` refuses norms, attention heads and
+BatchNorm (eval mode, ``y = s z + t`` per channel) is folded: the layer and its BatchNorm are regressed as one
+affine map, written back into the kernel (divided by ``s``) and the BatchNorm's shift; its scale and running
+statistics stay as they are.
+
+Scope: Dense and Conv layers (bias optional, BatchNorm optional) whose outputs, alone or summed into a stream, are
+the plans' sown pre-activations: MLPs, VGGs and ResNets. :func:`check_spec` refuses LayerNorm, attention heads and
 embeddings by name.
 """
 
@@ -89,11 +93,22 @@ class RefitConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """One Dense or Conv layer: its Flax module path and its leaves."""
+    """One Dense or Conv layer: its Flax module path and its leaves, and the BatchNorm that follows it, if any."""
 
     path: tuple[str, ...]  # the Flax module path, e.g. ("conv3",)
     kernel: str  # the kernel's leaf path, e.g. "params/conv3/kernel"
     bias: str | None
+    norm: str | None = None  # the BatchNorm's module path below params/ and batch_stats/, e.g. "bn3"
+    eps: float = 0.0  # its epsilon
+
+    def affine(self, flat: Mapping[str, Any]) -> tuple[jax.Array, jax.Array] | None:
+        """The BatchNorm in eval mode as ``y = s * z + t`` per channel (None without one)."""
+        if self.norm is None:
+            return None
+        gamma, beta = flat[f"params/{self.norm}/scale"], flat[f"params/{self.norm}/bias"]
+        mean, var = flat[f"batch_stats/{self.norm}/mean"], flat[f"batch_stats/{self.norm}/var"]
+        s = (gamma / jnp.sqrt(var + self.eps)).astype(jnp.float32)
+        return s, (beta - mean * s).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,23 +121,17 @@ class Unit:
 
 
 def check_spec(spec: spec_lib.AlignmentSpec) -> dict[str, tuple[Layer, ...]]:
-    """Plan name -> the layers producing it (several: a residual stream); FusionError for what the refit cannot
-    regress: attention heads, norms, embeddings, a bias without its kernel, leaves outside ``params/``."""
+    """Plan name -> the layers producing it (several: a residual stream; their BatchNorms are attached by
+    :func:`units`); FusionError for what the refit cannot regress: attention heads, LayerNorm (a norm without
+    running statistics), embeddings, a bias without its kernel, leaves outside ``params/``."""
     if spec.heads:
         raise FusionError(f"refit: the spec has attention heads ({', '.join(g.plans[0] for g in spec.heads)})")
     if spec.taps or spec.permutation_only:
         raise FusionError("refit: the spec's streams pass through LayerNorm (a transformer); use REPAIR or none")
-    what = {
-        "norm": "a normalisation layer's scale or bias",
-        "stat": "a BatchNorm running statistic",
-        "additive": "a tensor added into a stream (an embedding)",
-    }
     for path, ls in spec.leaves:
-        if ls.role in what:
-            raise FusionError(
-                f"refit: leaf {path} is {what[ls.role]}; the refit regresses Dense and Conv layers without "
-                "normalisation (use REPAIR for models with BatchNorm)"
-            )
+        if ls.role == "additive":
+            raise FusionError(f"refit: leaf {path} is a tensor added into a stream (an embedding); not a layer")
+    _norms(spec)
     out = {}
     for plan in spec.plans:
         kernels = spec.producers(plan, ("weight",))
@@ -142,18 +151,60 @@ def check_spec(spec: spec_lib.AlignmentSpec) -> dict[str, tuple[Layer, ...]]:
     return out
 
 
-def _call_order(module: nn.Module, variables: Variables, x: jax.Array) -> dict[tuple[str, ...], int]:
-    """Module path -> the position of its first call in one forward pass (traced, nothing computed)."""
-    order: dict[tuple[str, ...], int] = {}
+_NORM_LEAVES = ("params/{}/scale", "params/{}/bias", "batch_stats/{}/mean", "batch_stats/{}/var")
+
+
+def _norms(spec: spec_lib.AlignmentSpec) -> dict[str, list[str]]:
+    """Plan name -> the BatchNorm module paths on it; FusionError for a norm without all four leaves (LayerNorm)."""
+    lm = spec.leaf_map
+    found: dict[str, str] = {}
+    for path, ls in spec.leaves:
+        if ls.role in ("norm", "stat"):
+            found.setdefault(path.split("/", 1)[1].rsplit("/", 1)[0], ls.axes[-1])
+    out: dict[str, list[str]] = {}
+    for name, plan in found.items():
+        missing = [leaf.format(name) for leaf in _NORM_LEAVES if leaf.format(name) not in lm]
+        if missing:
+            raise FusionError(
+                f"refit: the normalisation layer {name!r} has no {', '.join(missing)}: the refit folds BatchNorm "
+                "(scale, bias and running statistics) only; use REPAIR or none for LayerNorm"
+            )
+        out.setdefault(plan, []).append(name)
+    return out
+
+
+def _calls(module: nn.Module, variables: Variables, x: jax.Array) -> dict[tuple[str, ...], tuple[int, nn.Module]]:
+    """Module path -> (the position of its first call in one forward pass, the module); traced, nothing computed."""
+    calls: dict[tuple[str, ...], tuple[int, nn.Module]] = {}
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name == "__call__":
-            order.setdefault(tuple(context.module.path), len(order))
+            calls.setdefault(tuple(context.module.path), (len(calls), context.module))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
         jax.eval_shape(lambda v, xx: module.apply(v, xx, train=False), dict(variables), x[:1])
-    return order
+    return calls
+
+
+def _with_norms(
+    plan: str, layers: Sequence[Layer], norms: Sequence[str], calls: Mapping[tuple[str, ...], tuple[int, nn.Module]]
+) -> tuple[Layer, ...]:
+    """Each BatchNorm of ``plan`` attached to the layer called just before it."""
+    out = list(layers)
+    for name in norms:
+        path = tuple(name.split("/"))
+        if path not in calls or not isinstance(calls[path][1], nn.BatchNorm):
+            raise FusionError(f"refit: {name!r} on plan {plan!r} is not a BatchNorm the model calls")
+        at = calls[path][0]
+        before = [i for i, layer in enumerate(out) if calls[layer.path][0] < at]
+        if not before:
+            raise FusionError(f"refit: the BatchNorm {name!r} on plan {plan!r} follows none of its layers")
+        i = max(before, key=lambda j: calls[out[j].path][0])
+        if out[i].norm is not None:
+            raise FusionError(f"refit: layer {'/'.join(out[i].path)} is followed by two BatchNorms ({out[i].norm}, {name})")
+        out[i] = dataclasses.replace(out[i], norm=name, eps=float(calls[path][1].epsilon))
+    return tuple(out)
 
 
 def units(
@@ -167,12 +218,15 @@ def units(
     from otfusion_jax import repair  # noqa: PLC0415 - repair imports the engine; keep this module light to import
 
     layers = check_spec(spec)
-    order = _call_order(module, variables, x)
-    missing = sorted("/".join(layer.path) for ls in layers.values() for layer in ls if layer.path not in order)
+    norms = _norms(spec)
+    calls = _calls(module, variables, x)
+    missing = sorted("/".join(layer.path) for ls in layers.values() for layer in ls if layer.path not in calls)
     if missing:
         raise FusionError(f"refit: the model never calls the layers {missing}")
+    order = {path: i for path, (i, _) in calls.items()}
     out = []
     for plan, ls in layers.items():
+        ls = _with_norms(plan, ls, norms.get(plan, ()), calls)
         if len(ls) == 1:
             out.append(Unit(plan, 0, ls))
             continue
@@ -270,6 +324,39 @@ def _rows_kernel(rows: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.moveaxis(rows.reshape(c_first), 0, -2)
 
 
+def _effective(layer: Layer, flat: Mapping[str, Any]) -> tuple[jax.Array, jax.Array | None]:
+    """The layer (and its BatchNorm) as rows and a bias, ``out = A @ w + b``: with a BatchNorm ``y = s z + t``,
+    ``w = K s`` and ``b = s (bias or 0) + t``; without one, the kernel's rows and the bias (None: none)."""
+    w = _kernel_rows(flat[layer.kernel]).astype(jnp.float32)
+    b = None if layer.bias is None else flat[layer.bias].reshape(-1).astype(jnp.float32)
+    affine = layer.affine(flat)
+    if affine is None:
+        return w, b
+    s, t = affine
+    return w * s, (0.0 if b is None else b * s) + t
+
+
+def _set_effective(layer: Layer, flat: dict[str, Any], w: jax.Array, b: jax.Array | None) -> None:
+    """Writes rows ``w`` and bias ``b`` back (:func:`_effective` inverted): a BatchNorm keeps its scale and running
+    statistics; its shift takes the new bias and the kernel the rows divided by its scale (a channel whose scale
+    is 0 keeps its kernel)."""
+    kernel = flat[layer.kernel]
+    affine = layer.affine(flat)
+    if affine is None:
+        flat[layer.kernel] = _rows_kernel(w, kernel.shape).astype(kernel.dtype)
+        if layer.bias is not None:
+            flat[layer.bias] = b.reshape(flat[layer.bias].shape).astype(flat[layer.bias].dtype)
+        return
+    s, t = affine
+    live = jnp.abs(s) > jnp.finfo(jnp.float32).tiny
+    rows = jnp.where(live, w / jnp.where(live, s, 1.0), _kernel_rows(kernel).astype(jnp.float32))
+    flat[layer.kernel] = _rows_kernel(rows, kernel.shape).astype(kernel.dtype)
+    conv_bias = 0.0 if layer.bias is None else flat[layer.bias].reshape(-1).astype(jnp.float32) * s
+    beta = f"params/{layer.norm}/bias"
+    # y = s z + t with t = beta - mean s: the new shift b - s bias is reached by moving beta by as much.
+    flat[beta] = (flat[beta] + (b - conv_bias - t)).astype(flat[beta].dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("module", "unit"))
 def _grams(variables, x, y, *, module: nn.Module, unit: Unit):
     """``(A^T A, A^T (Y - skip))`` of one unit in the model ``variables`` on samples ``x`` (targets ``y``).
@@ -295,9 +382,10 @@ def _grams(variables, x, y, *, module: nn.Module, unit: Unit):
     blocks, branch = [], 0.0
     for layer in unit.layers:
         a = got[layer.path].astype(jnp.float32)
-        out = a @ _kernel_rows(flat[layer.kernel]).astype(jnp.float32)
-        if layer.bias is not None:
-            out = out + flat[layer.bias].reshape(1, -1).astype(jnp.float32)
+        w, b = _effective(layer, flat)
+        out = a @ w
+        if b is not None:
+            out = out + b.reshape(1, -1)
             a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
         blocks.append(a)
         branch = branch + out
@@ -344,9 +432,8 @@ def refit(
     for unit in todo:
         w0 = []
         for layer in unit.layers:
-            w0.append(_kernel_rows(flat[layer.kernel]).astype(jnp.float32))
-            if layer.bias is not None:
-                w0.append(flat[layer.bias].reshape(1, -1).astype(jnp.float32))
+            w, b = _effective(layer, flat)
+            w0 += [w] if b is None else [w, b.reshape(1, -1)]
         w0 = jnp.concatenate(w0, axis=0)
         variables = spec_lib.unflatten_paths(flat)
         y = targets[unit.plan][unit.tap]
@@ -360,11 +447,8 @@ def refit(
         w = jnp.linalg.solve(g + lam * jnp.eye(d, dtype=g.dtype), c + lam * w0)  # LU: robust where float32 rounding breaks Cholesky
         row = 0
         for layer in unit.layers:
-            kernel = flat[layer.kernel]
-            k = _kernel_rows(kernel).shape[0]
-            flat[layer.kernel] = _rows_kernel(w[row : row + k], kernel.shape).astype(kernel.dtype)
-            row += k
-            if layer.bias is not None:
-                flat[layer.bias] = w[row].reshape(flat[layer.bias].shape).astype(flat[layer.bias].dtype)
-                row += 1
+            k = _kernel_rows(flat[layer.kernel]).shape[0]
+            has_b = layer.bias is not None or layer.norm is not None
+            _set_effective(layer, flat, w[row : row + k], w[row + k] if has_b else None)
+            row += k + has_b
     return spec_lib.unflatten_paths(flat)

@@ -3,6 +3,8 @@ permuted copy fuses back to the model, moved targets, refusals, config, the "+ r
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 import otfusion_jax as otf
 from otfusion_jax import configs_util, data, experiment, plans, refit
+from otfusion_jax import spec as spec_lib
 from otfusion_jax.models import build, capture_activations
 
 from fusion_helpers import apply_jit, max_abs_diff, permute_numpy, random_permutations, random_variables
@@ -44,22 +47,43 @@ def test_conv_patches_times_kernel_rows_is_the_conv(options):
 @pytest.mark.parametrize("name, options, shape", [
     ("mlpnet", {"widths": (7, 5), "bias": True}, (4, 4, 1)),
     ("vgg11", {"width": 0.0625, "bias": False}, (32, 32, 1)),
+    ("vgg11", {"width": 0.0625, "bias": True, "norm": True}, (32, 32, 1)),
+    ("resnet18", {"width": 0.0625, "bias": False, "norm": True}, (16, 16, 1)),
 ])
 def test_refit_recovers_the_model_its_targets_come_from(name, options, shape):
     """Targets from model M, start from an unrelated model, no ridge: layer by layer the regression finds M
     (its inputs are M's once the layers below are), whatever the start. The MLP's weights are M's; a VGG conv at
-    2x2 pixels has taps that only ever see padding, which no sample identifies: there the function is M's."""
+    2x2 pixels has taps that only ever see padding, which no sample identifies: there the function is M's. With
+    BatchNorm the start keeps its own scales and running statistics: the kernels and shifts absorb the difference."""
     model, spec = build(name, input_shape=shape, num_classes=3, **options)
     m, start = random_variables(model, shape, 0), random_variables(model, shape, 1)
+    if "batch_stats" in m:  # nontrivial and different statistics and scales in M and in the start
+        m, start = _random_norms(m, 3), _random_norms(start, 4)
     x = jax.random.normal(jax.random.key(2), (96,) + shape)
     targets = refit.moved_mean_activations([(model, m)], [None], x)
     got = refit.refit(model, start, spec, x, targets, refit.RefitConfig(ridge=0.0, batch_size=40))
     assert max_abs_diff(start, m) > 0.1
     if name == "mlpnet":
         assert max_abs_diff(got, m) < 2e-3, max_abs_diff(got, m)
+    if "batch_stats" in m:  # the BatchNorms keep the start's scales and statistics
+        for bn in ("scale",):
+            a = [v for k, v in spec_lib.flatten_paths(got).items() if k.endswith(bn)]
+            b = [v for k, v in spec_lib.flatten_paths(start).items() if k.endswith(bn)]
+            assert all(np.array_equal(u, v) for u, v in zip(a, b))
     want = apply_jit(model, m, x)
     assert np.max(np.abs(apply_jit(model, start, x) - want)) > 0.1
     np.testing.assert_allclose(apply_jit(model, got, x), want, rtol=1e-3, atol=1e-3)
+
+
+def _random_norms(variables, seed):
+    """Every BatchNorm's scale, shift and running statistics drawn at random (var in [0.5, 2], scale in [0.5, 1.5])."""
+    rng = np.random.default_rng(seed)
+    flat = dict(spec_lib.flatten_paths(variables))
+    for k, v in flat.items():
+        low, high = {"var": (0.5, 2.0), "scale": (0.5, 1.5)}.get(k.rsplit("/", 1)[1], (-0.5, 0.5))
+        if k.startswith("batch_stats") or "/bn" in k or "shortcut_bn" in k:
+            flat[k] = jnp.asarray(rng.uniform(low, high, v.shape), v.dtype)
+    return spec_lib.unflatten_paths(flat)
 
 
 @settings(max_examples=8, deadline=None)
@@ -90,13 +114,12 @@ def test_moved_targets_are_the_aligned_parents_mean_for_permutations():
         np.testing.assert_allclose(np.asarray(got[name][0]), 0.25 * aligned[name][0] + 0.75 * own[name][0], atol=1e-5)
 
 
-def test_refuses_norms_and_heads_by_name():
+def test_refuses_layer_norms_and_heads_by_name():
     _, spec = build("vgg11", input_shape=(32, 32, 1), width=0.0625, norm=True, bias=False)
-    with pytest.raises(otf.FusionError, match=r"refit: leaf batch_stats/bn1/mean is a BatchNorm running statistic; .*use REPAIR"):
-        refit.check_spec(spec)
-    _, spec = build("resnet18", input_shape=(32, 32, 1), width=0.0625, norm=True, bias=False)
-    with pytest.raises(otf.FusionError, match=r"refit: leaf batch_stats/.* is a BatchNorm running statistic"):
-        refit.check_spec(spec)
+    refit.check_spec(spec)  # BatchNorm is folded
+    leaves = {p: ls for p, ls in spec.leaves if p != "batch_stats/bn3/var"}
+    with pytest.raises(otf.FusionError, match=r"refit: the normalisation layer 'bn3' has no batch_stats/bn3/var"):
+        refit.check_spec(dataclasses.replace(spec, leaves=tuple(sorted(leaves.items()))))
     _, spec = build("vit", input_shape=(8, 8, 1), num_classes=3, depth=1, embed_dim=8, num_heads=2, mlp_dim=8,
                     patch_size=4)
     with pytest.raises(otf.FusionError, match="refit: the spec has attention heads"):
@@ -167,9 +190,10 @@ def test_refit_rows_of_the_table_and_their_notes():
                            f"{cca_label} + refit"], labels
     assert all(r["accuracy"] is not None and r["seconds"] > 0 for r in rows[-4:])
 
-    model, spec = build("vgg11", input_shape=(32, 32, 1), width=0.0625, norm=True, bias=False, num_classes=3)
-    parents = [experiment.Parent(f"parent {i}", model, random_variables(model, (32, 32, 1), i)) for i in range(2)]
-    ds = _tiny_dataset((32, 32, 1), 3)
+    model, spec = build("vit", input_shape=(8, 8, 1), num_classes=3, depth=1, embed_dim=8, num_heads=2, mlp_dim=8,
+                        patch_size=4)
+    parents = [experiment.Parent(f"parent {i}", model, random_variables(model, (8, 8, 1), i)) for i in range(2)]
+    ds = _tiny_dataset((8, 8, 1), 3)
     exp = experiment.ExperimentConfig(method="ot-acts", num_samples=8, refit=True, many_method="", plots=False)
-    with pytest.raises(otf.FusionError, match="refit: leaf batch_stats/bn1/mean is a BatchNorm running statistic"):
+    with pytest.raises(otf.FusionError, match="refit: the spec has attention heads"):
         experiment.run_fusion_table(parents, spec, ds, experiment.Settings(exp, refit=refit.RefitConfig(num_samples=8)))

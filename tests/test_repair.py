@@ -141,9 +141,9 @@ def test_batchnorm_model_identity_and_statistics():
 
 @pytest.mark.slow
 def test_the_recommended_method_corrects_resnets_and_says_why_when_repair_fails(monkeypatch):
-    """A BatchNorm-free ResNet (residual streams) gets the recommended method's least-squares refit, one with
-    BatchNorm its REPAIR; where REPAIR raises, the method's own REPAIR row says why and the run goes on, while with
-    experiment.repair asked for it is an error."""
+    """A pair of BatchNorm-free ResNets (residual streams) gets the recommended method's least-squares refit,
+    three with BatchNorm its REPAIR; where REPAIR raises, the method's own REPAIR row says why and the run goes on,
+    while with experiment.repair asked for it is an error."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 
@@ -153,9 +153,9 @@ def test_the_recommended_method_corrects_resnets_and_says_why_when_repair_fails(
     exp = experiment.ExperimentConfig(method="recommended", num_samples=4, many_method="")
     settings_ = experiment.Settings(exp, refit=refit.RefitConfig(num_samples=8))
     rows = {}
-    for norm in (False, True):
+    for norm, k in ((False, 2), (True, 3)):
         model, spec = build("resnet18", input_shape=(16, 16, 3), num_classes=3, width=0.0625, bias=False, norm=norm)
-        parents = [experiment.Parent(f"parent {k}", model, init(model, jax.random.key(k), (16, 16, 3))) for k in (0, 1)]
+        parents = [experiment.Parent(f"parent {i}", model, init(model, jax.random.key(i), (16, 16, 3))) for i in range(k)]
         rows[norm] = (parents, spec, experiment.run_fusion_table(parents, spec, ds, settings_)[0])
     labels = [r["method"] for r in rows[False][2] if r["method"].startswith("recommended")]
     assert labels[0].startswith("recommended: OT fusion (activations, sinkhorn") and labels[1:] == [f"{labels[0]} + refit"]
@@ -209,16 +209,17 @@ def test_repair_of_residual_streams_gives_every_sum_its_target_statistics():
 @pytest.mark.parametrize("name,opts,k,expected,correction", [
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 3, "recommended: CCA Merge (post-ReLU", "refit"),
     ("vgg11", dict(width=0.0625, bias=False, norm=False), 2, "recommended: OT fusion (activations, sinkhorn 0.2", "refit"),
-    ("vgg11", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2", "REPAIR"),
+    ("vgg11", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2", "refit"),
+    ("vgg11", dict(width=0.0625, bias=False, norm=True), 3, "recommended: OT fusion (activations, sinkhorn 0.2", "REPAIR"),
     ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2",
-     "REPAIR"),
+     "refit"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: OT fusion (weights, sinkhorn 0.05", "refit"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 3, "recommended: CCA Merge (post-ReLU", "refit"),
 ])
 def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, correction, monkeypatch):
-    """More than two parents the least-squares refit can regress: CCA Merge + the refit; pairs: OT with Sinkhorn
-    (MLPs by weights, conv nets by activations) + the refit; with BatchNorm, + REPAIR that corrects the logits too
-    (each chosen on held-out images), although experiment.repair, repair_output and refit are off."""
+    """More than two parents without BatchNorm: CCA Merge + the refit; pairs: OT with Sinkhorn (MLPs by weights,
+    conv nets by activations) + the refit, BatchNorm or not; more than two with BatchNorm: + REPAIR that corrects
+    the logits too (each chosen on held-out images), although experiment.repair, repair_output and refit are off."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 

@@ -6,11 +6,13 @@
 #   widths and parent 4 at double width: python train.py --config=configs/fashion_mlpnet.py --config.num_parents=5
 #   --config.parent_widths='(1,1,1,1,2)' --config.data.max_train=55000 --config.parents_dir=runs/fashion_mlpnet_55k,
 #   4 minutes): the pair, four, 4 -> 0 and 4,1 -> 0; the shipped VGG11s (trained on 55,000 images): the pair, four,
-#   parent 4 (width 0.5) -> parent 0; the shipped BatchNorm-free ResNet18 pair (the refit of residual streams).
+#   parent 4 (width 0.5) -> parent 0; the shipped BatchNorm-free ResNet18 pair (the refit of residual streams);
+#   the VGG11-BN and ResNet18-BN pairs (the refit folds BatchNorm).
 #   Evaluated on the 5,000 training images no parent trained on.
 # test: the shipped parents on the test set: Fashion MLPNet pair and four, eight (runs/fashion_mlpnet8, when
 #   trained), 4 -> 0 (runs/fashion_mlpnet5, when trained: the five parents of configs/fashion_mlpnet_experiment.py),
-#   digits pair and four, VGG11 pair and four, BatchNorm-free ResNet18 pair.
+#   digits pair and four, VGG11 pair and four, BatchNorm-free ResNet18 pair, the VGG11 pair at width 0.5, the
+#   VGG11-BN and ResNet18-BN pairs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 split=${1:?heldout or test}
@@ -41,6 +43,11 @@ if [ "$split" = heldout ]; then
   $py fuse.py --config=configs/fashion_resnet18.py --config.fusion.relative_epsilon=mean --config.fusion.epsilon=0.2 \
     "${ho[@]}" "${both[@]}" --config.num_parents=2 --config.experiment.method=cca,ot-acts:sinkhorn \
     --out=$out/heldout_resnet18_pair
+  for m in vgg11_bn resnet18_bn; do
+    $py fuse.py --config=configs/fashion_$m.py --config.fusion.relative_epsilon=mean --config.fusion.epsilon=0.2 \
+      "${ho[@]}" "${both[@]}" --config.num_parents=2 --config.experiment.method=ot-acts:sinkhorn \
+      --out=$out/heldout_${m}_pair
+  done
 else
   $py fuse.py "${mlp[@]}" "${both[@]}" --config.num_parents=2 --config.experiment.method=recommended,cca \
     --out=$out/test_mlp_pair
@@ -62,4 +69,10 @@ else
     --out=$out/test_vgg11_k4
   $py fuse.py --config=configs/fashion_resnet18.py "${both[@]}" --config.num_parents=2 \
     --config.experiment.method=recommended,cca --out=$out/test_resnet18_pair
+  $py fuse.py "${vgg[@]}" "${both[@]}" --config.num_parents=6 --config.parent_widths='(1,1,1,1,2,2)' \
+    --config.experiment.groups='("4,5",)' --config.experiment.method=recommended --out=$out/test_vgg11_wide_pair
+  for m in vgg11_bn resnet18_bn; do
+    $py fuse.py --config=configs/fashion_$m.py "${both[@]}" --config.num_parents=2 \
+      --config.experiment.method=recommended --out=$out/test_${m}_pair
+  done
 fi
