@@ -100,6 +100,7 @@ class Layer:
     bias: str | None
     norm: str | None = None  # the BatchNorm's module path below params/ and batch_stats/, e.g. "bn3"
     eps: float = 0.0  # its epsilon
+    rows: tuple = ("dense",)  # how its input becomes rows (:func:`_rows_of`): ("dense",) or ("conv", ...)
 
     def affine(self, flat: Mapping[str, Any]) -> tuple[jax.Array, jax.Array] | None:
         """The BatchNorm in eval mode as ``y = s * z + t`` per channel (None without one)."""
@@ -179,7 +180,10 @@ def _calls(module: nn.Module, variables: Variables, x: jax.Array) -> dict[tuple[
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name == "__call__":
-            calls.setdefault(tuple(context.module.path), (len(calls), context.module))
+            m = context.module
+            if isinstance(m, (nn.Dense, nn.Conv)):
+                m = (m, _rows_of(m, args[0].ndim - 2))
+            calls.setdefault(tuple(context.module.path), (len(calls), m))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -226,6 +230,11 @@ def units(
     order = {path: i for path, (i, _) in calls.items()}
     out = []
     for plan, ls in layers.items():
+        for layer in ls:
+            if not isinstance(calls[layer.path][1], tuple):
+                what = type(calls[layer.path][1]).__name__
+                raise FusionError(f"refit: layer {'/'.join(layer.path)} is a {what}, not Dense or Conv")
+        ls = tuple(dataclasses.replace(layer, rows=calls[layer.path][1][1]) for layer in ls)
         ls = _with_norms(plan, ls, norms.get(plan, ()), calls)
         if len(ls) == 1:
             out.append(Unit(plan, 0, ls))
@@ -279,34 +288,48 @@ def _rank_tuple(value: Any, rank: int, default: int) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _rows_of(layer: nn.Module, rank: int) -> tuple:
+    """A static description of how a Dense or Conv layer's input becomes rows (hashable: a jit static argument)."""
+    where = "/".join(layer.path)
+    if isinstance(layer, nn.Dense):
+        return ("dense",)
+    if not isinstance(layer, nn.Conv):
+        raise FusionError(f"refit: layer {where} is a {type(layer).__name__}, not Dense or Conv")
+    padding = flax_linear.canonicalize_padding(layer.padding, rank)
+    if layer.feature_group_count != 1 or (isinstance(padding, str) and padding not in ("SAME", "VALID")):
+        raise FusionError(f"refit: conv {where} has feature groups or {layer.padding!r} padding; not supported")
+    if not 1 <= rank <= 3:
+        raise FusionError(f"refit: conv {where} has {rank} spatial axes; 1 to 3 are supported")
+    padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+    return (
+        "conv",
+        tuple(layer.kernel_size),
+        _rank_tuple(layer.strides, rank, 1),
+        padding,
+        _rank_tuple(layer.input_dilation, rank, 1),
+        _rank_tuple(layer.kernel_dilation, rank, 1),
+    )
+
+
+def _design(rows: tuple, x: jax.Array) -> jax.Array:
+    """The rows ``A`` of input ``x`` for a layer described by ``rows`` (:func:`_rows_of`)."""
+    if rows[0] == "dense":
+        return x.reshape(-1, x.shape[-1])
+    _, window, strides, padding, lhs_dilation, rhs_dilation = rows
+    letters = "DHW"[-(x.ndim - 2):]
+    patches = jax.lax.conv_general_dilated_patches(
+        x, window, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
+    )
+    return patches.reshape(-1, patches.shape[-1])
+
+
 def design_rows(layer: nn.Module, x: jax.Array) -> jax.Array:
     """The rows ``A`` with ``layer(x) = A @ kernel_rows (+ bias)``: a Dense layer's inputs, a Conv layer's patches.
 
     A Conv kernel ``(*window, C, n)`` is read as rows ordered ``(C, *window)``: :func:`_kernel_rows`.
     """
-    if isinstance(layer, nn.Dense):
-        return x.reshape(-1, x.shape[-1])
-    if not isinstance(layer, nn.Conv):
-        raise FusionError(f"refit: layer {'/'.join(layer.path)} is a {type(layer).__name__}, not Dense or Conv")
-    rank = x.ndim - 2
-    padding = flax_linear.canonicalize_padding(layer.padding, rank)
-    if layer.feature_group_count != 1 or (isinstance(padding, str) and padding not in ("SAME", "VALID")):
-        raise FusionError(
-            f"refit: conv {'/'.join(layer.path)} has feature groups or {layer.padding!r} padding; not supported"
-        )
-    letters = "DHW"[-rank:] if rank <= 3 else None
-    if letters is None:
-        raise FusionError(f"refit: conv {'/'.join(layer.path)} has {rank} spatial axes; at most 3 are supported")
-    patches = jax.lax.conv_general_dilated_patches(
-        x,
-        tuple(layer.kernel_size),
-        _rank_tuple(layer.strides, rank, 1),
-        padding,
-        lhs_dilation=_rank_tuple(layer.input_dilation, rank, 1),
-        rhs_dilation=_rank_tuple(layer.kernel_dilation, rank, 1),
-        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
-    )
-    return patches.reshape(-1, patches.shape[-1])
+    return _design(_rows_of(layer, x.ndim - 2), x)
 
 
 def _kernel_rows(kernel: jax.Array) -> jax.Array:
@@ -357,32 +380,32 @@ def _set_effective(layer: Layer, flat: dict[str, Any], w: jax.Array, b: jax.Arra
     flat[beta] = (flat[beta] + (b - conv_bias - t)).astype(flat[beta].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "unit"))
-def _grams(variables, x, y, *, module: nn.Module, unit: Unit):
-    """``(A^T A, A^T (Y - skip))`` of one unit in the model ``variables`` on samples ``x`` (targets ``y``).
-
-    ``A`` holds the unit's layers' rows side by side (each with a column of ones for its bias); ``skip`` is what
-    the unit's sown tensor holds beyond those layers' outputs (a residual sum's skip connection; zero for a plain
-    layer).
-    """
-    wanted = {layer.path for layer in unit.layers}
-    got = {}
+@functools.partial(jax.jit, static_argnames=("module", "paths"))
+def _forward(variables, x, *, module: nn.Module, paths: tuple[tuple[str, ...], ...]):
+    """One forward pass: the inputs of the layers at ``paths`` and every sown pre-activation (one program for the
+    whole refit: only the variables change from unit to unit)."""
+    wanted, got = set(paths), {}
 
     def interceptor(next_fun, args, kwargs, context):
         path = tuple(context.module.path)
         if context.method_name == "__call__" and path in wanted and path not in got:
-            got[path] = design_rows(context.module, args[0])
+            got[path] = args[0]
         return next_fun(*args, **kwargs)
 
     coll = models.ACT_COLLECTIONS["pre"]
     with nn.intercept_methods(interceptor):
         _, state = module.apply(variables, x, train=False, mutable=[coll])
-    sown = models.sown_activations(state[coll])[unit.plan][unit.tap]
-    flat = spec_lib.flatten_paths(variables)
+    return got, models.sown_activations(state[coll])
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _unit_grams(inputs, effective, sown, y, *, rows: tuple):
+    """``(A^T A, A^T (Y - skip))`` of one unit: ``A`` holds its layers' rows side by side (each with a column of
+    ones for its bias), ``skip`` is what its sown tensor holds beyond their outputs (a residual sum's skip
+    connection; zero for a plain layer)."""
     blocks, branch = [], 0.0
-    for layer in unit.layers:
-        a = got[layer.path].astype(jnp.float32)
-        w, b = _effective(layer, flat)
+    for x, (w, b), how in zip(inputs, effective, rows):
+        a = _design(how, x).astype(jnp.float32)
         out = a @ w
         if b is not None:
             out = out + b.reshape(1, -1)
@@ -390,9 +413,8 @@ def _grams(variables, x, y, *, module: nn.Module, unit: Unit):
         blocks.append(a)
         branch = branch + out
     a = jnp.concatenate(blocks, axis=1)
-    rows = a.shape[0]
-    skip = sown.reshape(rows, -1).astype(jnp.float32) - branch
-    target = y.reshape(rows, -1).astype(jnp.float32) - skip
+    n = a.shape[0]
+    target = y.reshape(n, -1).astype(jnp.float32) - (sown.reshape(n, -1).astype(jnp.float32) - branch)
     return a.T @ a, a.T @ target
 
 
@@ -429,6 +451,7 @@ def refit(
             )
     flat = dict(spec_lib.flatten_paths(dict(fused)))
     step = config.batch_size
+    paths = tuple(sorted({layer.path for unit in todo for layer in unit.layers}))
     for unit in todo:
         w0 = []
         for layer in unit.layers:
@@ -436,10 +459,15 @@ def refit(
             w0 += [w] if b is None else [w, b.reshape(1, -1)]
         w0 = jnp.concatenate(w0, axis=0)
         variables = spec_lib.unflatten_paths(flat)
+        effective = tuple(_effective(layer, flat) for layer in unit.layers)
         y = targets[unit.plan][unit.tap]
         g = c = 0.0
         for start in range(0, x.shape[0], step):
-            gi, ci = _grams(variables, x[start : start + step], y[start : start + step], module=module, unit=unit)
+            inputs, sown = _forward(variables, x[start : start + step], module=module, paths=paths)
+            gi, ci = _unit_grams(
+                tuple(inputs[layer.path] for layer in unit.layers), effective, sown[unit.plan][unit.tap],
+                y[start : start + step], rows=tuple(layer.rows for layer in unit.layers),
+            )
             g, c = g + gi, c + ci
         d = g.shape[0]
         # Directions no sample reaches (a conv tap that only ever sees padding) keep the averaged weights.

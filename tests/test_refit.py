@@ -44,6 +44,7 @@ def test_conv_patches_times_kernel_rows_is_the_conv(options):
     np.testing.assert_array_equal(np.asarray(refit._rows_kernel(refit._kernel_rows(kernel), kernel.shape)), kernel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options, shape", [
     ("mlpnet", {"widths": (7, 5), "bias": True}, (4, 4, 1)),
     ("vgg11", {"width": 0.0625, "bias": False}, (32, 32, 1)),
@@ -86,6 +87,7 @@ def _random_norms(variables, seed):
     return spec_lib.unflatten_paths(flat)
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(widths=st.lists(st.integers(2, 12), min_size=1, max_size=3), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_permuted_copy_fuses_back_through_the_refit(widths, bias, seed):
@@ -133,6 +135,7 @@ def test_refuses_layer_norms_and_heads_by_name():
         refit.refit(model, v, spec, x, {"fc1": (jnp.ones((3, 6)),), "fc2": (jnp.ones((3, 3)),)})
 
 
+@pytest.mark.slow
 def test_residual_streams_are_one_regression_per_sum_in_call_order():
     """A BatchNorm-free ResNet: the stem and each block's last conv (with its projection shortcut at a stage's first
     sum) are the units of the streams, each after the layers that feed it; the refit recovers a model from an
@@ -175,6 +178,7 @@ def _tiny_dataset(shape, classes, n=40, seed=5):
     return data.Dataset("fashion_mnist", "idx", x[:30], y[:30], x[30:], y[30:], classes)
 
 
+@pytest.mark.slow
 def test_refit_rows_of_the_table_and_their_notes():
     """experiment.refit adds "+ refit" after each method; on a model the refit cannot regress the row says why
     (a method that includes the refit) or fuse.py stops (experiment.refit asked for it)."""
