@@ -20,6 +20,7 @@ and returns a :class:`Outcome`; the table rows, REPAIR, fine-tuning and timing a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -926,6 +927,23 @@ def run_fusion_table(
                 }
             )
 
+    def corrected(label, out, run, *, strict):
+        """A "+ REPAIR" / "+ refit" row: ``run()`` -> (module, variables), timed twice (compile or load, then
+        warm, as the fusion rows); where it raises a ValueError, a row with the reason (or the error if ``strict``)."""
+        try:
+            _, first = _timed(run)
+            (module_c, variables_c), secs = _timed(run)
+        except ValueError as e:
+            if strict:
+                raise
+            return {"method": label, "accuracy": None, "loss": None, "note": str(e)}
+        return {
+            "method": label,
+            **training.evaluate(module_c, variables_c, x_test, y_test),
+            "seconds": out.seconds + secs,
+            "compile_seconds": max(first - secs, 0.0),
+        }
+
     for p in parents:
         say(f"evaluating {p.name}")
         rows.append({"method": p.name, **training.evaluate(p.module, p.variables, x_test, y_test)})
@@ -961,68 +979,36 @@ def run_fusion_table(
         fused_out[out.label] = Fused(out.label, name, out.solver, variables, out.aux)
         if exp.repair or out.repair:
             say(f"REPAIR of {out.label}")
-            try:
-                def run_repair(out=out, variables=variables):
-                    targets = out.repair_targets(samples) if out.repair_targets is not None else None
-                    aligned = out.align() if targets is None else []
-                    return repair_fused(
-                        t_module, spec, variables, aligned, samples, weights, exp.repair_output or out.repair_output,
-                        targets=targets,
-                    )
 
-                _, first = _timed(run_repair)  # compiles (or loads) REPAIR's programs
-                (module_r, repaired), rsecs = _timed(run_repair)  # warm, as the fusion rows' times
-            except ValueError as e:
-                if exp.repair:
-                    raise
-                # The method's own REPAIR row, on a model REPAIR cannot correct: say why instead.
-                rows.append({"method": f"{out.label} + REPAIR", "accuracy": None, "loss": None, "note": str(e)})
-                continue
-            rows.append(
-                {
-                    "method": f"{out.label} + REPAIR",
-                    **training.evaluate(module_r, repaired, x_test, y_test),
-                    "seconds": out.seconds + rsecs,
-                    "compile_seconds": max(first - rsecs, 0.0),
-                }
-            )
+            def run_repair(out=out, variables=variables):
+                targets = out.repair_targets(samples) if out.repair_targets is not None else None
+                aligned = out.align() if targets is None else []
+                return repair_fused(
+                    t_module, spec, variables, aligned, samples, weights, exp.repair_output or out.repair_output,
+                    targets=targets,
+                )
+
+            # With experiment.repair asked for, a model REPAIR cannot correct is an error; the method's own REPAIR
+            # row says why instead.
+            rows.append(corrected(f"{out.label} + REPAIR", out, run_repair, strict=exp.repair))
         if exp.refit or out.refit:
             say(f"least-squares refit of {out.label}")
-            try:
-                refitted, rsecs, first = _refit_timed(group, out, variables)
-            except engine.FusionError as e:
-                if exp.refit and not out.refit:
-                    raise
-                rows.append({"method": f"{out.label} + refit", "accuracy": None, "loss": None, "note": str(e)})
-                continue
-            rows.append(
-                {
-                    "method": f"{out.label} + refit",
-                    **training.evaluate(t_module, refitted, x_test, y_test),
-                    "seconds": out.seconds + rsecs,
-                    "compile_seconds": max(first - rsecs, 0.0),
-                }
-            )
+            run_refit = functools.partial(_refit_fused, group, out, variables)
+            rows.append(corrected(f"{out.label} + refit", out, run_refit, strict=exp.refit and not out.refit))
     return rows, fused_out
 
 
-def _refit_timed(group: Group, out: Outcome, variables: Mapping[str, Any]) -> tuple[dict[str, Any], float, float]:
-    """``(refitted variables, seconds warm, seconds of the first call)``: ``refit.refit`` of one method's fused model
-    onto its parents' pre-activations moved by its plans, on ``config.refit.num_samples`` training inputs."""
+def _refit_fused(group: Group, out: Outcome, variables: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """``(module, refitted variables)``: ``refit.refit`` of one method's fused model onto its parents'
+    pre-activations moved by its plans, on ``config.refit.num_samples`` training inputs."""
     if out.plans is None:
         raise engine.FusionError(f"refit: {out.label} has no plans to refit onto")
     refit_lib.check_spec(group.spec)
     cfg, exp = group.settings.refit, group.settings.experiment
     x = jnp.asarray(sample_inputs(group.dataset.x_train, cfg.num_samples, exp.sample_seed))
     parents = [(p.module, p.variables) for p in group.parents]
-
-    def run_refit():
-        targets = refit_lib.moved_mean_activations(parents, out.plans, x, weights=group.weights)
-        return refit_lib.refit(group.target_module, variables, group.spec, x, targets, cfg)
-
-    _, first = _timed(run_refit)  # compiles (or loads) the per-layer programs
-    refitted, secs = _timed(run_refit)
-    return refitted, secs, first
+    targets = refit_lib.moved_mean_activations(parents, out.plans, x, weights=group.weights)
+    return group.target_module, refit_lib.refit(group.target_module, variables, group.spec, x, targets, cfg)
 
 
 @dataclasses.dataclass(frozen=True)
