@@ -80,7 +80,11 @@ _CONFIG = define_config_flag(_PROG, config_flags, flags)
 _PARENTS = flags.DEFINE_list("parents", None, "Parent checkpoints (default: <workdir>/parents/parent_<k>).")
 _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "ours", "torch"], "Format of --parents files.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/fusion).")
-_SAVE = flags.DEFINE_bool("save_fused", False, "Also save each fused model as a checkpoint in the output directory.")
+_SAVE = flags.DEFINE_bool(
+    "save_fused", False,
+    "Also save each fused model as a checkpoint in the output directory (fused_<method>_<solver>; a refitted one as"
+    " fused_<method>_<solver>-refit; REPAIR'd models are not saved).",
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Print a status line before each step.")
 
 

@@ -928,21 +928,23 @@ def run_fusion_table(
             )
 
     def corrected(label, out, run, *, strict):
-        """A "+ REPAIR" / "+ refit" row: ``run()`` -> (module, variables), timed twice (compile or load, then
-        warm, as the fusion rows); where it raises a ValueError, a row with the reason (or the error if ``strict``)."""
+        """A "+ REPAIR" / "+ refit" row and its variables: ``run()`` -> (module, variables), timed twice (compile
+        or load, then warm, as the fusion rows); where it raises a ValueError, a row with the reason and None (or
+        the error if ``strict``)."""
         try:
             _, first = _timed(run)
             (module_c, variables_c), secs = _timed(run)
         except ValueError as e:
             if strict:
                 raise
-            return {"method": label, "accuracy": None, "loss": None, "note": str(e)}
-        return {
+            return {"method": label, "accuracy": None, "loss": None, "note": str(e)}, None
+        row = {
             "method": label,
             **training.evaluate(module_c, variables_c, x_test, y_test),
             "seconds": out.seconds + secs,
             "compile_seconds": max(first - secs, 0.0),
         }
+        return row, variables_c
 
     for p in parents:
         say(f"evaluating {p.name}")
@@ -990,11 +992,14 @@ def run_fusion_table(
 
             # With experiment.repair asked for, a model REPAIR cannot correct is an error; the method's own REPAIR
             # row says why instead.
-            rows.append(corrected(f"{out.label} + REPAIR", out, run_repair, strict=exp.repair))
+            rows.append(corrected(f"{out.label} + REPAIR", out, run_repair, strict=exp.repair)[0])
         if exp.refit or out.refit:
             say(f"least-squares refit of {out.label}")
             run_refit = functools.partial(_refit_fused, group, out, variables)
-            rows.append(corrected(f"{out.label} + refit", out, run_refit, strict=exp.refit and not out.refit))
+            row, refitted = corrected(f"{out.label} + refit", out, run_refit, strict=exp.refit and not out.refit)
+            rows.append(row)
+            if refitted is not None:  # the target's architecture: saved by --save_fused next to the one-shot model
+                fused_out[row["method"]] = Fused(row["method"], name, f"{out.solver}-refit", refitted, None)
     return rows, fused_out
 
 

@@ -71,7 +71,8 @@ def test_ot_fusion_beats_vanilla_averaging_on_digits(digits_parents):
     assert acts > vanilla + 0.2, rows
     assert acts > 0.85, rows
     rec = "recommended: OT fusion (weights, sinkhorn 0.05 x mean cost)"
-    assert set(fused) == {"OT fusion (weights, exact)", "OT fusion (activations, exact)", rec}
+    assert set(fused) == {"OT fusion (weights, exact)", "OT fusion (activations, exact)", rec, f"{rec} + refit"}
+    assert fused[f"{rec} + refit"].solver == "sinkhorn-refit"  # --save_fused writes fused_recommended_sinkhorn-refit
     # the recommended method comes with its least-squares refit although config.experiment.refit is off
     assert not config.experiment.refit
     refitted = _row(rows, rec + " + refit")["accuracy"]

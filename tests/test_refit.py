@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import otfusion_jax as otf
 from otfusion_jax import configs_util, data, experiment, plans, refit
 from otfusion_jax import spec as spec_lib
+from otfusion_jax import training as training_lib
 from otfusion_jax.models import build, capture_activations
 
 from fusion_helpers import apply_jit, max_abs_diff, permute_numpy, random_permutations, random_variables
@@ -187,9 +188,14 @@ def test_refit_rows_of_the_table_and_their_notes():
     ds = _tiny_dataset((4, 4, 1), 3)
     exp = experiment.ExperimentConfig(method="ot-acts,cca", num_samples=8, refit=True, many_method="", plots=False)
     settings_ = experiment.Settings(exp, cca=otf.CCAMerge(num_samples=25), refit=refit.RefitConfig(num_samples=20))
-    rows, _ = experiment.run_fusion_table(parents, spec, ds, settings_)
+    rows, fused = experiment.run_fusion_table(parents, spec, ds, settings_)
     labels = [r["method"] for r in rows]
     cca_label = "CCA Merge (post-ReLU activations, regularization 0.5)"
+    # the refitted models are kept for --save_fused, under the method's name
+    item = fused[f"{cca_label} + refit"]
+    assert (item.method, item.solver) == ("cca", "exact-refit")
+    acc = training_lib.evaluate(model, item.variables, ds.x_test, ds.y_test)["accuracy"]
+    assert acc == next(r for r in rows if r["method"] == f"{cca_label} + refit")["accuracy"]
     assert labels[-4:] == ["OT fusion (activations, exact)", "OT fusion (activations, exact) + refit", cca_label,
                            f"{cca_label} + refit"], labels
     assert all(r["accuracy"] is not None and r["seconds"] > 0 for r in rows[-4:])
