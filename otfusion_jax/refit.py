@@ -62,6 +62,9 @@ __all__ = ["RefitConfig", "Layer", "Unit", "check_spec", "units", "moved_mean_ac
 
 Variables = Mapping[str, Any]
 MIN_RIDGE = 1e-6  # ridge 0 is read as this: plain least squares where the samples reach, the average elsewhere
+# Full float32 products: the skip connection is a difference of two large terms and the Gram matrices feed a solve;
+# TF32 (the default for float32 matmuls on recent GPUs) would lose both.
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +78,8 @@ class RefitConfig:
       num_samples: training inputs the regressions are fitted on (fuse.py draws them with
         ``experiment.sample_seed``). A Dense layer of d inputs wants well over d of them; a conv layer gets one row
         per output position as well.
-      batch_size: samples per pass when accumulating ``A^T A`` and ``A^T Y`` (memory, not results).
+      batch_size: samples per pass when accumulating ``A^T A`` and ``A^T Y`` (memory, not results; the targets
+        themselves are captured on all ``num_samples`` at once, every parent's pre-activations at every layer).
     """
 
     ridge: float = 0.01
@@ -169,7 +173,7 @@ def _norms(spec: spec_lib.AlignmentSpec) -> dict[str, list[str]]:
         if missing:
             raise FusionError(
                 f"refit: the normalisation layer {name!r} has no {', '.join(missing)}: the refit folds BatchNorm "
-                "(scale, bias and running statistics) only; use REPAIR or none for LayerNorm"
+                "with scale, bias and running statistics only (not LayerNorm, nor BatchNorm without scale or bias)"
             )
         out.setdefault(plan, []).append(name)
     return out
@@ -320,7 +324,7 @@ def _design(rows: tuple, x: jax.Array) -> jax.Array:
     letters = "DHW"[-(x.ndim - 2):]
     patches = jax.lax.conv_general_dilated_patches(
         x, window, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"),
+        dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"), precision=_EXACT,
     )
     return patches.reshape(-1, patches.shape[-1])
 
@@ -407,7 +411,7 @@ def _unit_grams(inputs, effective, sown, y, *, rows: tuple):
     blocks, branch = [], 0.0
     for x, (w, b), how in zip(inputs, effective, rows):
         a = _design(how, x).astype(jnp.float32)
-        out = a @ w
+        out = jnp.matmul(a, w, precision=_EXACT)
         if b is not None:
             out = out + b.reshape(1, -1)
             a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
@@ -416,7 +420,7 @@ def _unit_grams(inputs, effective, sown, y, *, rows: tuple):
     a = jnp.concatenate(blocks, axis=1)
     n = a.shape[0]
     target = y.reshape(n, -1).astype(jnp.float32) - (sown.reshape(n, -1).astype(jnp.float32) - branch)
-    return a.T @ a, a.T @ target
+    return jnp.matmul(a.T, a, precision=_EXACT), jnp.matmul(a.T, target, precision=_EXACT)
 
 
 def refit(
@@ -465,6 +469,12 @@ def refit(
         g = c = 0.0
         for start in range(0, x.shape[0], step):
             inputs, sown = _forward(variables, x[start : start + step], module=module, paths=paths)
+            want = sown[unit.plan][unit.tap].shape
+            if y.shape[1:] != want[1:]:
+                raise FusionError(
+                    f"refit: the targets of plan {unit.plan!r} (tensor {unit.tap}) have shape {tuple(y.shape)}; the "
+                    f"fused model sows {(y.shape[0],) + tuple(want[1:])} there"
+                )
             gi, ci = _unit_grams(
                 tuple(inputs[layer.path] for layer in unit.layers), effective, sown[unit.plan][unit.tap],
                 y[start : start + step], rows=tuple(layer.rows for layer in unit.layers),

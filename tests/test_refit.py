@@ -134,6 +134,25 @@ def test_refuses_layer_norms_and_heads_by_name():
         refit.refit(model, v, spec, x, {"fc1": (jnp.ones((8, 6)),)})
     with pytest.raises(otf.FusionError, match="refit: the targets of plan 'fc1' are on 3 samples, x has 8"):
         refit.refit(model, v, spec, x, {"fc1": (jnp.ones((3, 6)),), "fc2": (jnp.ones((3, 3)),)})
+    with pytest.raises(otf.FusionError, match=r"refit: the targets of plan 'fc1' \(tensor 0\) have shape \(8, 7\); the fused model sows \(8, 6\)"):
+        refit.refit(model, v, spec, x, {"fc1": (jnp.ones((8, 7)),), "fc2": (jnp.ones((8, 3)),)})
+
+
+@pytest.mark.slow
+def test_a_huge_ridge_keeps_the_averaged_weights_with_batchnorm_and_biases():
+    """Folding a layer and its BatchNorm into rows and a bias, and writing them back, is exact: with the ridge far
+    above the data the refit returns the model it started from (kernels, biases, BatchNorm shifts), whatever the
+    targets; the BatchNorms' scales and running statistics are never touched."""
+    model, spec = build("vgg11", input_shape=(32, 32, 1), num_classes=3, width=0.0625, bias=True, norm=True)
+    start = _random_norms(random_variables(model, (32, 32, 1), 1), 4)
+    x = jax.random.normal(jax.random.key(2), (8, 32, 32, 1))
+    targets = refit.moved_mean_activations([(model, _random_norms(random_variables(model, (32, 32, 1), 0), 3))], [None], x)
+    got = refit.refit(model, start, spec, x, targets, refit.RefitConfig(ridge=1e9))
+    flat_got, flat_start = spec_lib.flatten_paths(got), spec_lib.flatten_paths(start)
+    for path, value in flat_start.items():
+        np.testing.assert_allclose(np.asarray(flat_got[path]), np.asarray(value), rtol=1e-4, atol=1e-5, err_msg=path)
+        if path.startswith("batch_stats") or path.endswith("scale"):
+            np.testing.assert_array_equal(np.asarray(flat_got[path]), np.asarray(value), err_msg=path)
 
 
 @pytest.mark.slow
@@ -181,8 +200,8 @@ def _tiny_dataset(shape, classes, n=40, seed=5):
 
 @pytest.mark.slow
 def test_refit_rows_of_the_table_and_their_notes():
-    """experiment.refit adds "+ refit" after each method; on a model the refit cannot regress the row says why
-    (a method that includes the refit) or fuse.py stops (experiment.refit asked for it)."""
+    """experiment.refit adds "+ refit" after each method (the refitted models kept for --save_fused); on a model
+    the refit cannot regress, experiment.refit makes it an error."""
     model, spec = build("mlpnet", input_shape=(4, 4, 1), num_classes=3, widths=(6, 5), bias=False)
     parents = [experiment.Parent(f"parent {i}", model, random_variables(model, (4, 4, 1), i)) for i in range(2)]
     ds = _tiny_dataset((4, 4, 1), 3)

@@ -213,13 +213,16 @@ def test_repair_of_residual_streams_gives_every_sum_its_target_statistics():
     ("vgg11", dict(width=0.0625, bias=False, norm=True), 3, "recommended: OT fusion (activations, sinkhorn 0.2", "REPAIR"),
     ("resnet18", dict(width=0.0625, bias=False, norm=True), 2, "recommended: OT fusion (activations, sinkhorn 0.2",
      "refit"),
+    ("resnet18", dict(width=0.0625, bias=False, norm=False), 3, "recommended: OT fusion (activations, sinkhorn 0.2",
+     "REPAIR"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 2, "recommended: OT fusion (weights, sinkhorn 0.05", "refit"),
     ("mlpnet", dict(widths=(16, 8), bias=False), 3, "recommended: CCA Merge (post-ReLU", "refit"),
 ])
 def test_the_recommended_method_by_architecture_and_number_of_parents(name, opts, k, expected, correction, monkeypatch):
-    """More than two parents without BatchNorm: CCA Merge + the refit; pairs: OT with Sinkhorn (MLPs by weights,
-    conv nets by activations) + the refit, BatchNorm or not; more than two with BatchNorm: + REPAIR that corrects
-    the logits too (each chosen on held-out images), although experiment.repair, repair_output and refit are off."""
+    """More than two parents without BatchNorm or residual streams: CCA Merge + the refit; pairs: OT with Sinkhorn
+    (MLPs by weights, conv nets by activations) + the refit, BatchNorm or not; more than two ResNets or BatchNorm
+    nets: + REPAIR that corrects the logits too (each chosen on held-out images), although experiment.repair,
+    repair_output and refit are off."""
     from otfusion_jax import data as data_lib  # noqa: PLC0415
     from otfusion_jax import experiment  # noqa: PLC0415
 
