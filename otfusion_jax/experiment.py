@@ -517,34 +517,33 @@ def _is_conv_net(group: Group) -> bool:
     return any(np.ndim(leaf) == 4 for leaf in jax.tree_util.tree_leaves(group.parents[group.target].variables))
 
 
+def _passes(check: Callable[[], Any]) -> bool:
+    """Whether ``check()`` returns without a FusionError."""
+    try:
+        check()
+    except engine.FusionError:
+        return False
+    return True
+
+
+def _sizes(group: Group) -> list[dict[str, int]]:
+    return [group.spec.check_variables(v) for v in group.variables]
+
+
 def _cca_fits(group: Group) -> bool:
     """CCA Merge can fuse the group: no norms, heads or permutation-only plans (``cca.check_spec``), equal widths
     (``CCAMerge.check``)."""
-    try:
+
+    def check():
         cca_lib.check_spec(group.spec)
-        group.settings.cca.check([group.spec.check_variables(v) for v in group.variables], group.target)
-    except engine.FusionError:
-        return False
-    return True
+        group.settings.cca.check(_sizes(group), group.target)
 
-
-def _refit_fits(group: Group) -> bool:
-    """The least-squares refit can regress the group's model: Dense and Conv layers, BatchNorm, residual sums; no
-    LayerNorm, heads or embeddings (``refit.check_spec``)."""
-    try:
-        refit_lib.check_spec(group.spec)
-    except engine.FusionError:
-        return False
-    return True
+    return _passes(check)
 
 
 def _equal_widths(group: Group) -> bool:
     """Every plan has the target's width in every parent."""
-    try:
-        engine.check_equal_widths([group.spec.check_variables(v) for v in group.variables], group.target, "")
-    except engine.FusionError:
-        return False
-    return True
+    return _passes(lambda: engine.check_equal_widths(_sizes(group), group.target, ""))
 
 
 def _recommended_method(group: Group, solver: str | None) -> Outcome:
@@ -574,8 +573,12 @@ def _recommended_method(group: Group, solver: str | None) -> Outcome:
     base = group.settings.fusion
     if group.spec.heads:
         return _run_ot(group, _orthogonal(base, "activations"), "recommended: OT fusion (activations, orthogonal)")
-    conv, refits, pair = _is_conv_net(group), _refit_fits(group), len(group.parents) == 2
-    streams = any(len(group.spec.producers(p, ("weight",))) > 1 for p in group.spec.plans)
+    conv, pair = _is_conv_net(group), len(group.parents) == 2
+    try:  # the refit can regress the model: Dense and Conv layers, BatchNorm, residual sums; no LayerNorm or heads
+        layers, refits = refit_lib.check_spec(group.spec), True
+    except engine.FusionError:
+        layers, refits = {}, False
+    streams = any(len(ls) > 1 for ls in layers.values())
     # More than two ResNets: CCA Merge + refit not measured (their pair: 86.76% against 86.98% for OT + refit).
     if refits and not pair and not streams and _cca_fits(group):
         return dataclasses.replace(_cca_method(group, None, "recommended: "), refit=True)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -53,8 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import linear as flax_linear
 
-from otfusion_jax import engine, models
-from otfusion_jax import plans as plans_lib
+from otfusion_jax import engine, models, repair
 from otfusion_jax import spec as spec_lib
 from otfusion_jax.engine import FusionError
 
@@ -179,16 +178,21 @@ def _norms(spec: spec_lib.AlignmentSpec) -> dict[str, list[str]]:
     return out
 
 
-def _calls(module: nn.Module, variables: Variables, x: jax.Array) -> dict[tuple[str, ...], tuple[int, nn.Module]]:
-    """Module path -> (the position of its first call in one forward pass, the module); traced, nothing computed."""
-    calls: dict[tuple[str, ...], tuple[int, nn.Module]] = {}
+class _Call(NamedTuple):
+    at: int  # the position of the module's first call in the forward pass
+    module: nn.Module
+    rows: tuple | None  # a Dense or Conv layer's :func:`_rows_of`; None for any other module
+
+
+def _calls(module: nn.Module, variables: Variables, x: jax.Array) -> dict[tuple[str, ...], _Call]:
+    """Module path -> its first call in one forward pass (traced, nothing computed)."""
+    calls: dict[tuple[str, ...], _Call] = {}
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__":
-            m = context.module
-            if isinstance(m, (nn.Dense, nn.Conv)):
-                m = (m, _rows_of(m, args[0].ndim - 2))
-            calls.setdefault(tuple(context.module.path), (len(calls), m))
+        m = context.module
+        if context.method_name == "__call__" and tuple(m.path) not in calls:
+            rows = _rows_of(m, args[0].ndim - 2) if isinstance(m, (nn.Dense, nn.Conv)) else None
+            calls[tuple(m.path)] = _Call(len(calls), m, rows)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -197,22 +201,22 @@ def _calls(module: nn.Module, variables: Variables, x: jax.Array) -> dict[tuple[
 
 
 def _with_norms(
-    plan: str, layers: Sequence[Layer], norms: Sequence[str], calls: Mapping[tuple[str, ...], tuple[int, nn.Module]]
+    plan: str, layers: Sequence[Layer], norms: Sequence[str], calls: Mapping[tuple[str, ...], _Call]
 ) -> tuple[Layer, ...]:
     """Each BatchNorm of ``plan`` attached to the layer called just before it."""
     out = list(layers)
     for name in norms:
         path = tuple(name.split("/"))
-        if path not in calls or not isinstance(calls[path][1], nn.BatchNorm):
+        if path not in calls or not isinstance(calls[path].module, nn.BatchNorm):
             raise FusionError(f"refit: {name!r} on plan {plan!r} is not a BatchNorm the model calls")
-        at = calls[path][0]
-        before = [i for i, layer in enumerate(out) if calls[layer.path][0] < at]
+        at = calls[path].at
+        before = [i for i, layer in enumerate(out) if calls[layer.path].at < at]
         if not before:
             raise FusionError(f"refit: the BatchNorm {name!r} on plan {plan!r} follows none of its layers")
-        i = max(before, key=lambda j: calls[out[j].path][0])
+        i = max(before, key=lambda j: calls[out[j].path].at)
         if out[i].norm is not None:
             raise FusionError(f"refit: layer {'/'.join(out[i].path)} is followed by two BatchNorms ({out[i].norm}, {name})")
-        out[i] = dataclasses.replace(out[i], norm=name, eps=float(calls[path][1].epsilon))
+        out[i] = dataclasses.replace(out[i], norm=name, eps=float(calls[path].module.epsilon))
     return tuple(out)
 
 
@@ -224,22 +228,19 @@ def units(
     A plan produced by one layer is one unit; a residual stream (several producers) is one unit per sum, with
     the layers added there (``repair.stream_sums``: probed on a few of the samples ``x``).
     """
-    from otfusion_jax import repair  # noqa: PLC0415 - repair imports the engine; keep this module light to import
-
     layers = check_spec(spec)
     norms = _norms(spec)
     calls = _calls(module, variables, x)
     missing = sorted("/".join(layer.path) for ls in layers.values() for layer in ls if layer.path not in calls)
     if missing:
         raise FusionError(f"refit: the model never calls the layers {missing}")
-    order = {path: i for path, (i, _) in calls.items()}
     out = []
     for plan, ls in layers.items():
         for layer in ls:
-            if not isinstance(calls[layer.path][1], tuple):
-                what = type(calls[layer.path][1]).__name__
+            if calls[layer.path].rows is None:
+                what = type(calls[layer.path].module).__name__
                 raise FusionError(f"refit: layer {'/'.join(layer.path)} is a {what}, not Dense or Conv")
-        ls = tuple(dataclasses.replace(layer, rows=calls[layer.path][1][1]) for layer in ls)
+        ls = tuple(dataclasses.replace(layer, rows=calls[layer.path].rows) for layer in ls)
         ls = _with_norms(plan, ls, norms.get(plan, ()), calls)
         if len(ls) == 1:
             out.append(Unit(plan, 0, ls))
@@ -250,7 +251,7 @@ def units(
         except ValueError as e:
             raise FusionError(str(e).replace("REPAIR:", "refit:")) from None
         out += [Unit(plan, i, tuple(by_kernel[k] for k in kernels)) for i, kernels in enumerate(sums) if kernels]
-    return sorted(out, key=lambda u: max(order[layer.path] for layer in u.layers))
+    return sorted(out, key=lambda u: max(calls[layer.path].at for layer in u.layers))
 
 
 def moved_mean_activations(
@@ -259,8 +260,9 @@ def moved_mean_activations(
     x: jax.Array,
     *,
     weights: Sequence[float] | None = None,
-) -> dict[str, jax.Array]:
-    """The regression targets: ``sum_k w_k Z_k T_k`` per plan, each parent's pre-activations moved by its plan.
+) -> dict[str, tuple[jax.Array, ...]]:
+    """The regression targets: ``sum_k w_k Z_k T_k`` per plan, each parent's pre-activations moved by its plan
+    (``repair.moved_pre_activations``).
 
     Args:
       parents: K ``(module, variables)`` pairs, each parent's own architecture.
@@ -275,11 +277,7 @@ def moved_mean_activations(
     w = [float(v) for v in np.asarray(engine.averaging_weights(len(parents), weights))]
     out: dict[str, tuple[jax.Array, ...]] = {}
     for wk, (module, variables), moves in zip(w, parents, plans):
-        acts = models.capture_activations(module, dict(variables), x, "pre")
-        for name, tensors in acts.items():
-            if moves is not None and name in moves:
-                mat = plans_lib.as_matrix(moves[name])
-                tensors = tuple(z @ mat.astype(z.dtype) for z in tensors)
+        for name, tensors in repair.moved_pre_activations(module, variables, moves, x).items():
             moved = tuple(wk * z for z in tensors)
             out[name] = tuple(a + b for a, b in zip(out[name], moved)) if name in out else moved
     return out
@@ -458,13 +456,9 @@ def refit(
     step = config.batch_size
     paths = tuple(sorted({layer.path for unit in todo for layer in unit.layers}))
     for unit in todo:
-        w0 = []
-        for layer in unit.layers:
-            w, b = _effective(layer, flat)
-            w0 += [w] if b is None else [w, b.reshape(1, -1)]
-        w0 = jnp.concatenate(w0, axis=0)
         variables = spec_lib.unflatten_paths(flat)
         effective = tuple(_effective(layer, flat) for layer in unit.layers)
+        w0 = jnp.concatenate([w if b is None else jnp.concatenate([w, b.reshape(1, -1)]) for w, b in effective])
         y = targets[unit.plan][unit.tap]
         g = c = 0.0
         for start in range(0, x.shape[0], step):

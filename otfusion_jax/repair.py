@@ -144,6 +144,21 @@ def target_stats(
     }
 
 
+def moved_pre_activations(
+    module: nn.Module, variables: Variables, moves: Mapping[str, Any] | None, x: jax.Array
+) -> dict[str, tuple[jax.Array, ...]]:
+    """A parent's sown pre-activations on ``x``, each plan's tensors moved by its plan's output side (``x @ T``).
+
+    ``moves``: plan name -> plan (an (n_parent, n_target) matrix, a ``plans.Permutation``, a ``plans.Linear``);
+    None: the target, as it is. Shared by REPAIR's :func:`moved_target_stats` and the least-squares refit.
+    """
+    acts = models.capture_activations(module, dict(variables), x, "pre")
+    if moves is None:
+        return acts
+    mats = {n: plans_lib.as_matrix(p) for n, p in moves.items()}
+    return {n: tuple(a @ mats[n].astype(a.dtype) for a in t) if n in mats else t for n, t in acts.items()}
+
+
 def moved_target_stats(
     parents: Sequence[tuple[nn.Module, Variables]],
     plans: Sequence[Mapping[str, jax.Array] | None],
@@ -173,10 +188,7 @@ def moved_target_stats(
     w = [float(v) for v in np.asarray(engine.averaging_weights(len(parents), weights))]
     per = []
     for (module, variables), moves in zip(parents, plans):
-        acts = models.capture_activations(module, dict(variables), x, "pre")
-        if moves is not None:
-            mats = {n: plans_lib.as_matrix(p) for n, p in moves.items()}
-            acts = {n: tuple(a @ mats[n].astype(a.dtype) for a in t) if n in mats else t for n, t in acts.items()}
+        acts = moved_pre_activations(module, variables, moves, x)
         per.append({name: _stats(a) for name, a in acts.items()})
     return {
         name: (sum(wk * s[name][0] for wk, s in zip(w, per)), sum(wk * s[name][1] for wk, s in zip(w, per)))
